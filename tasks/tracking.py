@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from tasks.config import repo_root
@@ -42,3 +43,16 @@ def stage_run(stage: str, **tags: str) -> Iterator[Any]:
         run_tags["mlflow.parentRunId"] = parent
     with mlflow.start_run(run_name=stage, tags=run_tags) as run:
         yield run
+
+
+def log_dataset_file(path: str | Path, name: str, context: str, digest: str | None = None) -> None:
+    """`mlflow.log_input` for a parquet/jsonl file in the active run; digest = DVC md5 when known."""
+    import mlflow
+    import pandas as pd
+
+    path = Path(path)
+    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_json(path, lines=True)
+    # Nested columns (chat messages) are logged as text so the dataset schema stays flat.
+    frame = frame.apply(lambda col: col.map(str) if col.dtype == object else col)
+    dataset = mlflow.data.from_pandas(frame, source=str(path), name=name, digest=digest)
+    mlflow.log_input(dataset, context=context)

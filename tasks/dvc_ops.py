@@ -1,0 +1,104 @@
+"""Running DVC stages from flows: DVC decides what is stale; we report what ran, what was skipped and why."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.config import repo_root
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage exited non-zero; the message carries the tail of its output."""
+
+
+@dataclass
+class StageResult:
+    stage: str
+    ran: bool
+    seconds: float
+    changes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _dvc(root: Path) -> list[str]:
+    """The dvc executable of this interpreter's environment (works in a venv that is not activated)."""
+    candidate = Path(sys.executable).with_name("dvc")
+    return [str(candidate)] if candidate.exists() else [sys.executable, "-m", "dvc"]
+
+
+def _env() -> dict[str, str]:
+    """Stage commands run `python -m tasks.x`: put this interpreter's bin first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def describe_status(status: list[Any]) -> list[str]:
+    """Flatten `dvc status --json` entries of one stage into readable change lines."""
+    lines: list[str] = []
+    for entry in status:
+        if isinstance(entry, str):
+            lines.append(entry)
+            continue
+        for kind, changes in entry.items():
+            if isinstance(changes, dict):
+                for what, paths in changes.items():
+                    names = paths if isinstance(paths, list) else [paths] if isinstance(paths, str) else list(paths)
+                    lines.append(f"{kind} {what}: {', '.join(map(str, names))}")
+            else:
+                lines.append(f"{kind}: {changes}")
+    return lines
+
+
+def stale_stages(root: Path | None = None) -> dict[str, list[str]]:
+    """Which stages DVC would rerun, and why (`dvc status`), without running anything."""
+    root = root or repo_root()
+    proc = subprocess.run([*_dvc(root), "status", "--json"], cwd=root, env=_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StageFailed(f"dvc status failed in {root}:\n{proc.stderr[-2000:]}")
+    raw = json.loads(proc.stdout or "{}")
+    return {key.split(":")[-1]: describe_status(value) for key, value in raw.items()}
+
+
+def repro_stage(stage: str, root: Path | None = None) -> StageResult:
+    """`dvc repro <stage>`: runs it (and anything stale upstream) only if its deps, params or outs changed."""
+    root = root or repo_root()
+    changes = stale_stages(root).get(stage, [])
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [*_dvc(root), "repro", stage], cwd=root, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert proc.stdout is not None
+    tail: list[str] = []
+    ran = False
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        tail = [*tail[-60:], line]
+        if line.startswith(f"Running stage '{stage}'"):
+            ran = True
+    if proc.wait() != 0:
+        raise StageFailed(f"stage '{stage}' failed (dvc repro exit {proc.returncode}):\n{''.join(tail)}")
+    return StageResult(stage=stage, ran=ran, seconds=round(time.monotonic() - start, 2), changes=changes)
+
+
+def lock_hashes(root: Path | None = None) -> dict[str, dict[str, str]]:
+    """md5 of every out recorded in dvc.lock, per stage: the content lineage a model version is tagged with."""
+    import yaml
+
+    lock_file = (root or repo_root()) / "dvc.lock"
+    if not lock_file.exists():
+        return {}
+    lock = yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}
+    return {
+        name: {out["path"]: out.get("md5", "") for out in stage.get("outs", [])}
+        for name, stage in (lock.get("stages") or {}).items()
+    }
