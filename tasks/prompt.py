@@ -15,6 +15,8 @@ from dataclasses import dataclass
 NORMAL, ABNORMAL = "normal", "abnormal"
 LABELS: tuple[str, str] = (NORMAL, ABNORMAL)  # index = integer label (1 = abnormal)
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+# The paper's Table 1 anomaly categories: used by expert review files and by the rationale teachers.
+CATEGORIES: tuple[str, ...] = ("system error", "network issue", "hardware failure", "software exception")
 
 SYSTEM_PROMPT = (
     "You are a site reliability engineer who reads system logs from supercomputers "

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tasks.workspace import copy_project
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("RATIONANOMALY_MIRROR", REPO.parent / "shared" / "data"))
@@ -37,37 +38,23 @@ def base_model_dir() -> Path:
     return target
 
 
-def copy_project(dest: Path, profile: str = "smoke") -> Path:
-    """A working copy of the project (git-tracked files + untracked non-ignored ones) with its own git and DVC.
-
-    Runs stay isolated: their own data/, models/, mlflow.db and DVC cache.
-    """
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO, check=True, capture_output=True, text=True,
-    ).stdout.split("\0")
-    for name in filter(None, files):
-        src = REPO / name
-        if src.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    from tasks.config import set_profile
-
-    set_profile(profile, dest / "params.yaml")
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
-    subprocess.run(["git", "commit", "-qm", "copy"], cwd=dest, check=True, env=env)
+def enter_project(dest: Path, monkeypatch: pytest.MonkeyPatch, mirror: Path) -> Path:
+    """Point the pipeline (cwd, root, mirror, MLflow store) at a project copy."""
+    monkeypatch.setenv("RATIONANOMALY_MIRROR", str(mirror))
+    monkeypatch.setenv("RATIONANOMALY_ROOT", str(dest))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{dest / 'mlflow.db'}")
+    monkeypatch.chdir(dest)
     return dest
 
 
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mirror: Path) -> Path:
     """A fresh copy of the project on the smoke profile, with the mirror configured; cwd is set to it."""
-    dest = copy_project(tmp_path / "project")
-    monkeypatch.setenv("RATIONANOMALY_MIRROR", str(mirror))
-    monkeypatch.setenv("RATIONANOMALY_ROOT", str(dest))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{dest / 'mlflow.db'}")
-    monkeypatch.chdir(dest)
-    return dest
+    return enter_project(copy_project(REPO, tmp_path / "project"), monkeypatch, mirror)
+
+
+@pytest.fixture(scope="module")
+def module_project(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Iterator[Path]:
+    """Like `project`, shared by the tests of one module (for expensive pipeline runs done once)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield enter_project(copy_project(REPO, tmp_path_factory.mktemp("project") / "project"), monkeypatch, mirror)

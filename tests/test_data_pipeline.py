@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -20,10 +21,11 @@ def repro_all(stages: list[str]) -> dict[str, bool]:
     return {stage: repro_stage(stage).ran for stage in stages}
 
 
-@pytest.fixture
-def reproduced(project: Path) -> Path:
+@pytest.fixture(scope="module")
+def reproduced(module_project: Path) -> Path:
+    """The data stages reproduced once in a fresh copy; the tests below run in this order and build on it."""
     assert all(repro_all(DATA_STAGES).values())
-    return project
+    return module_project
 
 
 def test_dvc_repro_gives_the_papers_correction_counts(reproduced: Path):
@@ -52,10 +54,13 @@ def test_second_repro_skips_every_stage(reproduced: Path):
     assert repro_all(DATA_STAGES) == dict.fromkeys(DATA_STAGES, False)
 
 
-def edit_mirror_file(project: Path, mirror: Path, tmp_path: Path, name: str, edit) -> Path:
-    """Copy the mirror, change one file with `edit(text) -> text`, and pin its new sha256 in sources.yaml."""
+def edit_mirror_file(project: Path, tmp_path: Path, name: str, edit) -> None:
+    """Copy the current mirror, change one file with `edit(text) -> text`, pin its new sha256, switch to it.
+
+    The env change lasts for the module (the module fixture restores it), so later tests build on it.
+    """
     new_mirror = tmp_path / "mirror"
-    shutil.copytree(mirror, new_mirror, ignore=shutil.ignore_patterns("*.xlsx"))
+    shutil.copytree(os.environ["RATIONANOMALY_MIRROR"], new_mirror, ignore=shutil.ignore_patterns("*.xlsx"))
     target = new_mirror / name
     target.chmod(0o644)
     target.write_text(edit(target.read_text()))
@@ -64,16 +69,15 @@ def edit_mirror_file(project: Path, mirror: Path, tmp_path: Path, name: str, edi
         if source["name"] == name:
             source["sha256"] = hashlib.sha256(target.read_bytes()).hexdigest()
     (project / "sources.yaml").write_text(yaml.safe_dump(sources, sort_keys=False))
-    return new_mirror
+    os.environ["RATIONANOMALY_MIRROR"] = str(new_mirror)
 
 
 def test_changed_corrections_rerun_correction_and_what_follows(
-    reproduced: Path, tmp_path: Path, mirror: Path, monkeypatch: pytest.MonkeyPatch
+    reproduced: Path, tmp_path: Path
 ):
     """A new expert decision (one correction withdrawn) flows through correct → split → distill."""
     name = "rationanomaly/anomaly_patch.json"
-    new_mirror = edit_mirror_file(reproduced, mirror, tmp_path, name, lambda t: json.dumps(json.loads(t)[1:]))
-    monkeypatch.setenv("RATIONANOMALY_MIRROR", str(new_mirror))
+    edit_mirror_file(reproduced, tmp_path, name, lambda t: json.dumps(json.loads(t)[1:]))
     stale = set(stale_stages())
     assert "fetch" in stale and not {"correct", "split", "distill"} & stale
     ran = repro_all(DATA_STAGES)
@@ -83,11 +87,10 @@ def test_changed_corrections_rerun_correction_and_what_follows(
 
 
 def test_changed_session_source_reruns_split_but_not_correction(
-    reproduced: Path, tmp_path: Path, mirror: Path, monkeypatch: pytest.MonkeyPatch
+    reproduced: Path, tmp_path: Path
 ):
     """HDFS sessions feed only the session test sets: correct and distill stay as they are."""
     name = "hdfs_sessions/session_test.jsonl"
-    new_mirror = edit_mirror_file(reproduced, mirror, tmp_path, name, lambda t: "\n".join(t.splitlines()[:-1]) + "\n")
-    monkeypatch.setenv("RATIONANOMALY_MIRROR", str(new_mirror))
+    edit_mirror_file(reproduced, tmp_path, name, lambda t: "\n".join(t.splitlines()[:-1]) + "\n")
     ran = repro_all(DATA_STAGES)
     assert ran == {"fetch": True, "correct": False, "split": True, "distill": False}

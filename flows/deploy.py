@@ -1,0 +1,44 @@
+"""Prefect flow `deploy`: serve the current `@champion` behind vLLM, blue/green, after health and smoke checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+
+from flows.common import publish_markdown
+from serving.resolve import ModelRef, resolve_champion
+from serving.server import deploy
+from tasks.config import section
+
+
+@task(name="resolve-champion", retries=2, retry_delay_seconds=5)
+def resolve(model_name: str) -> ModelRef:
+    """models:/<name>@champion → local base + adapter folders (retried: the registry may be remote)."""
+    return resolve_champion(model_name)
+
+
+@task(name="deploy-endpoint")
+def deploy_endpoint(ref: ModelRef) -> dict[str, Any]:
+    """Start the new server beside the old one; switch only if it passes; otherwise the old one keeps serving."""
+    return deploy(ref, section("serve"))
+
+
+@flow(name="deploy", log_prints=True)
+def deploy_flow() -> dict[str, Any]:
+    """resolve @champion → deploy (a no-op when that version is already live) → endpoint artifact."""
+    ref = resolve(section("registry")["model_name"])
+    state = deploy_endpoint(ref)
+    url = f"http://{state['host']}:{state['port']}/v1"
+    publish_markdown(
+        "endpoint",
+        f"# Endpoint\n\n- url: `{url}`\n- model: `{state['model']}` version {state['version']}\n"
+        f"- action: {state['action']}\n- pid: {state['pid']}, started {state['started_at']}",
+        "The live vLLM endpoint",
+    )
+    print(f"endpoint {url}: {ref.name} v{ref.version} ({state['action']})")
+    return {"url": url, "version": state["version"], "action": state["action"], "port": state["port"]}
+
+
+if __name__ == "__main__":
+    deploy_flow()

@@ -1,0 +1,162 @@
+"""distill stage: a CoT rationale for every training template, conditioned on its corrected label.
+
+The teacher (tasks.teachers: `lexicon` offline, or any OpenAI-compatible endpoint) writes a
+completion per template; each is validated with `tasks.prompt.parse_completion` (format, and an
+answer equal to the label) or rejected and counted. Accepted ones become chat examples built by
+`tasks.prompt.training_messages`, so the SFT data has exactly the format serving expects.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import task
+from rich.progress import Progress
+
+from tasks.config import repo_root, section
+from tasks.errors import InputError, atomic_path, write_text_atomic
+from tasks.prompt import label_name, parse_completion, training_messages
+from tasks.teachers import Teacher, make_teacher
+from tasks.tracking import stage_run
+
+REQUIRED_COLUMNS = ("dataset", "template", "label")
+
+
+def load_train(path: Path) -> pd.DataFrame:
+    try:
+        frame = pd.read_parquet(path)
+    except FileNotFoundError as exc:
+        raise InputError(path, "training templates not found", hint="run the split stage first") from exc
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise InputError(path, f"missing column(s) {missing}", field=missing[0])
+    if frame.empty:
+        raise InputError(path, "no training templates")
+    bad = frame.index[~frame["label"].isin([0, 1])]
+    if len(bad):
+        raise InputError(path, f"label {frame.at[bad[0], 'label']} is not 0/1 (row {bad[0]})", field="label")
+    return frame
+
+
+def _ask(teacher: Teacher) -> Callable[[tuple[str, int, str]], str | Exception]:
+    def ask(item: tuple[str, int, str]) -> str | Exception:
+        try:
+            return teacher.completion(*item)
+        except InputError:
+            raise
+        except Exception as exc:  # a failed request is counted as a rejection, not a crash
+            return exc
+
+    return ask
+
+
+def completions(teacher: Teacher, items: list[tuple[str, int, str]]) -> Iterator[str | Exception]:
+    """The teacher's answers in input order, in parallel threads when it allows, with a progress bar."""
+    ask = _ask(teacher)
+    with Progress(transient=True) as progress:
+        bar = progress.add_task(f"distill ({teacher.name})", total=len(items))
+        if teacher.concurrency > 1:
+            with ThreadPoolExecutor(max_workers=teacher.concurrency) as pool:
+                for answer in pool.map(ask, items):
+                    progress.advance(bar)
+                    yield answer
+        else:
+            for item in items:
+                answer = ask(item)
+                progress.advance(bar)
+                yield answer
+
+
+def judge(answer: str | Exception, label: int) -> tuple[str | None, str | None]:
+    """(rationale, None) for an answer that fits the format and the label, else (None, rejection reason)."""
+    if isinstance(answer, Exception):
+        return None, "request_failed"
+    parsed = parse_completion(answer)
+    if not parsed.valid:
+        return None, "format_invalid"
+    if parsed.answer != label_name(label):
+        return None, "label_disagrees"
+    return parsed.think, None
+
+
+def distill(train_file: Path, out_file: Path, report_file: Path, teacher: Teacher) -> dict[str, Any]:
+    """Write the SFT dataset (one chat example per accepted rationale) and the distillation report."""
+    frame = load_train(train_file)
+    items = [(str(t), int(y), str(d)) for t, y, d in zip(frame["template"], frame["label"], frame["dataset"],
+                                                          strict=True)]
+    rows, rejected, failures = [], Counter(), []
+    per_dataset: dict[str, Counter[str]] = {}
+    for (template, label, dataset), answer in zip(items, completions(teacher, items), strict=True):
+        rationale, reason = judge(answer, label)
+        counts = per_dataset.setdefault(dataset, Counter())
+        counts["total"] += 1
+        if reason:
+            rejected[reason] += 1
+            counts["rejected"] += 1
+            if isinstance(answer, Exception) and len(failures) < 5:
+                failures.append(f"{type(answer).__name__}: {answer}")
+            continue
+        counts["accepted"] += 1
+        messages = training_messages(template, rationale, label, dataset)
+        rows.append({"messages": messages, "prompt": messages[:-1], "completion": messages[-1:],
+                     "template": template, "dataset": dataset, "label": label, "rationale": rationale})
+    if not rows:
+        raise RuntimeError(f"teacher '{teacher.name}' produced no acceptable rationale for {len(items)} templates "
+                           f"(rejected: {dict(rejected)}; first errors: {failures})")
+    words = [len(row["rationale"].split()) for row in rows]
+    report = {
+        "teacher": teacher.name, "total": len(items), "accepted": len(rows), "rejected_total": sum(rejected.values()),
+        "rejected": {reason: rejected.get(reason, 0) for reason in ("format_invalid", "label_disagrees",
+                                                                     "request_failed")},
+        "per_dataset": {name: {k: c.get(k, 0) for k in ("total", "accepted", "rejected")}
+                        for name, c in per_dataset.items()},
+        "accepted_abnormal": sum(row["label"] for row in rows),
+        "mean_rationale_words": round(statistics.mean(words), 1), "min_rationale_words": min(words),
+        "max_rationale_words": max(words), "request_errors": failures,
+    }
+    stats = getattr(teacher, "stats", None)
+    if callable(stats):
+        report.update(stats())
+    with atomic_path(out_file) as tmp, tmp.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_text_atomic(report_file, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return report
+
+
+def run(params: dict[str, Any]) -> dict[str, Any]:
+    """The stage from its params section (paths relative to the repo root)."""
+    root = repo_root()
+    teacher = make_teacher(params, root)  # checks the teacher's settings before any work
+    return distill(root / params.get("train_file", "data/split/train.parquet"), root / params["out_file"],
+                   root / params["report_file"], teacher)
+
+
+@task(name="distill")
+def distill_task(params: dict[str, Any]) -> dict[str, Any]:
+    return run(params)
+
+
+def main() -> None:
+    params = section("distill")
+    report = run(params)
+    with stage_run("distill", teacher=report["teacher"]):
+        import mlflow
+
+        mlflow.log_params({"teacher": report["teacher"], "model": report.get("model", "lexicon")})
+        mlflow.log_metrics({"total": report["total"], "accepted": report["accepted"],
+                            **{f"rejected_{k}": v for k, v in report["rejected"].items()},
+                            "mean_rationale_words": report["mean_rationale_words"]})
+    print(f"distill ({report['teacher']}): {report['accepted']}/{report['total']} rationales accepted, "
+          f"rejected {report['rejected']}, mean {report['mean_rationale_words']} words")
+
+
+if __name__ == "__main__":
+    main()

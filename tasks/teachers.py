@@ -1,0 +1,347 @@
+"""Rationale teachers for the distill stage: each writes a CoT completion for a log, given its expert label.
+
+- `LexiconTeacher` (offline default): a grounded rationale in the paper's three parts: domain
+  knowledge about the component (from a lexicon of BGL/Spirit/HDFS components), core information
+  quoted from the log (its opening words, failure or success words, values), and a deduction mapped
+  to a Table 1 category that ends in the label. Short on purpose (about 40-70 words): the student is
+  small and evaluation cost grows with every generated token.
+- `OpenAITeacher`: any OpenAI-compatible chat endpoint (GPT-4o in the paper). Answers are cached on
+  disk under the sha256 of the request (model, temperature, messages), so a rerun costs no request;
+  transient failures are retried with exponential backoff by the client (`max_retries`).
+
+Both return the full completion text (`<think>…</think><answer>…</answer>`); the distill stage
+validates it with `tasks.prompt.parse_completion` and rejects and counts what does not fit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from tasks.errors import InputError, write_text_atomic
+from tasks.prompt import CATEGORIES, format_completion, label_name, sanitize_log, user_prompt
+
+SYSTEM_ERROR, NETWORK, HARDWARE, SOFTWARE = CATEGORIES
+
+
+class Teacher(Protocol):
+    name: str
+    concurrency: int
+
+    def completion(self, log: str, label: int, dataset: str) -> str:
+        """The teacher's completion for one log whose expert label is `label` (1 = abnormal)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Component:
+    """What a log's source is, in one sentence, and the Table 1 category its failures usually fall in."""
+
+    name: str
+    pattern: re.Pattern[str]
+    knowledge: str
+    category: str
+
+
+def _c(name: str, pattern: str, knowledge: str, category: str, flags: int = re.IGNORECASE) -> Component:
+    return Component(name, re.compile(pattern, flags), knowledge, category)
+
+
+# First match wins, so the specific entries come before the generic ones.
+COMPONENTS: tuple[Component, ...] = (
+    _c("register dump", r"^\s*(?:<\*>\s*)*(?:(?:fpr|r)\d+=|\d+:[0-9a-f]{8}\b|lr:[0-9a-f]|0x[0-9a-f]{8}\s+0x)",
+       "after an interrupt the Blue Gene/L kernel dumps the PowerPC core's registers, a few per line",
+       SOFTWARE),
+    _c("ciod", r"\bciod\b", "ciod is the Blue Gene/L control and I/O daemon that loads jobs on I/O nodes and "
+       "forwards their file and socket I/O", SOFTWARE),
+    _c("idoproxy", r"idoproxy|\bIDo\b", "idoproxy relays service-node commands to the IDo chips that control "
+       "node cards and link cards", SYSTEM_ERROR),
+    _c("MMCS", r"mmcs|Midplane|bll_", "MMCS, the midplane management control system, boots partitions "
+       "and drives the midplane switches", SYSTEM_ERROR),
+    _c("control-system Java monitor", r"java\.|FanModule|\bmonitor\b", "the service node's Java monitors poll fans, "
+       "power modules and node cards over the control network", SOFTWARE),
+    _c("EDRAM", r"EDRAM", "EDRAM is the embedded DRAM that forms the L3 cache of each Blue Gene/L chip", HARDWARE),
+    _c("DDR memory", r"\bDDR\b|\bECC\b|memory controller", "DDR is the node's main memory; ECC corrects single-bit "
+       "errors and flags uncorrectable ones", HARDWARE),
+    _c("disk storage", r"cciss|scsi|sense key|\bhd[a-z]\b|\bsd[a-z]?\d|I/O error|Input/output|\bdrives?\b|\bdisk"
+       r"|MSA1000|CHECK CONDITION|smartd|\braid\b", "disks sit behind SCSI, IDE or Smart Array (cciss) controllers "
+       "that report media and I/O errors", HARDWARE),
+    _c("L3 cache", r"\bL[123]\b|(?:instruction|data|L[123]) cache|cache (?:parity|line|error)",
+       "the processor caches (L1, L2, L3) are guarded by parity or ECC checks against bit flips", HARDWARE),
+    _c("torus network", r"torus", "the 3D torus network carries point-to-point messages between compute nodes",
+       NETWORK),
+    _c("tree network", r"\btree\b|collective", "the collective tree network carries broadcasts, reductions and "
+       "I/O traffic between nodes", NETWORK),
+    _c("VPD", r"\bVPD\b", "vital product data (VPD) identifies each hardware part and is checked when cards start",
+       HARDWARE),
+    _c("node, link and power cards", r"node card|link card|service card|power module|power good|bulk power|\bfans?\b"
+       r"|temperature|clock card|voltage", "node, link and service cards carry the chips, while power modules and "
+       "fans keep them within limits", HARDWARE),
+    _c("rts kernel runtime", r"\brts\b|kernel terminated", "rts is the compute-node kernel runtime that starts jobs "
+       "and exchanges messages with the I/O node", SYSTEM_ERROR),
+    _c("PowerPC core", r"machine check|interrupt|exception syndrome|alignment exception|\bTLB\b|divide-by-zero|"
+       r"invalid operation|floating point", "the PowerPC core raises machine checks and storage or program "
+       "interrupts when an instruction or memory access goes wrong", HARDWARE),
+    _c("HP server management agents", r"hpasmd|\bcma\w*|Advanced Server Management|Log Daemon|\bNMI\b",
+       "HP management agents (hpasmd, cma*) watch server hardware and array controllers and raise alerts", HARDWARE),
+    _c("ext3 file system", r"ext[23]|journal|superblock|inode|readonly fs", "ext2/ext3 is the local journaling file "
+       "system; the kernel logs its mounts, journal state and recovery", SYSTEM_ERROR),
+    _c("Lustre", r"lustre|ptlrpc|portals|gmnal|\bLNET\b", "Lustre is the parallel file system that nodes mount over "
+       "the interconnect through its ptlrpc layer", NETWORK),
+    _c("NFS", r"\bnfs\w*", "NFS exports shared file systems from servers to the cluster nodes over the network",
+       NETWORK),
+    _c("RPC", r"\bRPC\b|portmap|mountd|callit", "Sun RPC carries remote calls such as NFS mount requests between "
+       "clients and servers", NETWORK),
+    _c("mount", r"\bmount", "mount attaches file systems to the directory tree, often NFS or Lustre exports from a "
+       "server", NETWORK),
+    _c("GM/Myrinet", r"\bGM\b|\bgm_|myrinet|\bMCP\b", "GM is the Myrinet driver and messaging layer whose MCP "
+       "firmware runs on the network card", NETWORK),
+    _c("InfiniBand", r"\bib_|infiniband|mthca|\bIB\b|ipoib|openib", "InfiniBand is the high-speed interconnect "
+       "between nodes, driven by the mthca/ib modules", NETWORK),
+    _c("PBS", r"pbs|TMom|qsub|Scheduler|im_eof|node_bailout|task_check|scan_for_exiting|epilog|prolog|\bjob\b",
+       "PBS schedules batch jobs; pbs_mom on each node starts, tracks and cleans up job tasks", SOFTWARE),
+    _c("mail system", r"postfix|sendmail|relay=|status=(?:sent|deferred|bounced)|/etc/mail|\bMX\b|smtp|port 25|"
+       r"from=<", "postfix and sendmail queue and relay system mail and log every delivery attempt", NETWORK),
+    _c("authentication services", r"sshd|ssh2|password|authenticat|\bPAM\b|pam_|login|kerberos|\bsudo\b|TTY=|passwd|"
+       r"\buser\b|\buid\b", "sshd, PAM and sudo authenticate users and record each login or privileged command",
+       SYSTEM_ERROR),
+    _c("DHCP", r"dhcp|leases?\b", "dhcpd hands out IP addresses to nodes that boot or renew their leases", NETWORK),
+    _c("NTP", r"ntpd|synchroni[sz]|time server|\bstratum\b", "ntpd keeps node clocks synchronised with the cluster "
+       "time servers", SYSTEM_ERROR),
+    _c("cron", r"cron|\bCMD\b", "crond runs scheduled maintenance commands on each node", SYSTEM_ERROR),
+    _c("Ganglia", r"gmond|gmetad|ganglia|RRD", "Ganglia (gmond, gmetad) collects node metrics into RRD files",
+       SOFTWARE),
+    _c("Nagios", r"nagios|SERVICE ALERT|HOST ALERT|plugin", "Nagios runs check plugins against hosts and services "
+       "and raises alerts", SYSTEM_ERROR),
+    _c("Samba", r"samba|nmbd|smbd|master browser|workgroup", "Samba's nmbd and smbd provide Windows file sharing and "
+       "browse-master elections", NETWORK),
+    _c("network interface", r"ethernet|\beth\d|\bNIC\b|link is|\bbond\d?\b|\bnetwork\b|\bTCP\b|\bIP\b",
+       "the node's Ethernet interfaces, possibly bonded, connect it to the cluster networks", NETWORK),
+    _c("network service", r"xinetd|listening on|bind to port|already in use|listener|\bport\b|connect(?:ion)?\b",
+       "network daemons listen on ports and hold connections with clients and servers", NETWORK),
+    _c("init", r"\binit\b|respawn|runlevel|shutdown|shutting down|halted|reboot", "init starts and respawns system "
+       "services and drives shutdown and reboot", SYSTEM_ERROR),
+    _c("kernel boot messages", r"ACPI|APIC|\bIRQ|\bPCI\b|pci|BIOS|Bootdata|command line|Memory:|RAM|totalpages|\bCPU\d|"
+       r"Intel|agpgart|usb|ehci|serial|NET4|zone|pages|highmem|lowmem|hash table|Calibrat|console|VGA|Copyright|"
+       r"rights reserved|version|driver|\bv\d", "at boot the Linux kernel reports the CPUs, memory, interrupts, buses "
+       "and drivers it finds", SYSTEM_ERROR),
+    _c("process control", r"segfault|segmentation|signal|killed|panic|oops|out of memory|allocate memory|assert"
+       r"|abort|core dump", "the kernel manages processes and memory and reports crashes, kills and exhaustion",
+       SOFTWARE),
+    _c("logging daemon", r"syslog|klogd|log daemon|audit", "syslogd and klogd collect kernel and service messages "
+       "into the system log", SYSTEM_ERROR),
+    _c("user application", r"\bAPP\b|application|program|exited|exit code|image", "user applications run on the "
+       "compute nodes and report how they start and end", SOFTWARE),
+    _c("HDFS DataNode", r"\bblock\b|blk_|DataNode|PacketResponder|Receiving|Received", "HDFS DataNodes store file "
+       "blocks, replicate them in pipelines and report each block to the NameNode", SYSTEM_ERROR),
+    _c("HDFS NameNode", r"NameSystem|NameNode|blockMap|addStoredBlock|allocateBlock", "the HDFS NameNode keeps the "
+       "block map and decides where each block is stored", SYSTEM_ERROR),
+)
+
+DATASET_COMPONENTS: dict[str, Component] = {
+    "bgl": _c("RAS event stream", r".", "Blue Gene/L's RAS system records kernel, hardware and control-system "
+              "events from every node and card", SYSTEM_ERROR),
+    "spirit": _c("syslog", r".", "Spirit is a Linux cluster whose nodes send kernel and daemon messages to syslog",
+                 SYSTEM_ERROR),
+    "thunderbird": _c("syslog", r".", "Thunderbird is a Linux cluster whose nodes send kernel and daemon messages "
+                      "to syslog", SYSTEM_ERROR),
+    "hdfs": _c("HDFS", r".", "HDFS stores file blocks on DataNodes under the NameNode's control and logs each "
+               "block's life", SYSTEM_ERROR),
+}
+DEFAULT_COMPONENT = _c("system service", r".", "system services on cluster nodes log their state changes and "
+                       "problems", SYSTEM_ERROR)
+
+CATEGORY_WORDS: dict[str, re.Pattern[str]] = {
+    HARDWARE: re.compile(r"parity|\becc\b|machine check|uncorrectable|hardware|sram|\bddr\b|edram|power|\bfans?\b|"
+                         r"temperature|voltage|sense key|\bnmi\b|\bchip\b|\bdrive\b|not ready|media", re.I),
+    NETWORK: re.compile(r"time[d ]?out|connect|refused|unreachable|no route|\blink\b|network|socket|host not found|"
+                        r"disconnect|reset by peer|\brpc\b|\bnfs\b|packet|broken pipe", re.I),
+    SOFTWARE: re.compile(r"exception|segmentation|signal|assert|abort|core dump|null|invalid|killed|panic|illegal|"
+                         r"divide|alignment|\bjob\b|program|plugin|conversion", re.I),
+}
+FAILURE_WORDS = re.compile(
+    r"\b(?:errors?|failed|failure|fail|fatal|time[d ]?out|parity|uncorrectable|panic|exception|abort(?:ed)?|killed|"
+    r"refused|unreachable|lost|corrupt\w*|denied|invalid|cannot|can't|unable|bad|down|critical|severe|warning|"
+    r"not ready|not found|no such|illegal|missing|mismatch|severed|reset|broken|halted|disabled|deferred|overflow|"
+    r"exceeded|over limit|assert\w*|trouble|leaked|premature|spoof|attack)\b", re.I)
+SUCCESS_WORDS = re.compile(r"\b(?:succeeded|success\w*|ok|good|started|starting|completed?|accepted|sent|registered|"
+                           r"enabled|initiali[sz]ed|mounted|ready|running|installed|supported|detected|found)\b", re.I)
+RECOVERED_WORDS = re.compile(r"\b(?:corrected|recovered|retry(?:ing)?|restarted|resumed|cleared|suppressing)\b", re.I)
+VALUE = re.compile(r"\b(?:0x[0-9a-f]+|\d+(?:\.\d+)?)\b", re.I)
+IMPACT = {HARDWARE: "the node and its jobs", NETWORK: "communication between nodes and servers",
+          SOFTWARE: "the running job or service", SYSTEM_ERROR: "normal system operation"}
+
+
+def find_component(log: str, dataset: str) -> Component:
+    """The first lexicon entry whose pattern occurs in the log, else the dataset's own stream."""
+    for component in COMPONENTS:
+        if component.pattern.search(log):
+            return component
+    return DATASET_COMPONENTS.get(dataset.lower(), DEFAULT_COMPONENT)
+
+
+def find_category(log: str, component: Component) -> str:
+    """The Table 1 category whose cue words the log uses most; the component's usual one on a tie or none."""
+    hits = {category: len(pattern.findall(log)) for category, pattern in CATEGORY_WORDS.items()}
+    best = max(hits.values())
+    if best == 0:
+        return component.category
+    tied = [category for category, n in hits.items() if n == best]
+    return component.category if component.category in tied else tied[0]
+
+
+def _unique(words: list[str], limit: int) -> list[str]:
+    seen: list[str] = []
+    for word in words:
+        if word.lower() not in (s.lower() for s in seen):
+            seen.append(word)
+    return seen[:limit]
+
+
+def _quote(items: list[str]) -> str:
+    quoted = [f"'{item}'" for item in items]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
+
+
+def snippet(log: str, max_words: int = 10, max_chars: int = 90) -> str:
+    """The log's opening words, quoted into the rationale (tags defanged, length capped)."""
+    words = sanitize_log(log, 4 * max_chars).split()
+    text = " ".join(words[:max_words])
+    if len(text) > max_chars:
+        text = text[:max_chars].rsplit(" ", 1)[0] or text[:max_chars]
+    return text + (" …" if text != " ".join(words) else "")
+
+
+def lexicon_rationale(log: str, label: int, dataset: str) -> str:
+    """Domain knowledge, core information and deduction for one log, ending in its label."""
+    component = find_component(log, dataset)
+    category = find_category(log, component)
+    failures = _unique(FAILURE_WORDS.findall(log), 3)
+    successes = _unique(SUCCESS_WORDS.findall(log), 2)
+    recovered = _unique(RECOVERED_WORDS.findall(log), 1)
+    dump = component.name == "register dump"  # hex words cost many tokens: quote less of a dump
+    quoted = snippet(log, max_words=2 if dump else 10)
+    values = [] if dump else _unique([v for v in VALUE.findall(log) if len(v) > 1 and v not in quoted], 2)
+    placeholders = log.count("<*>")
+
+    core = f'the log reads "{quoted}"'
+    if failures:
+        core += f", with the failure word{'s' if len(failures) > 1 else ''} {_quote(failures)}"
+    elif successes:
+        core += f", with {_quote(successes)}"
+    if values:
+        core += f" and value{'s' if len(values) > 1 else ''} {', '.join(values)}"
+    elif placeholders:
+        core += f" and {placeholders} variable field{'s' if placeholders > 1 else ''}"
+    where = f"the {component.name}"
+    if label == 1:
+        if failures:
+            deduction = (f"{_quote(failures[:2])} from {where} {'signal' if len(failures) > 1 else 'signals'} "
+                         f"a {category} that can disrupt {IMPACT[category]}")
+        else:
+            deduction = (f"without an explicit error word, this event still marks a {category} in {where} "
+                         f"that can disrupt {IMPACT[category]}")
+    elif dump:
+        deduction = "a register dump is context printed around another event, not a failure by itself"
+    elif recovered:
+        deduction = (f"the condition was {recovered[0].lower()} automatically and service continues, "
+                     f"leaving no {category}")
+    elif failures:
+        deduction = (f"although it says {_quote(failures[:1])}, this is an expected, handled condition in {where} "
+                     f"that does not stop service and is no {category}")
+    elif successes:
+        deduction = f"it records a routine, successful step of {where}, with no sign of a {category}"
+    else:
+        deduction = f"it is routine status output of {where} without any failure word or sign of a {category}"
+    return (f"Domain knowledge: {component.knowledge}. Core information: {core}. "
+            f"Deduction: {deduction}, so the log is {label_name(label)}.")
+
+
+class LexiconTeacher:
+    """Offline, deterministic teacher: grounded rationales from the component lexicon."""
+
+    name = "lexicon"
+    concurrency = 1
+
+    def completion(self, log: str, label: int, dataset: str) -> str:
+        return format_completion(lexicon_rationale(log, label, dataset), label)
+
+
+TEACHER_SYSTEM = (
+    "You explain expert labels of system log templates. Categories of anomalies (the RationAnomaly paper, Table 1): "
+    + ", ".join(CATEGORIES) + ". Write a short rationale of 40 to 70 words in three parts: 'Domain knowledge:' what "
+    "the component that wrote the log does; 'Core information:' the key words and values quoted from the log; "
+    "'Deduction:' the reasoning, naming the category for an abnormal log, ending with the verdict. "
+    "Reply exactly as <think>rationale</think><answer>normal or abnormal</answer> and nothing else."
+)
+
+
+class OpenAITeacher:
+    """Any OpenAI-compatible chat endpoint, with an on-disk answer cache keyed by the request's sha256."""
+
+    name = "openai"
+
+    def __init__(self, base_url: str, model: str, api_key_env: str, cache_dir: str | Path, max_retries: int = 5,
+                 timeout_s: float = 60, temperature: float = 0.2, concurrency: int = 4,
+                 max_log_chars: int = 2000) -> None:
+        from openai import OpenAI
+
+        key = os.environ.get(api_key_env, "")
+        if not key:
+            raise InputError("params.yaml", f"environment variable {api_key_env} (the API key) is not set",
+                             field="distill.openai.api_key_env", hint="export it, or use teacher: lexicon")
+        self.model, self.temperature, self.max_log_chars = model, float(temperature), int(max_log_chars)
+        self.concurrency = max(1, int(concurrency))
+        self.cache_dir = Path(cache_dir)
+        self.client = OpenAI(base_url=base_url, api_key=key, max_retries=int(max_retries), timeout=float(timeout_s))
+        self.requests = self.cache_hits = 0
+        self._lock = threading.Lock()
+
+    def messages(self, log: str, label: int, dataset: str) -> list[dict[str, str]]:
+        """The teacher sees the log and the expert's label, and rationalises that label (as in the paper)."""
+        user = (user_prompt(log, dataset, self.max_log_chars)
+                + f"\n\nThe expert label is: {label_name(label)}. Explain it.")
+        return [{"role": "system", "content": TEACHER_SYSTEM}, {"role": "user", "content": user}]
+
+    def cache_key(self, messages: list[dict[str, str]]) -> str:
+        request = {"model": self.model, "temperature": self.temperature, "messages": messages}
+        return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+    def completion(self, log: str, label: int, dataset: str) -> str:
+        messages = self.messages(log, label, dataset)
+        path = self.cache_dir / f"{self.cache_key(messages)}.json"
+        if path.exists():
+            with self._lock:
+                self.cache_hits += 1
+            return str(json.loads(path.read_text(encoding="utf-8"))["completion"])
+        response = self.client.chat.completions.create(model=self.model, messages=messages,  # type: ignore[arg-type]
+                                                       temperature=self.temperature)
+        text = response.choices[0].message.content or ""
+        with self._lock:
+            self.requests += 1
+        write_text_atomic(path, json.dumps({"model": self.model, "messages": messages, "completion": text},
+                                           ensure_ascii=False) + "\n")
+        return text
+
+    def stats(self) -> dict[str, Any]:
+        return {"model": self.model, "requests": self.requests, "cache_hits": self.cache_hits}
+
+
+def make_teacher(params: dict[str, Any], root: Path) -> Teacher:
+    """The teacher named by `distill.teacher` in params.yaml."""
+    name = params.get("teacher", "lexicon")
+    if name == "lexicon":
+        return LexiconTeacher()
+    if name == "openai":
+        opts = dict(params.get("openai") or {})
+        cache_dir = Path(opts.pop("cache_dir", ".cache/teacher"))
+        return OpenAITeacher(cache_dir=cache_dir if cache_dir.is_absolute() else root / cache_dir,
+                             max_log_chars=int(params.get("max_log_chars", 2000)), **opts)
+    raise InputError("params.yaml", f"unknown teacher {name!r}; expected 'lexicon' or 'openai'",
+                     field="distill.teacher")

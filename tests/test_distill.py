@@ -1,0 +1,224 @@
+"""distill: grounded lexicon rationales, and the OpenAI teacher against a real local chat-completions server."""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tasks.correct import correct_templates
+from tasks.distill import distill
+from tasks.errors import InputError
+from tasks.prompt import CATEGORIES, parse_completion, training_messages
+from tasks.split import split_all
+from tasks.teachers import LexiconTeacher, OpenAITeacher, lexicon_rationale, make_teacher
+
+LOGS = [
+    ("bgl", "instruction cache parity error corrected", 0),
+    ("bgl", "<*> error detected in EDRAM bank <*>", 1),
+    ("bgl", "rts tree/torus link training failed: wanted: <*> C X+ X- Y+ Y- Z+ Z- got: <*> C <*> <*> <*> <*>", 1),
+    ("bgl", "ciod: Error reading message prefix on CioStream socket to <*> <*> <*> <*> <*>", 1),
+    ("bgl", "r08=0x008b5208 r09=0xffff91d4 r10=0x00350000 r11=0x00350000", 0),
+    ("spirit", ">> mount: RPC: Timed out", 1),
+    ("spirit", "Failed password for illegal user Administrator from 172.30.80.241 port 45217 ssh2", 1),
+    ("spirit", "ACPI: Interpreter enabled", 0),
+    ("spirit", "GM: The NIC ISR is reporting an SRAM parity error.", 1),
+    ("spirit", "<*> <*> <*> <*> <*> status=sent (250 2.0.0 <*> Message accepted for delivery)", 0),
+]
+
+
+def test_lexicon_rationales_are_grounded_in_three_parts_and_end_in_the_label():
+    for dataset, log, label in LOGS:
+        rationale = lexicon_rationale(log, label, dataset)
+        parts = re.fullmatch(r"Domain knowledge: (.+) Core information: (.+) Deduction: (.+)", rationale)
+        assert parts, rationale
+        assert rationale.endswith(f"so the log is {'abnormal' if label else 'normal'}.")
+        assert log.split()[0] in parts.group(2), "core information quotes the log"
+        if label:
+            assert any(category in parts.group(3) for category in CATEGORIES), rationale
+        assert 30 <= len(rationale.split()) <= 90
+
+
+def test_lexicon_rationales_vary_with_the_log_not_only_with_the_label():
+    rationales = [lexicon_rationale(log, label, dataset) for dataset, log, label in LOGS]
+    assert len(set(rationales)) == len(LOGS)
+    abnormal = [r for r, (_, _, label) in zip(rationales, LOGS, strict=True) if label]
+    domains = {r.split(" Core information:")[0] for r in abnormal}
+    assert len(domains) >= 5, "domain knowledge depends on the component"
+    assert "EDRAM" in rationales[1] and "hardware failure" in rationales[1]
+    assert "torus" in rationales[2] and "network issue" in rationales[2]
+    assert "register" in rationales[4] and "normal" in rationales[4]
+
+
+@pytest.fixture(scope="module")
+def train_file(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real training templates: mirror → correct → split."""
+    folder = tmp_path_factory.mktemp("data")
+    result = correct_templates(mirror / "rationanomaly/anomaly_patch.json",
+                               {"bgl": mirror / "logprompt/templates_bgl.csv",
+                                "spirit": mirror / "logprompt/templates_spirit.csv"})
+    result.templates.to_parquet(folder / "templates.parquet", index=False)
+    split_all(folder / "templates.parquet", mirror / "loghub/BGL/BGL_2k.log_structured.csv",
+              mirror / "hdfs_sessions/session_test.jsonl", folder / "split", folder / "split.json")
+    return folder / "split/train.parquet"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_lexicon_distills_every_real_training_template(train_file: Path, tmp_path: Path):
+    report = distill(train_file, tmp_path / "train.jsonl", tmp_path / "distill.json", LexiconTeacher())
+    assert report["total"] == report["accepted"] == 1134 and report["rejected_total"] == 0
+    assert report["per_dataset"]["bgl"]["accepted"] == 447 and report["accepted_abnormal"] == 67 + 103
+    assert 40 <= report["mean_rationale_words"] <= 70
+    rows = read_jsonl(tmp_path / "train.jsonl")
+    assert len({row["rationale"] for row in rows}) >= 0.99 * len(rows)
+    for row in rows[:50]:
+        assert row["messages"] == training_messages(row["template"], row["rationale"], row["label"], row["dataset"])
+        assert row["prompt"] + row["completion"] == row["messages"]
+        parsed = parse_completion(row["completion"][0]["content"])
+        assert parsed.valid and parsed.label == row["label"] and parsed.think == row["rationale"]
+    assert json.loads((tmp_path / "distill.json").read_text()) == report
+
+
+# --- the openai teacher against a real server on 127.0.0.1 ------------------------------------------------------------
+
+
+class ChatServer:
+    """Speaks POST /v1/chat/completions. It answers with the expert label given in the prompt, except:
+    logs containing DISAGREE get the other label, BADFORMAT gets no tags, FLAKY fails once with a 500."""
+
+    def __init__(self) -> None:
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.bodies: list[dict] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                user = body["messages"][-1]["content"]
+                log = user.split("\n")[1]
+                server.requests[log] += 1
+                server.bodies.append(body)
+                if self.path != "/v1/chat/completions" or self.headers.get("Authorization") != "Bearer sk-test":
+                    return self.reply(404, {"error": {"message": "not found"}})
+                if "FLAKY" in log and server.requests[log] == 1:
+                    return self.reply(500, {"error": {"message": "try again"}})
+                label = re.search(r"The expert label is: (\w+)", user).group(1)
+                if "DISAGREE" in log:
+                    label = "normal" if label == "abnormal" else "abnormal"
+                text = f"<think>Domain knowledge: test. Core information: {log}. Deduction: {label}.</think>" \
+                       f"<answer>{label}</answer>"
+                if "BADFORMAT" in log:
+                    text = f"I think it is {label}."
+                self.reply(200, {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
+                                 "choices": [{"index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant", "content": text}}],
+                                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+            def reply(self, status: int, payload: dict) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True  # keep-alive client connections must not block server_close()
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def chat_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[ChatServer]:
+    monkeypatch.setenv("TEACHER_TEST_KEY", "sk-test")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    server = ChatServer()
+    yield server
+    server.close()
+
+
+def small_train(path: Path) -> Path:
+    rows = [("bgl", "<*> error detected in EDRAM bank <*>", 1), ("bgl", "ciod: generated <*> core files", 0),
+            ("spirit", "DISAGREE node link is down", 1), ("spirit", "BADFORMAT kernel started", 0),
+            ("spirit", "FLAKY mount: RPC: Timed out", 1)]
+    pd.DataFrame(rows, columns=["dataset", "template", "label"]).to_parquet(path, index=False)
+    return path
+
+
+def openai_params(server: ChatServer, cache: Path) -> dict:
+    return {"teacher": "openai", "max_log_chars": 2000,
+            "openai": {"base_url": server.base_url, "model": "teacher-test", "api_key_env": "TEACHER_TEST_KEY",
+                       "cache_dir": str(cache), "max_retries": 2, "timeout_s": 10, "temperature": 0.0,
+                       "concurrency": 2}}
+
+
+def test_openai_teacher_rejects_disagreeing_labels_and_caches_every_answer(chat_server: ChatServer, tmp_path: Path):
+    train = small_train(tmp_path / "train.parquet")
+    params = openai_params(chat_server, tmp_path / "cache")
+    report = distill(train, tmp_path / "sft.jsonl", tmp_path / "distill.json", make_teacher(params, tmp_path))
+    assert report["teacher"] == "openai" and report["model"] == "teacher-test"
+    assert (report["accepted"], report["rejected"]) == (3, {"format_invalid": 1, "label_disagrees": 1,
+                                                             "request_failed": 0})
+    assert report["requests"] == 5 and report["cache_hits"] == 0
+    assert chat_server.requests["FLAKY mount: RPC: Timed out"] == 2, "a 500 is retried by the client"
+    edram = next(b["messages"][-1]["content"] for b in chat_server.bodies if "EDRAM" in b["messages"][-1]["content"])
+    assert "The expert label is: abnormal" in edram, "the teacher is conditioned on the corrected label"
+    rows = read_jsonl(tmp_path / "sft.jsonl")
+    assert [row["template"] for row in rows] == ["<*> error detected in EDRAM bank <*>",
+                                                  "ciod: generated <*> core files", "FLAKY mount: RPC: Timed out"]
+    first_output = (tmp_path / "sft.jsonl").read_bytes()
+
+    served = sum(chat_server.requests.values())
+    again = distill(train, tmp_path / "sft.jsonl", tmp_path / "distill.json", make_teacher(params, tmp_path))
+    assert sum(chat_server.requests.values()) == served, "a rerun makes zero requests"
+    assert (again["requests"], again["cache_hits"]) == (0, 5)
+    assert (tmp_path / "sft.jsonl").read_bytes() == first_output
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 5
+
+
+def test_openai_teacher_needs_its_key_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("TEACHER_TEST_KEY", raising=False)
+    params = {"teacher": "openai", "openai": {"base_url": "http://127.0.0.1:9/v1", "model": "m",
+                                              "api_key_env": "TEACHER_TEST_KEY", "cache_dir": str(tmp_path)}}
+    with pytest.raises(InputError, match=r"'distill\.openai\.api_key_env': environment variable TEACHER_TEST_KEY"):
+        make_teacher(params, tmp_path)
+
+
+def test_unreachable_endpoint_rejects_and_counts_instead_of_writing_half_a_dataset(tmp_path: Path,
+                                                                                    monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TEACHER_TEST_KEY", "sk-test")
+    teacher = OpenAITeacher("http://127.0.0.1:9/v1", "m", "TEACHER_TEST_KEY", tmp_path / "cache", max_retries=0,
+                            timeout_s=2, concurrency=1)
+    (tmp_path / "sft.jsonl").write_text("previous good output\n")
+    with pytest.raises(RuntimeError, match=r"no acceptable rationale .*request_failed': 5"):
+        distill(small_train(tmp_path / "train.parquet"), tmp_path / "sft.jsonl", tmp_path / "d.json", teacher)
+    assert (tmp_path / "sft.jsonl").read_text() == "previous good output\n"
+
+
+def test_bad_training_file_fails_before_distilling_and_keeps_the_last_output(tmp_path: Path):
+    out = tmp_path / "sft.jsonl"
+    distill(small_train(tmp_path / "train.parquet"), out, tmp_path / "d.json", LexiconTeacher())
+    before = out.read_bytes()
+    pd.DataFrame({"dataset": ["bgl"], "template": ["x"], "label": [3]}).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(InputError, match=r"bad\.parquet field 'label': label 3 is not 0/1"):
+        distill(tmp_path / "bad.parquet", out, tmp_path / "d.json", LexiconTeacher())
+    assert out.read_bytes() == before
