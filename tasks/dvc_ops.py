@@ -66,7 +66,11 @@ def stale_stages(root: Path | None = None) -> dict[str, list[str]]:
     if proc.returncode != 0:
         raise StageFailed(f"dvc status failed in {root}:\n{proc.stderr[-2000:]}")
     raw = json.loads(proc.stdout or "{}")
-    return {key.split(":")[-1]: describe_status(value) for key, value in raw.items()}
+    recorded = lock_hashes(root)
+    return {
+        stage: describe_status(value) if stage in recorded else ["first run"]
+        for stage, value in ((key.split(":")[-1], value) for key, value in raw.items())
+    }
 
 
 def repro_stage(stage: str, root: Path | None = None) -> StageResult:

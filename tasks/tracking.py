@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,5 +55,7 @@ def log_dataset_file(path: str | Path, name: str, context: str, digest: str | No
     frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_json(path, lines=True)
     # Nested columns (chat messages) are logged as text so the dataset schema stays flat.
     frame = frame.apply(lambda col: col.map(str) if col.dtype == object else col)
-    dataset = mlflow.data.from_pandas(frame, source=str(path), name=name, digest=digest)
-    mlflow.log_input(dataset, context=context)
+    with warnings.catch_warnings():  # schema hints about int columns and ambiguous local sources: noise here
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(frame, source=str(path), name=name, digest=digest)
+        mlflow.log_input(dataset, context=context)

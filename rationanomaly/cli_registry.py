@@ -1,0 +1,74 @@
+"""`rationanomaly lineage` and `rationanomaly rollback`: plain typer command functions.
+
+The main CLI (rationanomaly.cli) registers them; the local `app` exists so they can be tested alone.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+
+def _console() -> Console:
+    """A console for this call's stdout; piped output is not wrapped at 80 columns (hashes stay on one line)."""
+    return Console() if sys.stdout.isatty() else Console(width=240)
+
+
+def lineage(
+    ref: Annotated[str | None, typer.Argument(help="Model version: <name>@<alias> or <name>/<version>, e.g. "
+                                                   "rationanomaly@champion")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Reverse lookup: every version trained on data with "
+                                                            "this hash (dvc.lock md5 or source sha256, prefix ok)")]
+    = None,
+    json_: Annotated[bool, typer.Option("--json", help="Emit JSON instead of a tree")] = False,
+) -> None:
+    """Walk a model version back to its runs, params, data, corrections, base model, code and gate decision."""
+    from tasks.lineage import LineageError, lineage_by_data, render_by_data, render_lineage
+    from tasks.lineage import lineage as build_lineage
+
+    if (ref is None) == (data is None):
+        raise typer.BadParameter("give either a model reference (e.g. rationanomaly@champion) or --data <hash>")
+    try:
+        if ref is not None:
+            chain = build_lineage(ref)
+            if json_:
+                typer.echo(json.dumps(chain, indent=2, default=str))
+            else:
+                _console().print(render_lineage(chain))
+        else:
+            hits = lineage_by_data(str(data))
+            if json_:
+                typer.echo(json.dumps(hits, indent=2, default=str))
+            else:
+                _console().print(render_by_data(str(data), hits))
+    except LineageError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+def rollback(
+    reason: Annotated[str, typer.Option("--reason", help="Why the champion is rolled back (recorded)")],
+    actor: Annotated[str | None, typer.Option("--actor", help="Who rolls back (default: the current user)")] = None,
+) -> None:
+    """Move @champion back to @previous, recording who did it and why."""
+    from tasks.registry import RegistryError
+    from tasks.registry import rollback as do_rollback
+
+    who = actor or getpass.getuser()
+    try:
+        result = do_rollback(who, reason)
+    except RegistryError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    _console().print(f"@champion → v{result['champion']} (was v{result['rolled_back']}); "
+                  f"@previous → {('v' + result['previous']) if result['previous'] else 'none'}; by {who}: {reason}")
+
+
+app = typer.Typer(help="Registry commands (registered on the main CLI by rationanomaly.cli)")
+app.command("lineage")(lineage)
+app.command("rollback")(rollback)

@@ -1,0 +1,110 @@
+"""`rationanomaly serve` and `rationanomaly detect`: commands the main CLI attaches (a local app serves tests)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(help="Serve the champion behind vLLM; detect anomalies in raw logs.", no_args_is_help=True)
+
+
+def _fail(message: str) -> None:
+    typer.echo(message, err=True)
+    raise typer.Exit(1)
+
+
+def _show(state: dict[str, Any]) -> None:
+    keys = ("action", "model", "version", "url", "port", "pid", "alive", "healthy", "started_at", "ready_s",
+            "adapter", "base", "log", "state_file")
+    typer.echo(json.dumps({k: state[k] for k in keys if k in state}, indent=2))
+
+
+def serve(
+    status: Annotated[bool, typer.Option("--status", help="Show the live server (exit 1 if none healthy).")] = False,
+    stop: Annotated[bool, typer.Option("--stop", help="Stop the live server.")] = False,
+    model_name: Annotated[str | None, typer.Option(help="Registered model (default: registry.model_name).")] = None,
+    alias: Annotated[str, typer.Option(help="Registry alias to serve.")] = "champion",
+    adapter: Annotated[Path | None, typer.Option(help="Serve this LoRA adapter folder instead.")] = None,
+    base: Annotated[Path | None, typer.Option(help="Base model for --adapter (default: base_model.out_dir).")] = None,
+    version: Annotated[str, typer.Option(help="Version label for --adapter.")] = "local",
+    merged: Annotated[bool | None, typer.Option("--merged/--lora", help="Merge the adapter into the weights.")] = None,
+    force: Annotated[bool, typer.Option(help="Redeploy even if this version is already live.")] = False,
+) -> None:
+    """Deploy models:/<name>@champion with health and smoke checks and a blue/green switch (or --status/--stop)."""
+    from serving import server
+    from serving.resolve import ModelRef, resolve_champion
+    from tasks.config import load_params, repo_root
+    from tasks.errors import InputError
+
+    params = load_params()
+    serve_params = dict(params["serve"])
+    if status:
+        state = server.status(serve_params)
+        _show(state)
+        raise typer.Exit(0 if state.get("healthy") else 1)
+    if stop:
+        state = server.stop(serve_params)
+        typer.echo(f"stopped {state.get('model')} v{state.get('version')} (pid {state.get('pid')})"
+                   if state.get("stopped") else "no live server")
+        return
+    if merged is not None:
+        serve_params["merged"] = merged
+    name = model_name or params["registry"]["model_name"]
+    try:
+        if adapter is not None:
+            base_dir = base or repo_root() / params["base_model"]["out_dir"]
+            ref = ModelRef(name, version, str(Path(base_dir).resolve()), str(adapter.resolve()))
+        else:
+            ref = resolve_champion(name, alias)
+        typer.echo(f"deploying {ref.name} v{ref.version} (adapter {ref.adapter_dir}); vLLM takes about a minute…",
+                   err=True)
+        state = server.deploy(ref, serve_params, force=force)
+    except (server.ServeError, InputError) as exc:
+        _fail(f"serve failed, the previous server (if any) keeps serving: {exc}")
+    _show(state)
+
+
+def detect(
+    file: Annotated[str, typer.Argument(help="Log file, or - for stdin.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="JSON-lines output ('-' = stdout).")] = "-",
+    fmt: Annotated[str, typer.Option("--format", help="auto | bgl | spirit | thunderbird | hdfs | generic")] = "auto",
+    base_url: Annotated[str | None, typer.Option(help="Endpoint .../v1 (default: the live server).")] = None,
+    model: Annotated[str | None, typer.Option(help="Served model name for --base-url.")] = None,
+    model_version: Annotated[str | None, typer.Option(help="Model version for --base-url (keys the cache).")] = None,
+    summary: Annotated[Path | None, typer.Option(help="Also write the summary as JSON here.")] = None,
+    window_lines: Annotated[int | None, typer.Option(help="Lines per window (default: detect.window_lines).")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Parallel requests (default: detect.concurrency).")] = None,
+    max_retries: Annotated[int | None, typer.Option(help="Attempts per request (default: detect.max_retries).")] = None,
+    progress: Annotated[bool, typer.Option(help="Progress bar on files.")] = True,
+) -> None:
+    """Verdicts with rationales for raw log lines; new templates only go to the model, the rest come from the cache."""
+    from serving.client import EndpointError
+    from serving.detect import Detector, print_summary
+    from tasks.config import section
+    from tasks.errors import InputError
+
+    params = dict(section("detect"))
+    overrides = {"base_url": base_url, "model": model, "model_version": model_version, "window_lines": window_lines,
+                 "concurrency": concurrency, "max_retries": max_retries}
+    params.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        with Detector(params, progress=progress) as detector:
+            if out == "-":
+                result = detector.run(file, sys.stdout, fmt)
+            else:
+                Path(out).parent.mkdir(parents=True, exist_ok=True)
+                with Path(out).open("w", encoding="utf-8") as handle:
+                    result = detector.run(file, handle, fmt)
+    except (EndpointError, InputError) as exc:
+        _fail(f"detect stopped: {exc}")
+    print_summary(result)
+    if summary is not None:
+        summary.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+app.command()(serve)
+app.command()(detect)

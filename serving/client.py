@@ -1,0 +1,214 @@
+"""Client for the OpenAI-compatible endpoint: bounded concurrency, retries with backoff, verdicts via tasks.prompt.
+
+The endpoint can be a callable that is asked again before every retry, so a client that reads it from
+the serve state file follows a blue/green switch instead of failing on the old port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from tasks.prompt import parse_completion, prompt_messages
+
+ANSWER_CLOSE = "</answer>"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where to send requests and which model version answers there."""
+
+    base_url: str  # ".../v1"
+    model: str
+    version: str
+    api_key: str | None = None
+
+
+def endpoint_from_state(state_file: str | Path, api_key_env: str | None = None) -> Endpoint:
+    """The live server recorded by `rationanomaly serve`."""
+    path = Path(state_file)
+    if not path.exists():
+        raise EndpointError(f"no live server: {path} does not exist (run `rationanomaly serve`, or pass --base-url)")
+    state = json.loads(path.read_text(encoding="utf-8"))
+    env_name = api_key_env or state.get("api_key_env")
+    return Endpoint(f"http://{state['host']}:{state['port']}/v1", state["served_model"], str(state["version"]),
+                    os.environ.get(env_name) if env_name else None)
+
+
+class EndpointError(RuntimeError):
+    """The endpoint could not answer (after retries), or refused the request."""
+
+
+class _Retryable(Exception):
+    """A server-side failure worth retrying (5xx, 429)."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One template's answer. `verdict` is None when the completion broke the format (`valid` False)."""
+
+    template: str
+    dataset: str
+    verdict: str | None
+    valid: bool
+    rationale: str
+    raw: str
+    model_version: str
+    latency_s: float
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, httpx.TransportError | _Retryable)
+
+
+class Client:
+    """Chat-completions client with a bounded thread pool and tenacity retries."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint | Callable[[], Endpoint],
+        *,
+        concurrency: int = 8,
+        max_retries: int = 5,
+        backoff_s: float = 0.5,
+        backoff_max_s: float = 8.0,
+        timeout_s: float = 60.0,
+        max_tokens: int = 96,
+        max_log_chars: int = 2000,
+    ) -> None:
+        self._endpoint = endpoint if callable(endpoint) else (lambda: endpoint)
+        self.concurrency = max(1, int(concurrency))
+        self.max_retries, self.backoff_s, self.backoff_max_s = int(max_retries), backoff_s, backoff_max_s
+        self.max_tokens, self.max_log_chars = int(max_tokens), int(max_log_chars)
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0), limits=limits)
+        self._lock = threading.Lock()
+        self.requests = 0  # HTTP requests sent, retries included
+
+    def endpoint(self) -> Endpoint:
+        return self._endpoint()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _post(self, payload: dict[str, Any], model: str | None) -> tuple[dict[str, Any], Endpoint]:
+        endpoint = self.endpoint()  # asked again on every attempt: follows a blue/green switch
+        headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
+        with self._lock:
+            self.requests += 1
+        response = self._http.post(f"{endpoint.base_url}/chat/completions",
+                                   json={**payload, "model": model or endpoint.model}, headers=headers)
+        if response.status_code == 429 or response.status_code >= 500:
+            raise _Retryable(f"HTTP {response.status_code} from {endpoint.base_url}: {response.text[:200]}")
+        if response.status_code >= 400:
+            raise EndpointError(f"{endpoint.base_url} refused the request: HTTP {response.status_code} "
+                                f"{response.text[:300]}" + (" (check the API key env var)"
+                                                            if response.status_code == 401 else ""))
+        return response.json(), endpoint
+
+    def complete(self, messages: list[dict[str, str]], *, max_tokens: int | None = None,
+                 model: str | None = None) -> tuple[str, Endpoint]:
+        """One chat completion (greedy), retried with exponential backoff and jitter on transport/5xx errors."""
+        payload = {"messages": messages, "temperature": 0.0, "max_tokens": max_tokens or self.max_tokens,
+                   "stop": [ANSWER_CLOSE]}
+        started = time.monotonic()
+        retrying = Retrying(stop=stop_after_attempt(self.max_retries),
+                            wait=wait_exponential_jitter(multiplier=self.backoff_s, max=self.backoff_max_s,
+                                                         jitter=self.backoff_s),
+                            retry=retry_if_exception(_retryable), reraise=False)
+        try:
+            body, endpoint = retrying(self._post, payload, model)
+        except RetryError as exc:
+            cause = exc.last_attempt.exception()
+            raise EndpointError(
+                f"endpoint {self.endpoint().base_url} did not answer after {self.max_retries} attempts over "
+                f"{time.monotonic() - started:.1f} s: {type(cause).__name__}: {cause}"
+            ) from cause
+        choice = body["choices"][0]
+        text = choice["message"].get("content") or ""
+        # The stop string is cut from the output; put it back so the strict parser sees the whole answer.
+        stopped_on_close = choice.get("stop_reason") == ANSWER_CLOSE or (
+            "stop_reason" not in choice and choice.get("finish_reason") == "stop" and "<answer>" in text
+        )
+        if stopped_on_close and not text.rstrip().endswith(ANSWER_CLOSE):
+            text += ANSWER_CLOSE
+        return text, endpoint
+
+    def classify_one(self, template: str, dataset: str = "system log", *, max_tokens: int | None = None,
+                     model: str | None = None) -> Verdict:
+        """The verdict for one template; only the model's completion is parsed, never the log text."""
+        started = time.monotonic()
+        text, endpoint = self.complete(prompt_messages(template, dataset, self.max_log_chars),
+                                       max_tokens=max_tokens, model=model)
+        parsed = parse_completion(text)
+        return Verdict(template, dataset, parsed.answer, parsed.valid, parsed.think, text, endpoint.version,
+                       time.monotonic() - started)
+
+    def classify(
+        self,
+        items: Sequence[tuple[str, str]],
+        *,
+        on_result: Callable[[Verdict], None] | None = None,
+        max_tokens: int | None = None,
+        model: str | None = None,
+    ) -> list[Verdict]:
+        """Verdicts for (dataset, template) pairs, `concurrency` at a time, in input order.
+
+        `on_result` runs in the calling thread as each answer arrives (the detector stores it at once),
+        so when the endpoint goes down, every answer received before is kept; then EndpointError is raised.
+        """
+        results: list[Verdict | None] = [None] * len(items)
+        error: BaseException | None = None
+        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="classify") as pool:
+            pending: dict[Future[Verdict], int] = {}
+            queue = iter(enumerate(items))
+
+            def submit_next() -> None:
+                for index, (dataset, template) in queue:
+                    pending[pool.submit(self.classify_one, template, dataset, max_tokens=max_tokens,
+                                        model=model)] = index
+                    return
+
+            for _ in range(self.concurrency):
+                submit_next()
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    index = pending.pop(future)
+                    try:
+                        verdict = future.result()
+                    except BaseException as exc:  # keep draining: answers already in flight are not lost
+                        error = error or exc
+                        continue
+                    results[index] = verdict
+                    if on_result is not None:
+                        on_result(verdict)
+                    if error is None:
+                        submit_next()
+        if error is not None:
+            raise error
+        return [r for r in results if r is not None]
+
+    def health(self) -> bool:
+        endpoint = self.endpoint()
+        root = endpoint.base_url.removesuffix("/v1")
+        try:
+            return self._http.get(f"{root}/health", timeout=5.0).status_code == 200
+        except httpx.HTTPError:
+            return False

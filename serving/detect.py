@@ -1,0 +1,482 @@
+"""The consumer pipeline: raw log lines → drain3 templates → verdict cache → model calls only for new templates.
+
+Millions of lines share a few thousand templates, so the model is asked once per template and the
+answer (verdict, rationale, model version) is kept in SQLite. Each answer is stored the moment it
+arrives: when the endpoint goes down, the run stops with a clear error and a rerun resumes from the
+cache. Output is JSON lines: a `template` record the first time a template (or its text) appears,
+one `line` record per non-empty line, one `window` record per `window_lines` lines.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import select
+import sqlite3
+import stat
+import sys
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import jsonpickle
+from drain3 import TemplateMiner
+from drain3.file_persistence import FilePersistence
+from drain3.masking import MaskingInstruction
+from drain3.template_miner_config import TemplateMinerConfig
+
+from serving.client import Client, Endpoint, EndpointError, Verdict, endpoint_from_state
+from tasks.config import repo_root, section
+from tasks.errors import InputError, atomic_path
+from tasks.prompt import ABNORMAL
+
+# Header layouts (LogHub's log formats); only the free-text content is mined and shown to the model.
+# The first field of BGL/Spirit/Thunderbird lines is the ground-truth alert tag: it is never sent.
+FORMATS: dict[str, tuple[re.Pattern[str] | None, str]] = {
+    "bgl": (re.compile(r"^\S+ \d+ \d{4}\.\d\d\.\d\d \S+ \d{4}-\d\d-\d\d-\d\d\.\d\d\.\d\d\.\d+ \S+ \S+ \S+ \S+ ?"
+                       r"(?P<content>.*)$"), "bgl"),
+    "thunderbird": (re.compile(r"^\S+ \d+ \d{4}\.\d\d\.\d\d \S+ \w{3} +\d+ [\d:]+ \S+ [^:\s]+(?:\[\d+\])?: ?"
+                               r"(?P<content>.*)$"), "thunderbird"),
+    "spirit": (re.compile(r"^\S+ \d+ \d{4}\.\d\d\.\d\d \S+ \w{3} +\d+ [\d:]+ \S+ [^:\s]+(?:\[\d+\])?: ?"
+                          r"(?P<content>.*)$"), "spirit"),
+    "hdfs": (re.compile(r"^\d{6} \d{6} \d+ \w+ [^:\s]+: ?(?P<content>.*)$"), "hdfs"),
+    "generic": (None, "system log"),
+}
+AUTO_ORDER = ("bgl", "thunderbird", "hdfs")  # Spirit lines share Thunderbird's layout: name it explicitly
+_B, _E = r"((?<=[^A-Za-z0-9])|^)", r"((?=[^A-Za-z0-9])|$)"
+MASKS = (  # order matters: an IP or hex value must be masked before its digits are
+    _B + r"(\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}(:\d+)?)" + _E,
+    _B + r"(0x[0-9a-fA-F]+)" + _E,
+    _B + r"([0-9a-fA-F]{8,})" + _E,
+    _B + r"([\-\+]?\d+)" + _E,
+)
+
+
+def detect_format(lines: Iterable[str]) -> str:
+    """The layout most of the first non-empty lines match; `generic` when none fits."""
+    votes: Counter[str] = Counter()
+    for text in lines:
+        for name in AUTO_ORDER:
+            pattern = FORMATS[name][0]
+            if pattern is not None and pattern.match(text):
+                votes[name] += 1
+                break
+    return votes.most_common(1)[0][0] if votes else "generic"
+
+
+# ---------------------------------------------------------------- drain3 with checkpointed persistence
+
+
+class _AtomicFilePersistence(FilePersistence):
+    """drain3's FilePersistence, written all-or-nothing so a crash cannot leave a half-written state."""
+
+    def save_state(self, state: bytes) -> None:
+        with atomic_path(self.file_path) as tmp:
+            tmp.write_bytes(state)
+
+
+class _CheckpointMiner(TemplateMiner):
+    """TemplateMiner that snapshots at checkpoints (end of each chunk) instead of on every new cluster."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.dirty = False
+        super().__init__(*args, **kwargs)
+
+    def load_state(self) -> None:
+        """drain3 0.9.1's load_state renames dict keys while iterating them (a RuntimeError on Python 3.11)."""
+        state = self.persistence_handler.load_state()
+        if state is None:
+            return
+        if self.config.snapshot_compress_state:
+            state = zlib.decompress(base64.b64decode(state))
+        drain = jsonpickle.loads(state)
+        drain.id_to_cluster = {int(key): cluster for key, cluster in drain.id_to_cluster.items()}
+        drain.profiler = self.profiler
+        self.drain = drain
+
+    def get_snapshot_reason(self, change_type: str, cluster_id: int) -> str | None:
+        self.dirty = self.dirty or change_type != "none"
+        return None
+
+    def checkpoint(self) -> None:
+        if self.dirty and self.persistence_handler is not None:
+            self.save_state("checkpoint")
+            self.dirty = False
+
+
+def make_miner(state_file: Path | None, sim_th: float = 0.4, depth: int = 4) -> _CheckpointMiner:
+    config = TemplateMinerConfig()
+    config.drain_sim_th, config.drain_depth = sim_th, depth
+    config.masking_instructions = [MaskingInstruction(pattern, "*") for pattern in MASKS]  # masks read "<*>"
+    persistence = None
+    if state_file is not None:
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        persistence = _AtomicFilePersistence(str(state_file))
+    return _CheckpointMiner(persistence, config)
+
+
+# ---------------------------------------------------------------- verdict cache
+
+
+class VerdictCache:
+    """template → verdict for one model version, in SQLite; entries of other versions are dropped on open."""
+
+    def __init__(self, path: str | Path, model_version: str) -> None:
+        self.path, self.model_version = Path(path), str(model_version)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS verdicts (model_version TEXT NOT NULL, template TEXT NOT NULL, "
+            "dataset TEXT, verdict TEXT, valid INTEGER, rationale TEXT, raw TEXT, created_at REAL, "
+            "PRIMARY KEY (model_version, template))"
+        )
+        self.invalidated = self._db.execute("DELETE FROM verdicts WHERE model_version != ?",
+                                            (self.model_version,)).rowcount
+        self._db.commit()
+        rows = self._db.execute("SELECT template, verdict, valid, rationale FROM verdicts WHERE model_version = ?",
+                                (self.model_version,))
+        self._memory = {t: (v, bool(ok), r) for t, v, ok, r in rows}
+
+    def get(self, template: str) -> tuple[str | None, bool, str] | None:
+        return self._memory.get(template)
+
+    def put(self, verdict: Verdict) -> None:
+        """Stored and committed at once: this is what survives an endpoint failure."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (self.model_version, verdict.template, verdict.dataset, verdict.verdict, int(verdict.valid),
+             verdict.rationale, verdict.raw, time.time()),
+        )
+        self._db.commit()
+        self._memory[verdict.template] = (verdict.verdict, verdict.valid, verdict.rationale)
+
+    def __len__(self) -> int:
+        return len(self._memory)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+# ---------------------------------------------------------------- the detector
+
+
+def default_endpoint(params: dict[str, Any], serve: dict[str, Any] | None = None) -> Endpoint | Callable[[], Endpoint]:
+    """detect.base_url when set (a remote endpoint), else the live server of serve.state_file, re-read on retries."""
+    serve = serve if serve is not None else section("serve")
+    key_env = serve.get("api_key_env")
+    if params.get("base_url"):
+        return Endpoint(str(params["base_url"]).rstrip("/"), params.get("model") or section("registry")["model_name"],
+                        str(params.get("model_version") or "unknown"), os.environ.get(key_env) if key_env else None)
+    state_file = Path(serve["state_file"])
+    state_file = state_file if state_file.is_absolute() else repo_root() / state_file
+    return lambda: endpoint_from_state(state_file, key_env)
+
+
+@dataclass
+class DetectStats:
+    lines: int = 0
+    empty_lines: int = 0
+    invalid_utf8_lines: int = 0
+    replaced_chars: int = 0
+    truncated_lines: int = 0
+    abnormal_lines: int = 0
+    invalid_answer_lines: int = 0
+    windows: int = 0
+    abnormal_windows: int = 0
+    templates: int = 0
+    requested: int = 0
+    cache_hits: int = 0
+    seconds: float = 0.0
+    line_counts: Counter[int] = field(default_factory=Counter)
+
+
+class Detector:
+    """Raw lines in, JSON-lines verdicts out. `params` is the `detect` section of params.yaml."""
+
+    def __init__(self, params: dict[str, Any] | None = None, *, client: Client | None = None,
+                 endpoint: Endpoint | Callable[[], Endpoint] | None = None, model_version: str | None = None,
+                 progress: bool = True) -> None:
+        self.params = dict(params if params is not None else section("detect"))
+        if client is None:
+            client = Client(endpoint or default_endpoint(self.params), concurrency=self.params["concurrency"],
+                            max_retries=self.params["max_retries"], backoff_s=float(self.params["backoff_s"]),
+                            timeout_s=float(self.params["timeout_s"]), max_tokens=int(self.params["max_tokens"]),
+                            max_log_chars=int(self.params["max_line_chars"]))
+        self.client = client
+        self.model_version = str(model_version or self.params.get("model_version") or client.endpoint().version)
+        self.cache = VerdictCache(self._path(self.params["cache_file"]), self.model_version)
+        drain_state = self.params.get("drain_state")
+        self.miner = make_miner(self._path(drain_state) if drain_state else None,
+                                float(self.params.get("drain_sim_th", 0.4)), int(self.params.get("drain_depth", 4)))
+        self.progress = progress
+        self._memo: dict[str, int] = {}
+        self._memo_size = int(self.params.get("memo_size", 200_000))
+        self._emitted: dict[int, str] = {}  # cluster id → template text last written (one run)
+
+    @staticmethod
+    def _path(value: str | Path) -> Path:
+        path = Path(value)
+        return path if path.is_absolute() else repo_root() / path
+
+    def close(self) -> None:
+        self.miner.checkpoint()
+        self.cache.close()
+        self.client.close()
+
+    def __enter__(self) -> Detector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading
+
+    @staticmethod
+    def _chunks(handle: IO[bytes], size: int, flush_s: float) -> Iterator[list[tuple[int, bytes]]]:
+        """(line number, raw bytes) in chunks of `size` lines.
+
+        On a pipe or terminal (`tail -f app.log | rationanomaly detect -`) a partial chunk is also
+        released after `flush_s` seconds without input, so verdicts do not wait for 5,000 more lines.
+        """
+        try:
+            fd: int | None = handle.fileno()
+            stream = not stat.S_ISREG(os.fstat(fd).st_mode)
+        except (OSError, AttributeError, io.UnsupportedOperation):
+            fd, stream = None, False
+        read = (lambda: os.read(fd, 1 << 16)) if stream and fd is not None else (lambda: handle.read(1 << 20))
+        chunk: list[tuple[int, bytes]] = []
+        pending, number = b"", 0
+        while True:
+            if stream and chunk and not select.select([fd], [], [], flush_s)[0]:
+                yield chunk
+                chunk = []
+                continue
+            block = read()
+            if not block:
+                break
+            lines = (pending + block).split(b"\n")
+            pending = lines.pop()
+            for raw in lines:
+                number += 1
+                chunk.append((number, raw))
+                if len(chunk) >= size:
+                    yield chunk
+                    chunk = []
+        if pending:
+            chunk.append((number + 1, pending))
+        if chunk:
+            yield chunk
+
+    def _cluster_id(self, content: str) -> int:
+        """drain3 cluster of a line; identical content is memoised (drain would return the same cluster)."""
+        cid = self._memo.get(content)
+        if cid is None:
+            cid = self.miner.add_log_message(content)["cluster_id"]
+            if self._memo_size > 0:
+                if len(self._memo) >= self._memo_size:
+                    self._memo.clear()
+                self._memo[content] = cid
+        return cid
+
+    # -- classification
+
+    def _classify(self, templates: dict[str, str], stats: DetectStats) -> None:
+        """Ask the endpoint about templates the cache lacks; each answer is stored as it arrives."""
+        missing = [(dataset, t) for t, dataset in templates.items() if self.cache.get(t) is None]
+        stats.cache_hits += len(templates) - len(missing)
+        if not missing:
+            return
+
+        def store(verdict: Verdict) -> None:
+            if verdict.model_version != self.model_version:
+                raise EndpointError(f"the live model changed from version {self.model_version} to "
+                                    f"{verdict.model_version} during the run; rerun to use the new model "
+                                    "(its cache starts empty)")
+            self.cache.put(verdict)
+            stats.requested += 1
+
+        batch = max(1, int(self.params.get("batch_size", 64)))
+        try:
+            for start in range(0, len(missing), batch):
+                self.client.classify(missing[start:start + batch], on_result=store)
+        except EndpointError as exc:
+            raise EndpointError(f"{exc}. {len(self.cache)} template verdicts are kept in {self.cache.path}; "
+                                "rerun the same command to resume") from exc
+
+    # -- the run
+
+    def run(self, source: str | Path | IO[bytes], out: IO[str], fmt: str = "auto") -> dict[str, Any]:
+        """Detect on a file path, '-' (stdin) or a binary handle; write JSON lines to `out`; return the summary."""
+        stats = DetectStats()
+        started = time.perf_counter()
+        if isinstance(source, str | Path) and str(source) != "-":
+            path = Path(source)
+            if not path.is_file():
+                raise InputError(path, "log file not found")
+            with path.open("rb") as handle:
+                self._run(handle, out, fmt, stats, path.stat().st_size, str(path))
+        else:
+            handle = sys.stdin.buffer if str(source) == "-" else source
+            self._run(handle, out, fmt, stats, None, "stdin")  # type: ignore[arg-type]
+        stats.seconds = time.perf_counter() - started
+        return self.summary(stats)
+
+    def _decode(self, raw: bytes, stats: DetectStats) -> str | None:
+        """UTF-8 with bad bytes replaced (and counted); None for an empty line; long lines cut before mining."""
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("utf-8", errors="replace")
+            stats.invalid_utf8_lines += 1
+            stats.replaced_chars += text.count("\ufffd") - raw.count("\ufffd".encode())
+        text = text.rstrip("\r\n")
+        if not text.strip():
+            stats.empty_lines += 1
+            return None
+        max_chars = int(self.params["max_line_chars"])
+        if len(text) > max_chars:  # before mining: a 1 MB line must not become a 1 MB template
+            text = text[:max_chars]
+            stats.truncated_lines += 1
+        return text
+
+    def _mine(self, chunk: list[tuple[int, bytes]], pattern: re.Pattern[str] | None,
+              stats: DetectStats) -> list[tuple[int, int]]:
+        """(line number, cluster id) for each non-empty line of the chunk."""
+        parsed = []
+        for number, raw in chunk:
+            text = self._decode(raw, stats)
+            if text is None:
+                continue
+            match = pattern.match(text) if pattern is not None else None
+            content = match.group("content") if match else text
+            parsed.append((number, self._cluster_id(content.strip() or text)))
+        return parsed
+
+    def _run(self, handle: IO[bytes], out: IO[str], fmt: str, stats: DetectStats, size: int | None,
+             name: str) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+        if fmt != "auto" and fmt not in FORMATS:
+            raise InputError(name, f"unknown log format {fmt!r}", hint=f"one of auto, {', '.join(FORMATS)}")
+        window_lines = int(self.params["window_lines"])
+        window: list[int] = [0, 0, 0]  # first line, lines, abnormal lines
+        window_templates: Counter[int] = Counter()
+        emitted = self._emitted
+        progress = Progress(TextColumn("detect"), BarColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                            transient=True, disable=not self.progress or size is None)
+        task = progress.add_task(name, total=size)
+        write = out.write
+        try:
+            with progress:
+                chunks = self._chunks(handle, int(self.params.get("chunk_lines", 5000)),
+                                      float(self.params.get("flush_s", 1.0)))
+                for chunk in chunks:
+                    if fmt == "auto":
+                        sample = (raw.decode("utf-8", errors="replace").strip() for _, raw in chunk[:200])
+                        fmt = detect_format(line for line in sample if line)
+                    pattern, dataset = FORMATS[fmt]
+                    parsed = self._mine(chunk, pattern, stats)
+                    clusters = self.miner.drain.id_to_cluster
+                    templates = {cid: clusters[cid].get_template() for cid in {cid for _, cid in parsed}}
+                    try:
+                        self._classify({t: dataset for t in templates.values()}, stats)
+                    finally:
+                        self.miner.checkpoint()
+                    verdict_of = {}
+                    for cid, template in templates.items():
+                        verdict, valid, rationale = self.cache.get(template)  # type: ignore[misc]
+                        verdict_of[cid] = (verdict if valid else "invalid", verdict == ABNORMAL, valid)
+                        if emitted.get(cid) != template:
+                            emitted[cid] = template
+                            write(json.dumps({"kind": "template", "template_id": cid, "template": template,
+                                              "verdict": verdict_of[cid][0], "rationale": rationale,
+                                              "dataset": dataset, "model_version": self.model_version}) + "\n")
+                    for number, cid in parsed:
+                        label, abnormal, valid = verdict_of[cid]
+                        stats.lines += 1
+                        stats.line_counts[cid] += 1
+                        stats.abnormal_lines += abnormal
+                        stats.invalid_answer_lines += not valid
+                        write(f'{{"kind":"line","line":{number},"template_id":{cid},"verdict":"{label}"}}\n')
+                        if window[1] == 0:
+                            window[0] = number
+                        window[1] += 1
+                        if abnormal:
+                            window[2] += 1
+                            window_templates[cid] += 1
+                        if window[1] >= window_lines:
+                            self._emit_window(write, window, window_templates, number, stats)
+                    stats.templates = len(emitted)
+                    out.flush()
+                    progress.update(task, advance=sum(len(raw) for _, raw in chunk))
+                if window[1]:
+                    self._emit_window(write, window, window_templates, None, stats)
+        finally:
+            out.flush()
+
+    def _emit_window(self, write: Any, window: list[int], templates: Counter[int], last: int | None,
+                     stats: DetectStats) -> None:
+        stats.windows += 1
+        stats.abnormal_windows += window[2] > 0
+        write(json.dumps({"kind": "window", "index": stats.windows, "first_line": window[0], "last_line": last,
+                          "lines": window[1], "abnormal_lines": window[2],
+                          "verdict": ABNORMAL if window[2] else "normal",
+                          "abnormal_templates": dict(templates.most_common())}) + "\n")
+        window[:] = [0, 0, 0]
+        templates.clear()
+
+    def summary(self, stats: DetectStats) -> dict[str, Any]:
+        """Counts and the top anomalous templates with their rationales."""
+        top = []
+        for cid, count in stats.line_counts.most_common():
+            template = self._emitted.get(cid)
+            cached = self.cache.get(template) if template is not None else None
+            if cached and cached[0] == ABNORMAL:
+                top.append({"template_id": cid, "template": template, "lines": count, "rationale": cached[2]})
+            if len(top) >= int(self.params.get("top_k", 10)):
+                break
+        counts = {k: v for k, v in vars(stats).items() if k != "line_counts"}
+        counts["seconds"] = round(stats.seconds, 3)
+        counts["lines_per_s"] = round(stats.lines / stats.seconds, 1) if stats.seconds else None
+        return {"kind": "summary", "model_version": self.model_version, **counts,
+                "cache_entries": len(self.cache), "cache_invalidated": self.cache.invalidated, "top_anomalous": top}
+
+
+def print_summary(summary: dict[str, Any], console: Any = None) -> None:
+    """A rich table for people: counts, then the top anomalous templates with rationales."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(stderr=True)
+    counts = Table(title=f"detect summary (model version {summary['model_version']})", show_header=False)
+    for key in ("lines", "abnormal_lines", "windows", "abnormal_windows", "templates", "requested", "cache_hits",
+                "invalid_answer_lines", "empty_lines", "invalid_utf8_lines", "truncated_lines", "seconds",
+                "lines_per_s"):
+        counts.add_row(key, str(summary.get(key)))
+    console.print(counts)
+    if summary["top_anomalous"]:
+        top = Table(title="top anomalous templates")
+        for column in ("lines", "template", "rationale"):
+            top.add_column(column, overflow="fold")
+        for row in summary["top_anomalous"]:
+            top.add_row(str(row["lines"]), row["template"], row["rationale"])
+        console.print(top)
+
+
+def detect_file(source: str | Path, out_file: str | Path | None, params: dict[str, Any] | None = None,
+                fmt: str = "auto", **kwargs: Any) -> dict[str, Any]:
+    """Convenience: run a Detector on a file ('-' = stdin) and write records to `out_file` ('-'/None = stdout)."""
+    with Detector(params, **kwargs) as detector:
+        if out_file is None or str(out_file) == "-":
+            return detector.run(source, sys.stdout, fmt)
+        Path(out_file).parent.mkdir(parents=True, exist_ok=True)
+        with Path(out_file).open("w", encoding="utf-8") as out:
+            return detector.run(source, out, fmt)

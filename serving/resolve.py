@@ -1,0 +1,93 @@
+"""Turn `models:/<name>@champion` into local folders vLLM can load: kept small and apart so registry changes stay here.
+
+Registry convention (tasks/registry.py): a version is a pyfunc model whose artifacts hold the LoRA adapter
+folder (the one with adapter_config.json) and `base_model_ref.json` (base path + weights sha256), which
+tasks.registry resolves to a local base folder with the same weights. Without that file: the version tag
+`base_model_dir`, else the adapter's `base_model_name_or_path`, else params base_model.out_dir.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.config import repo_root
+from tasks.errors import InputError
+
+ADAPTER_CONFIG = "adapter_config.json"
+BASE_REF_FILE = "base_model_ref.json"  # written by tasks.registry.register_candidate
+BASE_DIR_TAGS = ("base_model_dir", "base_model_path", "base_model")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What the launcher serves: a registered model version as local folders."""
+
+    name: str
+    version: str
+    base_model_dir: str
+    adapter_dir: str | None  # None serves the base model alone (no smoke "differs" rule)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def find_adapter_dir(root: Path) -> Path:
+    """The shallowest folder under `root` that holds an adapter_config.json."""
+    hits = sorted(root.rglob(ADAPTER_CONFIG), key=lambda p: (len(p.parts), str(p)))
+    if not hits:
+        raise InputError(root, f"no {ADAPTER_CONFIG} among the model version's artifacts",
+                         hint="register the LoRA adapter folder as the version's artifacts")
+    return hits[0].parent
+
+
+def _base_dir(tags: dict[str, str], adapter_dir: Path, root: Path) -> str:
+    refs = sorted(root.rglob(BASE_REF_FILE), key=lambda p: len(p.parts))
+    if refs:
+        from tasks.registry import _resolve_base_model  # the registry owns the sha256 match
+
+        return str(_resolve_base_model(json.loads(refs[0].read_text(encoding="utf-8"))).resolve())
+    for key in BASE_DIR_TAGS:
+        value = tags.get(key)
+        if value and Path(value).exists():
+            return str(Path(value).resolve())
+        if value and (repo_root() / value).exists():
+            return str((repo_root() / value).resolve())
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    recorded = config.get("base_model_name_or_path")
+    if recorded and Path(recorded).exists():
+        return str(Path(recorded).resolve())
+    from tasks.config import section
+
+    return str((repo_root() / section("base_model")["out_dir"]).resolve())
+
+
+def resolve_champion(model_name: str, alias: str = "champion", dest_root: str | Path | None = None) -> ModelRef:
+    """Resolve `models:/<model_name>@<alias>` and download its adapter once into .serve/models/<name>/<version>."""
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    from tasks.tracking import setup_mlflow
+
+    setup_mlflow()
+    try:
+        version = MlflowClient().get_model_version_by_alias(model_name, alias)
+    except MlflowException as exc:
+        raise InputError(f"models:/{model_name}@{alias}", "no such registered model version",
+                         hint="run the release flow first (it registers and promotes a champion)") from exc
+    dest = Path(dest_root or repo_root() / ".serve" / "models") / model_name / str(version.version)
+    if not (dest / ".complete").exists():
+        partial = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        download_artifacts(artifact_uri=f"models:/{model_name}/{version.version}", dst_path=str(partial))
+        (partial / ".complete").write_text(json.dumps({"source": version.source}) + "\n", encoding="utf-8")
+        shutil.rmtree(dest, ignore_errors=True)
+        partial.rename(dest)
+    adapter = find_adapter_dir(dest)
+    base = _base_dir(dict(version.tags or {}), adapter, dest)
+    return ModelRef(model_name, str(version.version), base, str(adapter))

@@ -1,0 +1,405 @@
+"""vLLM launcher with a blue/green switch: a new model only replaces the live one after health and smoke checks pass.
+
+Order (deploy): validate the adapter files → start `python -m vllm.entrypoints.openai.api_server` on the
+port the live server is not using → wait for /health → smoke test (every answer format-valid, at least
+one differs from the base model's: vllm issue 55193, a mismatched adapter silently serves the base) →
+write the state file → stop the previous server. Any failure stops the new server only; the old one
+keeps serving and ServeError carries the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from serving.client import Client, Endpoint, EndpointError
+from serving.resolve import ADAPTER_CONFIG, ModelRef
+from serving.smoke import SMOKE_TEMPLATES
+from tasks.config import repo_root, section
+from tasks.errors import InputError, write_text_atomic
+
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what --max-lora-rank accepts
+BASE_SUFFIX = "-base"
+
+
+class ServeError(RuntimeError):
+    """A deploy that did not go live; the previous server (if any) is untouched."""
+
+
+@dataclass
+class SmokeReport:
+    """Per-template smoke results and the rule verdicts, kept as data so a person can read why."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    valid_rate: float = 0.0
+    min_valid_rate: float = 1.0
+    differs: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+# ---------------------------------------------------------------- params, paths, state
+
+
+def _params(params: dict[str, Any] | None) -> dict[str, Any]:
+    return dict(params if params is not None else section("serve"))
+
+
+def _path(value: str | Path) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else repo_root() / path
+
+
+def state_path(params: dict[str, Any] | None = None) -> Path:
+    return _path(_params(params)["state_file"])
+
+
+def read_state(params: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The live server's record, or None when nothing was deployed (or it was stopped)."""
+    path = state_path(params)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"state file is not valid JSON: {exc}", hint="delete it and deploy again") from exc
+
+
+def _pid_alive(pid: int) -> bool:
+    """True for a running (not zombie) process; reaps it if it is our own finished child."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def _is_our_server(pid: int, port: int) -> bool:
+    """Guard against pid reuse: the process must be a vLLM server on `port`."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return SERVER_MODULE.encode() in cmdline and str(port).encode() in cmdline
+
+
+def _healthy(host: str, port: int, timeout_s: float = 2.0) -> bool:
+    try:
+        return httpx.get(f"http://{host}:{port}/health", timeout=timeout_s).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _terminate(pid: int, timeout_s: float) -> None:
+    """SIGTERM the server's process group (vLLM runs an engine child), then SIGKILL after `timeout_s`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not _pid_alive(pid):
+                return
+            time.sleep(0.2)
+
+
+# ---------------------------------------------------------------- checks before the expensive start
+
+
+def lora_rank(adapter_dir: str | Path) -> int:
+    config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    return int(config.get("r", 8))
+
+
+def validate_adapter(adapter_dir: str | Path, base_model_dir: str | Path) -> dict[str, Any]:
+    """Fail in a second, not after a one-minute start: files there, config readable, shapes fit r and base."""
+    from safetensors import safe_open
+
+    adapter, base = Path(adapter_dir), Path(base_model_dir)
+    if not (base / "config.json").exists():
+        raise InputError(base, "base model folder has no config.json", hint="run `dvc repro base_model`")
+    config_file = adapter / ADAPTER_CONFIG
+    if not config_file.exists():
+        raise InputError(config_file, "adapter config missing")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        rank = int(config["r"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise InputError(config_file, f"unreadable LoRA config: {exc}", field="r") from exc
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.exists():
+        raise InputError(weights, "adapter weights missing")
+    hidden = json.loads((base / "config.json").read_text(encoding="utf-8")).get("hidden_size")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            names = list(handle.keys())
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in names}
+    except Exception as exc:  # safetensors raises its own types for truncated or garbled files
+        raise InputError(weights, f"adapter weights unreadable ({type(exc).__name__}: {exc})",
+                         hint="the file is truncated or corrupt; re-register the adapter") from exc
+    if not names:
+        raise InputError(weights, "adapter holds no tensors")
+    for name, shape in shapes.items():
+        if "lora_A" in name and shape[0] != rank:
+            raise InputError(weights, f"tensor {name} has rank {shape[0]}, config says r={rank}", field="r")
+        if "lora_B" in name and shape[-1] != rank:
+            raise InputError(weights, f"tensor {name} has rank {shape[-1]}, config says r={rank}", field="r")
+        if "lora_A" in name and hidden and "o_proj" not in name and "down_proj" not in name and shape[1] != hidden:
+            raise InputError(weights, f"tensor {name} expects input width {shape[1]}, the base model has {hidden}",
+                             hint="the adapter was trained on another base model")
+    return {"rank": rank, "tensors": len(names)}
+
+
+def merge_adapter(ref: ModelRef, out_dir: Path) -> Path:
+    """Merged-weights option: base + adapter folded into one folder (cached per version).
+
+    Refuses an adapter that would change nothing (no LoRA layer matched the model, or all-zero B
+    matrices): merged, it would silently be the base model.
+    """
+    if (out_dir / "config.json").exists():
+        return out_dir
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(ref.base_model_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, ref.adapter_dir)
+    lora_b = [p for name, p in peft_model.named_parameters() if "lora_B" in name]
+    if not lora_b or all(float(p.detach().abs().sum()) == 0.0 for p in lora_b):
+        raise ServeError(f"{ref.adapter_dir}: the adapter changes no weight of {ref.base_model_dir} "
+                         f"({len(lora_b)} LoRA layers matched); merged it would silently serve the base model")
+    merged = peft_model.merge_and_unload()
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp), safe_serialization=True)
+    AutoTokenizer.from_pretrained(ref.base_model_dir).save_pretrained(str(tmp))
+    tmp.rename(out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------- smoke test
+
+
+def smoke_test(client: Client, base_model: str | None, min_valid_rate: float, max_tokens: int) -> SmokeReport:
+    """Every smoke template answered in the trained format (at `min_valid_rate`), at least one unlike the base's.
+
+    `base_model` is the base's served name (LoRA serving); None (merged weights) skips the "differs" rule,
+    which merge_adapter has already enforced on the weights.
+    """
+    report = SmokeReport(min_valid_rate=min_valid_rate)
+    verdicts = client.classify(list(SMOKE_TEMPLATES), max_tokens=max_tokens)
+    base_answers = None
+    if base_model is not None:
+        base = client.classify(list(SMOKE_TEMPLATES), max_tokens=max_tokens, model=base_model)
+        base_answers = [v.raw for v in base]
+    for i, verdict in enumerate(verdicts):
+        base_text = base_answers[i] if base_answers is not None else None
+        differs = base_text is None or verdict.raw.strip() != base_text.strip()
+        report.rows.append({"dataset": verdict.dataset, "template": verdict.template, "valid": verdict.valid,
+                            "answer": verdict.verdict, "differs_from_base": differs, "completion": verdict.raw[:300]})
+        report.differs += int(differs)
+    valid = sum(row["valid"] for row in report.rows)
+    report.valid_rate = valid / len(report.rows)
+    if report.valid_rate < min_valid_rate:
+        bad = [f"[{r['dataset']}] {r['template']!r} → {r['completion'][:80]!r}" for r in report.rows if not r["valid"]]
+        report.failures.append(
+            f"format-valid rate {report.valid_rate:.2f} < serve.smoke_min_valid_rate {min_valid_rate}; "
+            f"invalid answers: {'; '.join(bad)}"
+        )
+    if base_answers is not None and report.differs == 0:
+        report.failures.append(
+            "every smoke answer is identical to the base model's: the adapter is not active "
+            "(mismatched or empty adapter; vllm issue 55193)"
+        )
+    return report
+
+
+# ---------------------------------------------------------------- start, deploy, status, stop
+
+
+def _api_key(params: dict[str, Any]) -> str | None:
+    name = params.get("api_key_env")
+    return os.environ.get(name) or None if name else None
+
+
+def _choose_port(params: dict[str, Any], live: dict[str, Any] | None) -> int:
+    """Blue/green: serve.port and serve.port+1 alternate; the new server takes the one the live server is not on."""
+    first = int(params["port"])
+    port = first + 1 if live and int(live.get("port", -1)) == first else first
+    if not _port_free(params["host"], port):
+        raise ServeError(f"port {port} on {params['host']} is in use by another process; "
+                         f"free it or change serve.port (the switch uses {first} and {first + 1})")
+    return port
+
+
+def _command(ref: ModelRef, model_dir: str, port: int, params: dict[str, Any], lora: bool) -> list[str]:
+    cmd = [sys.executable, "-m", SERVER_MODULE, "--model", model_dir, "--host", str(params["host"]),
+           "--port", str(port), "--max-model-len", str(params["max_model_len"]), "--dtype", str(params["dtype"])]
+    if lora:
+        rank = min(r for r in LORA_RANKS if r >= lora_rank(ref.adapter_dir))
+        cmd += ["--served-model-name", ref.name + BASE_SUFFIX, "--enable-lora", "--max-loras", "1",
+                "--max-lora-rank", str(rank), "--lora-modules", f"{ref.name}={ref.adapter_dir}"]
+    else:
+        cmd += ["--served-model-name", ref.name]
+    if params.get("enforce_eager", True):
+        cmd.append("--enforce-eager")
+    return cmd + [str(arg) for arg in params.get("extra_args") or []]
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def _wait_healthy(proc: subprocess.Popen[bytes], host: str, port: int, timeout_s: float, log: Path) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if proc.poll() is not None:
+            raise ServeError(f"vLLM exited with code {proc.returncode} before /health answered; "
+                             f"log {log}:\n{_log_tail(log)}")
+        if _healthy(host, port):
+            return time.monotonic() - started
+        time.sleep(1.0)
+    raise ServeError(f"/health on port {port} did not answer within serve.health_timeout_s={timeout_s}; "
+                     f"log {log}:\n{_log_tail(log)}")
+
+
+def start_server(ref: ModelRef, params: dict[str, Any], port: int) -> tuple[subprocess.Popen[bytes], Path, str]:
+    """Start vLLM detached (its own session, so it outlives this command); returns the process, log and model dir."""
+    lora = ref.adapter_dir is not None and not params.get("merged", False)
+    model_dir = ref.base_model_dir
+    if ref.adapter_dir is not None and params.get("merged", False):
+        try:
+            model_dir = str(merge_adapter(ref, _path(params["merged_dir"]) / f"{ref.name}-v{ref.version}"))
+        except ServeError:
+            raise
+        except Exception as exc:  # peft/transformers raise many types for a bad adapter
+            raise ServeError(f"merging {ref.adapter_dir} into {ref.base_model_dir} failed: {exc}") from exc
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    log = _path(params["log_dir"]) / f"{ref.name}-v{ref.version}-{port}-{stamp}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(params["kvcache_space_gib"]), "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    key = _api_key(params)
+    if key:
+        env["VLLM_API_KEY"] = key  # via env, not argv: argv is visible to every local user in `ps`
+    with log.open("ab") as handle:
+        proc = subprocess.Popen(_command(ref, model_dir, port, params, lora), stdout=handle, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    return proc, log, model_dir
+
+
+def deploy(ref: ModelRef, params: dict[str, Any] | None = None, *, force: bool = False) -> dict[str, Any]:
+    """Bring `ref` up beside the live server, check it, switch the state file, stop the old one.
+
+    Returns the new state (with `action`: deployed | already_live). Raises ServeError (old server untouched).
+    """
+    params = _params(params)
+    lock_file = state_path(params).with_suffix(".lock")
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file.open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise ServeError(f"another deploy holds {lock_file}; wait for it to finish") from exc
+        return _deploy_locked(ref, params, force)
+
+
+def _deploy_locked(ref: ModelRef, params: dict[str, Any], force: bool) -> dict[str, Any]:
+    live = status(params)
+    if (not force and live.get("healthy") and live.get("model") == ref.name
+            and str(live.get("version")) == str(ref.version)):
+        return {**live, "action": "already_live"}
+    if ref.adapter_dir is not None:
+        validate_adapter(ref.adapter_dir, ref.base_model_dir)
+    port = _choose_port(params, live if live.get("alive") else None)
+    proc, log, model_dir = start_server(ref, params, port)
+    try:
+        ready_s = _wait_healthy(proc, params["host"], port, float(params["health_timeout_s"]), log)
+        lora = ref.adapter_dir is not None and not params.get("merged", False)
+        endpoint = Endpoint(f"http://{params['host']}:{port}/v1", ref.name, str(ref.version), _api_key(params))
+        client = Client(endpoint, concurrency=4, max_retries=2, timeout_s=float(params["smoke_timeout_s"]))
+        try:
+            report = smoke_test(client, ref.name + BASE_SUFFIX if lora else None,
+                                float(params["smoke_min_valid_rate"]), int(params["smoke_max_tokens"]))
+        except EndpointError as exc:
+            raise ServeError(f"smoke test got no answers from {ref.name} v{ref.version} on port {port}: {exc}; "
+                             f"log {log}:\n{_log_tail(log)}") from exc
+        finally:
+            client.close()
+        if not report.passed:
+            raise ServeError(f"smoke test failed for {ref.name} v{ref.version} on port {port}: "
+                             + " | ".join(report.failures))
+    except BaseException:
+        _terminate(proc.pid, float(params["stop_timeout_s"]))
+        raise
+    state = {
+        "model": ref.name, "version": str(ref.version), "served_model": ref.name,
+        "base_served_model": ref.name + BASE_SUFFIX if lora else None, "host": params["host"], "port": port,
+        "pid": proc.pid, "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "ready_s": round(ready_s, 1),
+        "base": ref.base_model_dir, "adapter": ref.adapter_dir, "merged": not lora and ref.adapter_dir is not None,
+        "model_dir": model_dir, "log": str(log), "api_key_env": params.get("api_key_env"),
+        "smoke": asdict(report) | {"passed": report.passed},
+    }
+    write_text_atomic(state_path(params), json.dumps(state, indent=2) + "\n")
+    if live.get("alive") and live.get("pid") != proc.pid:
+        _terminate(int(live["pid"]), float(params["stop_timeout_s"]))
+    return {**state, "action": "deployed", "previous": {k: live.get(k) for k in ("model", "version", "port", "pid")}}
+
+
+def status(params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The state file plus what is true now: is the process alive, does /health answer."""
+    params = _params(params)
+    state = read_state(params)
+    if state is None:
+        return {"alive": False, "healthy": False, "state_file": str(state_path(params))}
+    pid, port = int(state["pid"]), int(state["port"])
+    alive = _pid_alive(pid) and _is_our_server(pid, port)
+    healthy = alive and _healthy(state["host"], port)
+    return {**state, "alive": alive, "healthy": healthy, "url": f"http://{state['host']}:{port}/v1",
+            "state_file": str(state_path(params))}
+
+
+def stop(params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Stop the live server and clear the state file; a no-op when nothing runs."""
+    params = _params(params)
+    current = status(params)
+    if current.get("alive"):
+        _terminate(int(current["pid"]), float(params["stop_timeout_s"]))
+    path = state_path(params)
+    if path.exists():
+        path.unlink()
+    return {**current, "stopped": bool(current.get("alive"))}

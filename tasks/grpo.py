@@ -1,0 +1,342 @@
+"""grpo stage: multi-reward GRPO on top of the SFT adapter.
+
+The SFT adapter is loaded *trainable* (`PeftModel.from_pretrained(..., is_trainable=True)`): loaded frozen,
+GRPO trains nothing and saves a byte-identical adapter (trl issue 6700). So this stage checks both ends:
+trainable parameters > 0 before training, and adapter tensors different from the SFT ones after it.
+With beta > 0 trl keeps a frozen copy of the SFT adapter ("ref") as the KL reference; only the trained
+"default" adapter is saved (checkpoints included, so a resume reloads the right weights).
+
+Rewards (tasks/rewards.py) are logged per step to MLflow, with the answer reward per true class, the
+completion length and the KL; the same curve goes to reports/grpo_rewards.csv (a DVC plot) and a PNG.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from tasks import training as T
+from tasks.config import section
+from tasks.errors import InputError, atomic_path
+from tasks.rewards import COMPONENTS, RewardConfig, perplexity_scorer, reward_functions, reward_weights
+
+STAGE = "grpo"
+CSV_COLUMNS = ("step", "reward", *COMPONENTS, "answer_abnormal", "answer_normal", "format_valid_rate",
+               "completion_length", "kl")
+_LOG_KEYS = {
+    "reward": "reward",
+    **{c: f"rewards/{c}_reward/mean" for c in COMPONENTS},
+    "answer_abnormal": "rewards/answer/abnormal",
+    "answer_normal": "rewards/answer/normal",
+    "format_valid_rate": "format_valid_rate",
+    "completion_length": "completions/mean_length",
+    "kl": "kl",
+}
+
+
+def require_sft_adapter(adapter_dir: str | Path, base_sha: str | None) -> Path:
+    """The SFT adapter folder, checked to exist and to belong to this base model."""
+    path = T.resolve(adapter_dir)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (path / name).is_file():
+            raise InputError(path / name, "SFT adapter missing", field=f"{STAGE}.sft_adapter_dir",
+                             hint="run `dvc repro sft` first, or set grpo.sft_adapter_dir: null to start a new LoRA")
+    meta_file = path / "training_meta.json"
+    if base_sha and meta_file.is_file():
+        trained_on = json.loads(meta_file.read_text(encoding="utf-8")).get("base_model_sha256")
+        if trained_on and trained_on != base_sha:
+            raise InputError(meta_file, f"adapter was trained on base model {trained_on[:12]}, not on "
+                             f"{base_sha[:12]}", field="base_model_sha256", hint="rerun sft on the current base model")
+    return path
+
+
+def build_dataset(records: list[dict[str, Any]], tokenizer: Any, max_prompt_length: int) -> tuple[Any, int]:
+    """Prompt rows plus the columns the rewards read (label, template, rationale); drops over-long prompts."""
+    from datasets import Dataset
+
+    rows, dropped = [], 0
+    for r in records:
+        ids = tokenizer.apply_chat_template(r["prompt"], tokenize=True, add_generation_prompt=True, return_dict=False)
+        if len(ids) > max_prompt_length:
+            dropped += 1
+            continue
+        rows.append({k: r[k] for k in ("prompt", "label", "template", "rationale", "dataset")})
+    return Dataset.from_list(rows), dropped
+
+
+def reward_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per logged training step with every reward component (the reward curve)."""
+    rows = []
+    for entry in log_history:
+        if _LOG_KEYS["format"] not in entry:
+            continue
+        row: dict[str, Any] = {"step": int(entry["step"])}
+        for column, key in _LOG_KEYS.items():
+            value = entry.get(key)
+            row[column] = float(value) if isinstance(value, int | float) else None
+        rows.append(row)
+    return rows
+
+
+def numeric(row: dict[str, Any]) -> dict[str, float]:
+    """A curve row without its step and missing values (e.g. no abnormal prompt in that step)."""
+    return {k: v for k, v in row.items() if k != "step" and v is not None and not math.isnan(v)}
+
+
+def window_means(rows: list[dict[str, Any]], first: bool) -> dict[str, float | None]:
+    """Mean of each column over the first (or last) quarter of the curve: steadier than a single noisy step."""
+    if not rows:
+        return {}
+    n = max(1, len(rows) // 4)
+    window = rows[:n] if first else rows[-n:]
+    out: dict[str, float | None] = {}
+    for column in CSV_COLUMNS[1:]:
+        values = [r[column] for r in window if r[column] is not None and not math.isnan(r[column])]
+        out[column] = float(f"{sum(values) / len(values):.5g}") if values else None
+    return out
+
+
+def write_curve(rows: list[dict[str, Any]], csv_path: Path, png_path: Path) -> None:
+    """reports/grpo_rewards.csv (the DVC plot) and a PNG of the same curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with atomic_path(csv_path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: ("" if r[k] is None else r[k]) for k in CSV_COLUMNS} for r in rows)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    steps = [r["step"] for r in rows]
+    for column in ("reward", "format", "answer"):
+        top.plot(steps, [r[column] for r in rows], label=column, marker=".")
+    for column in ("grounding", "coherence", "brevity"):
+        bottom.plot(steps, [r[column] for r in rows], label=column, marker=".")
+    top.set_ylabel("reward (mean)")
+    bottom.set_ylabel("think parts (mean, 0..1)")
+    bottom.set_xlabel("step")
+    top.legend(loc="best", fontsize=8)
+    bottom.legend(loc="best", fontsize=8)
+    top.set_title("GRPO reward by component")
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _trainer_class() -> Any:
+    from trl import GRPOTrainer
+
+    class AdapterOnlyGRPOTrainer(GRPOTrainer):
+        """Saves only the trained adapter: trl's frozen "ref" copy in a checkpoint would make a resume load it
+        and skip the trained one (transformers loads adapter sub-folders only when there are any)."""
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            super()._save(output_dir, state_dict)
+            shutil.rmtree(Path(output_dir or self.args.output_dir) / "ref", ignore_errors=True)
+
+    return AdapterOnlyGRPOTrainer
+
+
+@dataclass
+class PreparedGrpo:
+    """Everything checked and built before the first training step."""
+
+    trainer: Any
+    records: list[dict[str, Any]]
+    data_file: Path
+    data_sha: str
+    base_sha: str | None
+    sft_digest: str | None
+    out_dir: Path
+    ckpt_dir: Path
+    resume: T.Resume
+    prompts: int
+    dropped: int
+    trainable: int
+    total: int
+
+
+def prepare_grpo(params: dict[str, Any]) -> PreparedGrpo:
+    """Check the inputs (rewards, data, base model, SFT adapter), build the trainer, pick the checkpoint to resume."""
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig
+
+    # --- cheap checks first: reward table, data, base model, SFT adapter, LoRA ---
+    cfg = RewardConfig.from_params(params["rewards"])
+    for note in cfg.warnings():
+        print(f"[{STAGE}] warning: reward table: {note}", flush=True)
+    data_file = T.resolve(params["data_file"])
+    records = T.load_sft_records(data_file)
+    base_dir = T.require_base_model(params["base_model_dir"], f"{STAGE}.base_model_dir")
+    data_sha, base_sha = T.file_sha256(data_file), T.base_model_sha256(base_dir)
+    sft_dir = params.get("sft_adapter_dir")
+    sft_path = require_sft_adapter(sft_dir, base_sha) if sft_dir else None
+    sft_digest = T.adapter_digest(sft_path) if sft_path else None
+    out_dir, ckpt_dir = T.resolve(params["out_dir"]), T.resolve(params["checkpoint_dir"])
+
+    T.seed_everything(int(params["seed"]))
+    threads = T.set_torch_threads(params.get("torch_threads", "auto"))
+    tokenizer = AutoTokenizer.from_pretrained(str(sft_path or base_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    dataset, dropped = build_dataset(records, tokenizer, int(params["max_prompt_length"]))
+    if len(dataset) == 0:
+        raise InputError(data_file, f"every prompt is longer than max_prompt_length={params['max_prompt_length']}",
+                         field=f"{STAGE}.max_prompt_length")
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=T.torch_dtype(params))
+    if sft_path:
+        model = PeftModel.from_pretrained(model, str(sft_path), is_trainable=True)
+    else:
+        model = get_peft_model(model, T.lora_config(params["lora"], model, STAGE))
+    trainable, total = T.count_parameters(model)
+    if trainable == 0:
+        raise RuntimeError(f"{sft_path}: adapter loaded frozen (0 trainable parameters); GRPO would train nothing")
+
+    fingerprint = T.params_hash({"params": T.training_params(params),
+                                 "data": data_sha, "base": base_sha, "sft": sft_digest})
+    resume = T.prepare_checkpoints(ckpt_dir, fingerprint, params.get("resume", "auto"))
+    print(f"[{STAGE}] {len(dataset)} prompts ({dropped} over {params['max_prompt_length']} tokens dropped); "
+          f"{resume.reason}; {threads} torch thread(s)", flush=True)
+
+    scorer = perplexity_scorer(str(T.resolve(cfg.coherence_model) if cfg.coherence_model else base_dir),
+                               cfg.coherence_batch_size)
+    config = GRPOConfig(
+        output_dir=str(ckpt_dir),
+        max_steps=int(params["max_steps"]),
+        per_device_train_batch_size=int(params["per_device_train_batch_size"]),
+        gradient_accumulation_steps=int(params.get("gradient_accumulation_steps", 1)),
+        num_generations=int(params["num_generations"]),
+        max_completion_length=int(params["max_completion_length"]),
+        learning_rate=float(params["learning_rate"]),
+        lr_scheduler_type=str(params.get("lr_scheduler_type", "constant")),
+        beta=float(params["beta"]),
+        temperature=float(params["temperature"]),
+        top_p=float(params.get("top_p", 1.0)),
+        scale_rewards=str(params.get("scale_rewards", "batch")),
+        loss_type=str(params.get("loss_type", "dapo")),
+        reward_weights=reward_weights(cfg),
+        logging_steps=int(params["logging_steps"]),
+        save_strategy="steps",
+        save_steps=int(params["save_steps"]),
+        save_total_limit=2,
+        seed=int(params["seed"]),
+        data_seed=int(params["seed"]),
+        bf16=bool(params.get("bf16", False)),
+        use_cpu=not T.has_accelerator(),
+        use_vllm=bool(params.get("use_vllm", False)),
+        vllm_mode=str(params.get("vllm_mode", "colocate")),
+        log_completions=False,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = _trainer_class()(model=model, reward_funcs=reward_functions(cfg, scorer), args=config,
+                               train_dataset=dataset, processing_class=tokenizer)
+    trained_names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    if not any(".default." in n for n in trained_names):
+        raise RuntimeError("no parameter of the 'default' adapter is trainable; GRPO would train nothing")
+    return PreparedGrpo(trainer, records, data_file, data_sha, base_sha, sft_digest, out_dir, ckpt_dir, resume,
+                        len(dataset), dropped, trainable, total)
+
+
+def run_grpo(params: dict[str, Any]) -> dict[str, Any]:
+    """Train GRPO from `params` (the `grpo` section); returns the metrics written to reports/grpo.json."""
+    prep = prepare_grpo(params)
+    trainer, resume, out_dir, ckpt_dir = prep.trainer, prep.resume, prep.out_dir, prep.ckpt_dir
+    data_sha, base_sha, sft_digest, trainable = prep.data_sha, prep.base_sha, prep.sft_digest, prep.trainable
+    sft_dir = params.get("sft_adapter_dir")
+
+    with T.stage_tracking(STAGE) as mlflow:
+        T.install_callbacks(trainer, STAGE, mlflow)
+        if mlflow is not None:
+            mlflow.log_params(T.flatten(params))
+            mlflow.set_tags({"data_sha256": data_sha, "base_model_sha256": str(base_sha),
+                             "sft_adapter_sha256": str(sft_digest), "resumed_from_step": str(resume.step)})
+            T.log_training_data(prep.data_file)
+        started = time.monotonic()
+        trainer.train(resume_from_checkpoint=resume.checkpoint)
+        wall = time.monotonic() - started
+        steps = int(trainer.state.global_step)
+        rows = reward_rows(trainer.state.log_history)
+
+        report: dict[str, Any] = {
+            "stage": STAGE,
+            "steps": steps,
+            "wall_time_s": round(wall, 1),
+            "s_per_step": round(wall / max(1, steps - resume.step), 3),
+            "resumed_from_step": resume.step,
+            "trainable_params": trainable,
+            "total_params": prep.total,
+            "prompts": prep.prompts,
+            "dropped_too_long": prep.dropped,
+            "runtime_s": round(wall, 1),
+            # per component (and total reward, per-class answer, length, KL) at the first and the last step
+            "first_rewards": numeric(rows[0]) if rows else {},
+            "final_rewards": numeric(rows[-1]) if rows else {},
+            "first_window_mean": window_means(rows, first=True),
+            "final_window_mean": window_means(rows, first=False),
+            "sft_adapter_sha256": sft_digest,
+        }
+        base_meta = {"data_file": str(params["data_file"]), "data_sha256": data_sha,
+                     "base_model_dir": str(params["base_model_dir"]), "base_model_sha256": base_sha,
+                     "sft_adapter_dir": sft_dir, "params": params, "versions": T.library_versions()}
+
+        def meta(digest: str) -> dict[str, Any]:
+            if digest == sft_digest:
+                zero_std = [h.get("frac_reward_zero_std") for h in trainer.state.log_history]
+                raise RuntimeError(
+                    f"GRPO left the adapter byte-identical to the SFT adapter (trl issue 6700 symptom, or every "
+                    f"group had equal rewards: frac_reward_zero_std per step {zero_std}); not publishing it"
+                )
+            return {**report, "adapter_sha256": digest, **base_meta}
+
+        report["adapter_sha256"] = T.publish_adapter(trainer, out_dir, meta)
+        if T.is_main_process():
+            csv_path, png_path = T.resolve(params["rewards_csv"]), T.resolve(params["rewards_png"])
+            write_curve(rows, csv_path, png_path)
+            T.write_json(T.resolve(params["report_file"]), report)
+            if mlflow is not None:
+                mlflow.log_metrics({"wall_time_s": wall, "trainable_params": trainable, "steps": steps})
+                for path in (csv_path, png_path, out_dir / "training_meta.json"):
+                    mlflow.log_artifact(str(path))
+            if not params.get("keep_checkpoints", False):
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return report
+
+
+@task(name="grpo")
+def grpo_task(params: dict[str, Any]) -> dict[str, Any]:
+    """Prefect wrapper (flows normally run the stage through DVC; this is for direct composition)."""
+    return run_grpo(params)
+
+
+def main() -> None:
+    params = section(STAGE)
+    # Fail on bad input here, before any process is launched.
+    T.load_sft_records(T.resolve(params["data_file"]))
+    base_dir = T.require_base_model(params["base_model_dir"], f"{STAGE}.base_model_dir")
+    if params.get("sft_adapter_dir"):
+        require_sft_adapter(params["sft_adapter_dir"], T.base_model_sha256(base_dir))
+    if T.relaunch_with_accelerate(STAGE, params.get("accelerate_config")):
+        return
+    report = run_grpo(params)
+    if T.is_main_process():
+        final = report["final_window_mean"]
+        print(f"[{STAGE}] done: {report['steps']} steps in {report['wall_time_s']} s; final reward "
+              + ", ".join(f"{k}={v}" for k, v in final.items() if k in ("reward", *COMPONENTS)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,490 @@
+"""The MLflow model registry: every evaluated candidate becomes a version; aliases say which one serves.
+
+- `register_candidate`: logs the adapter as an MLflow pyfunc model (adapter folder + a reference to the base
+  model; loadable back through `models:/<name>@champion`), tags the version with its lineage and gate
+  verdict, attaches a Markdown model card, and points `@challenger` at it when the gate passed.
+- `promote`: `@previous` ← old `@champion`, `@champion` ← the version; refused (no alias moves) unless the
+  version's gate passed.
+- `rollback`: `@champion` ← `@previous`, recording who and why.
+- `request_approval`: Prefect `pause_flow_run(wait_for_input=ApprovalInput)` inside a flow.
+
+A registration that fails half-way tags the version `failed`; one that died without a chance to do so is
+found (no `registration` tag) and tagged `failed` by the next registration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import mlflow.pyfunc
+from prefect.input import RunInput
+
+from tasks.config import repo_root, section
+from tasks.errors import InputError
+from tasks.gate import Verdict
+from tasks.lineage import LINEAGE_FILE, collect_lineage, lineage_tags
+
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
+BASE_REF_FILE = "base_model_ref.json"
+CARD_FILE = "model_card.md"
+METRICS_FILE = "metrics.json"
+
+
+class RegistryError(RuntimeError):
+    """The registry could not do what was asked; the message says why and what to do."""
+
+
+class RegistryUnavailable(RegistryError):
+    pass
+
+
+class PromotionRefused(RegistryError):
+    pass
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def model_name(name: str | None = None) -> str:
+    return name or str(section("registry")["model_name"])
+
+
+# ---- connection -----------------------------------------------------------------------------------------------
+
+
+def check_registry(uri: str | None = None, timeout_s: float = 5.0) -> str:
+    """Fail fast, with the URI and a hint, when the registry cannot be reached; returns the URI."""
+    from tasks.tracking import tracking_uri
+
+    uri = uri or tracking_uri()
+    parsed = urlparse(uri)
+    hint = "set MLFLOW_TRACKING_URI to a reachable tracking server or a sqlite:/// path in a writable folder"
+    if parsed.scheme == "sqlite":
+        db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+        if db is not None and db.name != ":memory:":
+            db = db if db.is_absolute() else Path.cwd() / db
+            if not db.parent.is_dir():
+                raise RegistryUnavailable(f"model registry {uri} is unreachable: folder {db.parent} does not exist "
+                                          f"({hint})")
+            if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+                raise RegistryUnavailable(f"model registry {uri} is unreachable: {db} is not writable ({hint})")
+    elif parsed.scheme in ("http", "https"):
+        import httpx
+
+        try:
+            httpx.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
+        except httpx.HTTPError as exc:
+            raise RegistryUnavailable(f"model registry {uri} is unreachable: {type(exc).__name__}: {exc} "
+                                      f"({hint})") from exc
+    try:
+        client(uri).search_registered_models(max_results=1)
+    except Exception as exc:
+        raise RegistryUnavailable(f"model registry {uri} is unreachable: {type(exc).__name__}: {exc} ({hint})") \
+            from exc
+    return uri
+
+
+def client(uri: str | None = None) -> Any:
+    from mlflow import MlflowClient
+
+    from tasks.tracking import tracking_uri
+
+    uri = uri or tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _aliases(c: Any, name: str) -> dict[str, str]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return {a: str(v) for a, v in (c.get_registered_model(name).aliases or {}).items()}
+    except MlflowException:
+        return {}
+
+
+def aliases(name: str | None = None) -> dict[str, str]:
+    """alias → version of the registered model ({} when it does not exist yet)."""
+    return _aliases(client(), model_name(name))
+
+
+# ---- the pyfunc model -----------------------------------------------------------------------------------------
+
+
+def _resolve_base_model(ref: dict[str, Any]) -> Path:
+    """The base model folder a version refers to: RATIONANOMALY_BASE_MODEL, the recorded path, or models/base;
+    the first whose base_model.json records the same weights sha256."""
+    candidates = [os.environ.get("RATIONANOMALY_BASE_MODEL"), ref.get("path"), str(repo_root() / "models" / "base")]
+    seen = []
+    for candidate in filter(None, candidates):
+        meta_file = Path(candidate) / "base_model.json"
+        if meta_file.is_file():
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            seen.append(f"{candidate} (sha256 {str(meta.get('weights_sha256'))[:12]})")
+            if meta.get("weights_sha256") == ref.get("weights_sha256"):
+                return Path(candidate)
+        else:
+            seen.append(f"{candidate} (missing)")
+    raise InputError(BASE_REF_FILE, f"base model with weights sha256 {ref.get('weights_sha256')} not found; "
+                     f"looked at {', '.join(seen)}", hint="set RATIONANOMALY_BASE_MODEL to its folder")
+
+
+class RationAnomalyModel(mlflow.pyfunc.PythonModel):
+    """Log lines in (a DataFrame column `log`, optional `dataset`), verdicts with rationales out."""
+
+    def load_context(self, context: Any) -> None:
+        from tasks.inference import open_engine
+
+        ref = json.loads(Path(context.artifacts["base_model_ref"]).read_text(encoding="utf-8"))
+        self.adapter_dir = Path(context.artifacts["adapter"])
+        config = getattr(context, "model_config", None) or {}
+        self.engine = open_engine(_resolve_base_model(ref), str(config.get("engine", "transformers")),
+                                  batch_size=int(config.get("batch_size", 8)),
+                                  max_new_tokens=int(config.get("max_new_tokens", 96)),
+                                  dtype=str(config.get("dtype", "bfloat16")))
+
+    def predict(self, context, model_input, params=None):  # untyped on purpose: MLflow reads type hints as a schema
+        import pandas as pd
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"log": list(model_input)})
+        logs = frame["log" if "log" in frame.columns else frame.columns[0]].astype(str).tolist()
+        datasets = frame["dataset"].astype(str).tolist() if "dataset" in frame.columns else "system log"
+        run = self.engine.classify(logs, datasets, adapter_dir=self.adapter_dir)
+        return pd.DataFrame({"verdict": [p.verdict or "normal" for p in run.predictions],
+                             "label": [p.label for p in run.predictions], "valid": [p.valid for p in run.predictions],
+                             "rationale": [p.rationale for p in run.predictions],
+                             "completion": [p.completion for p in run.predictions]})
+
+
+def _signature() -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([ColSpec("string", "log"), ColSpec("string", "dataset", required=False)])
+    outputs = Schema([ColSpec("string", "verdict"), ColSpec("long", "label"), ColSpec("boolean", "valid"),
+                      ColSpec("string", "rationale"), ColSpec("string", "completion")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def _requirements() -> list[str]:
+    reqs = []
+    for package in ("torch", "transformers", "peft", "mlflow", "pandas"):
+        try:
+            reqs.append(f"{package}=={package_version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return reqs
+
+
+# ---- model card -----------------------------------------------------------------------------------------------
+
+
+def model_card(name: str, metrics: dict[str, Any], verdict: Verdict, record: dict[str, Any]) -> str:
+    """A Markdown card: data, method, metrics table, limits."""
+    from tasks.evaluate import markdown_table, sets_of
+
+    data_lines = [f"- {d['name']}: `{d.get('path')}` md5 `{d.get('md5')}`" for d in record.get("data", [])]
+    sources = next((d.get("sources") for d in record.get("data", []) if d.get("sources")), []) or []
+    data_lines += [f"  - {s['name']}: sha256 `{s['sha256']}` from {s['url']} ({s.get('licence')})" for s in sources]
+    c = record.get("corrections", {})
+    values = record.get("params", {}).get("values", {})
+    sft, grpo = values.get("sft") or {}, values.get("grpo") or {}
+    table = markdown_table(metrics, [s for s in sets_of(metrics) if not s.endswith("_unseen")]) \
+        if metrics.get("methods") else "(no metrics)"
+    return "\n".join([
+        f"# Model card: {name}", "",
+        "Explainable log anomaly detection (RationAnomaly, arXiv 2509.14693): given a log template the model "
+        "writes `<think>rationale</think><answer>normal|abnormal</answer>`.", "",
+        "## Method",
+        f"- Base model: {record['base_model'].get('source')} (weights sha256 `{record['base_model'].get('sha256')}`)",
+        f"- CoT-guided SFT with LoRA (r={(sft.get('lora') or {}).get('r')}, {sft.get('max_steps')} steps), then "
+        f"GRPO ({grpo.get('max_steps')} steps, {grpo.get('num_generations')} generations) with format, asymmetric "
+        "answer and rationale rewards.",
+        f"- Rationale teacher: {record.get('teacher')}. Params sha256 `{record['params'].get('sha256')}` "
+        f"(profile {record['params'].get('profile')}). Code commit `{record['code'].get('commit')}`"
+        + (" with uncommitted changes" if record["code"].get("dirty") else "") + ".", "",
+        "## Data", *data_lines,
+        f"- Expert corrections applied: {c.get('applied')} (file sha256 `{c.get('file_sha256')}`); "
+        f"review queue: {c.get('review_queue_size')} templates awaiting an expert.", "",
+        "## Metrics (precision / recall / F1, abnormal = positive)", "", table, "",
+        f"Engine: {metrics.get('engine')}.", "",
+        "## Gate", "", verdict.to_markdown().split("\n", 1)[1] if "\n" in verdict.to_markdown() else "", "",
+        "## Limits",
+        "- Trained and tested on BGL and Spirit templates (LogPrompt) with session checks on BGL_2k and HDFS; other "
+        "systems (e.g. Thunderbird) are out of distribution.",
+        "- Judges one template at a time: anomalies visible only in sequences or timing are not seen.",
+        "- A small CPU-trained model: rationales can be fluent yet wrong; treat them as a lead, not proof.",
+        "- An answer that breaks the format is counted as normal; watch the format-valid rate.", "",
+    ])
+
+
+# ---- registration ---------------------------------------------------------------------------------------------
+
+
+def repair_incomplete(name: str, c: Any | None = None) -> list[str]:
+    """Tag `failed` every version whose registration never completed (a crash between steps)."""
+    from mlflow.exceptions import MlflowException
+
+    c = c or client()
+    repaired = []
+    try:
+        versions = c.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return repaired
+    for mv in versions:
+        tags = dict(mv.tags or {})
+        if "registration" not in tags and "failed" not in tags:
+            c.set_model_version_tag(name, mv.version, "failed", f"registration never completed (found {_now()})")
+            c.set_model_version_tag(name, mv.version, "registration", "failed")
+            repaired.append(str(mv.version))
+    return repaired
+
+
+def _slim_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The candidate's own metrics and the test-data digests: what a later gate compares against."""
+    candidate = metrics.get("candidate", "rationanomaly")
+    return {"candidate": candidate, "engine": metrics.get("engine"),
+            "methods": {candidate: metrics.get("methods", {}).get(candidate, {})},
+            "test_data": metrics.get("test_data", {}), "mlflow_run_id": metrics.get("mlflow_run_id"),
+            "created_at": metrics.get("created_at")}
+
+
+def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metrics: dict[str, Any],
+                       verdict: Verdict, lineage_tags_extra: dict[str, str] | None = None, *,
+                       name: str | None = None, root: Path | None = None,
+                       record: dict[str, Any] | None = None) -> str:
+    """Register an evaluated candidate as a new version; returns the version number.
+
+    `@challenger` moves to it only if its gate passed (a failed gate moves no alias). `record` is the lineage
+    snapshot (collected from the repo when not given).
+    """
+    from tasks.inference import check_model_dirs
+
+    name = model_name(name)
+    root = root or repo_root()
+    adapter_dir, base_model_dir = Path(adapter_dir), Path(base_model_dir)
+    check_model_dirs(base_model_dir, adapter_dir)
+    base_meta_file = base_model_dir / "base_model.json"
+    if not base_meta_file.is_file():
+        raise InputError(base_meta_file, "base model description missing", hint="run `dvc repro base_model`")
+    uri = check_registry()
+    c = client(uri)
+    repair_incomplete(name, c)
+    record = json.loads(json.dumps(record, default=str)) if record is not None else collect_lineage(
+        root, adapter_dir=adapter_dir, base_model_dir=base_model_dir, metrics=metrics)
+    base_meta = json.loads(base_meta_file.read_text(encoding="utf-8"))
+    slim = _slim_metrics(metrics)
+    card = model_card(name, slim, verdict, record)
+
+    from tasks.tracking import setup_mlflow, stage_run
+
+    setup_mlflow()
+    staging = Path(tempfile.mkdtemp(prefix="register-"))
+    version: str | None = None
+    try:
+        ref_file, card_file = staging / BASE_REF_FILE, staging / CARD_FILE
+        lineage_file, metrics_file = staging / LINEAGE_FILE, staging / METRICS_FILE
+        ref_file.write_text(json.dumps({"path": str(base_model_dir.resolve()), **base_meta}, indent=2),
+                            encoding="utf-8")
+        card_file.write_text(card, encoding="utf-8")
+        lineage_file.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+        metrics_file.write_text(json.dumps(slim, indent=2), encoding="utf-8")
+        with stage_run("register", candidate=str(adapter_dir)) as run:
+            record.setdefault("runs", {})["register"] = {"run_id": run.info.run_id}
+            lineage_file.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+            mlflow.log_text(card, CARD_FILE)
+            mlflow.log_dict(verdict.to_dict(), "gate_verdict.json")
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=RationAnomalyModel(),
+                artifacts={"adapter": str(adapter_dir), "base_model_ref": str(ref_file), "model_card": str(card_file),
+                           "lineage": str(lineage_file), "metrics": str(metrics_file)},
+                signature=_signature(), pip_requirements=_requirements(),
+                model_config={"engine": "transformers", "max_new_tokens": 96, "batch_size": 8},
+            )
+            mv = mlflow.register_model(info.model_uri, name)
+            version = str(mv.version)
+            tags = {**lineage_tags(record), **(lineage_tags_extra or {}),
+                    "run.register": run.info.run_id, "registered_at": _now(),
+                    "gate.passed": str(verdict.passed).lower(), "gate.verdict": verdict.to_json(),
+                    "gate.failed": ",".join(r.name for r in verdict.failed), "metrics": json.dumps(slim),
+                    "adapter.dir": str(adapter_dir)}
+            for key, value in tags.items():
+                c.set_model_version_tag(name, version, key, value)
+            c.update_model_version(name, version, description=card[:4900])
+            if verdict.passed:
+                c.set_registered_model_alias(name, CHALLENGER, version)
+            c.set_model_version_tag(name, version, "registration", "complete")
+    except Exception as exc:
+        if version is not None:
+            try:
+                c.set_model_version_tag(name, version, "failed", f"{type(exc).__name__}: {exc}"[:5000])
+                c.set_model_version_tag(name, version, "registration", "failed")
+            except Exception as tag_exc:  # the registry went away mid-way; the next registration repairs it
+                raise RegistryError(f"registering {name} v{version} failed ({exc}) and the version could not be "
+                                    f"tagged failed ({tag_exc}); the next registration will tag it") from exc
+            raise RegistryError(f"registering {name} v{version} failed and it is tagged `failed`: {exc}") from exc
+        if isinstance(exc, RegistryError | InputError):
+            raise
+        raise RegistryError(f"registering a version of {name} in {uri} failed before a version existed: "
+                            f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return version
+
+
+# ---- aliases --------------------------------------------------------------------------------------------------
+
+
+def _version_tags(c: Any, name: str, version: str) -> dict[str, str]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return dict(c.get_model_version(name, str(version)).tags or {})
+    except MlflowException as exc:
+        raise RegistryError(f"model {name!r} has no version {version!r}") from exc
+
+
+def promote(version: str | int, approver: str, reason: str, *, name: str | None = None) -> dict[str, str | None]:
+    """`@previous` ← old `@champion`, `@champion` ← version. Refused (nothing moves) unless the gate passed."""
+    name, version = model_name(name), str(version)
+    c = client(check_registry())
+    tags = _version_tags(c, name, version)
+    if tags.get("failed") or tags.get("registration") != "complete":
+        raise PromotionRefused(f"{name} v{version} is not completely registered ({tags.get('failed') or 'no tag'}); "
+                               "no alias moved")
+    if tags.get("gate.passed") != "true":
+        failed = tags.get("gate.failed") or "unknown"
+        raise PromotionRefused(f"{name} v{version} failed its gate (rules: {failed}); no alias moved")
+    current = _aliases(c, name)
+    old = current.get(CHAMPION)
+    if old == version:
+        return {"champion": version, "previous": current.get(PREVIOUS)}
+    if old is not None:
+        c.set_registered_model_alias(name, PREVIOUS, old)
+        c.set_model_version_tag(name, version, "promoted_over", old)
+    c.set_registered_model_alias(name, CHAMPION, version)
+    for key, value in (("approved_by", approver), ("approval_reason", reason), ("promoted_at", _now())):
+        c.set_model_version_tag(name, version, key, value)
+    return {"champion": version, "previous": old}
+
+
+def record_refusal(version: str | int, actor: str, reason: str, *, name: str | None = None) -> None:
+    """Record on the version that a person (or the gate) refused its promotion; no alias moves."""
+    name = model_name(name)
+    c = client(check_registry())
+    for key, value in (("promotion", "refused"), ("refused_by", actor), ("refusal_reason", reason),
+                       ("refused_at", _now())):
+        c.set_model_version_tag(name, str(version), key, value)
+
+
+def rollback(actor: str, reason: str, *, name: str | None = None) -> dict[str, str | None]:
+    """`@champion` ← `@previous` (and `@previous` ← the one before it, when known), recording who and why."""
+    name = model_name(name)
+    c = client(check_registry())
+    current = _aliases(c, name)
+    target, leaving = current.get(PREVIOUS), current.get(CHAMPION)
+    if target is None:
+        raise RegistryError(f"model {name!r} has no @previous version to roll back to "
+                            f"(aliases: {current or 'none'})")
+    before = _version_tags(c, name, target).get("promoted_over")
+    c.set_registered_model_alias(name, CHAMPION, target)
+    if before and before not in (target, leaving):
+        c.set_registered_model_alias(name, PREVIOUS, before)
+    else:
+        c.delete_registered_model_alias(name, PREVIOUS)
+    now = _now()
+    if leaving is not None:
+        for key, value in (("rolled_back_by", actor), ("rolled_back_reason", reason), ("rolled_back_at", now)):
+            c.set_model_version_tag(name, leaving, key, value)
+    for key, value in (("restored_by", actor), ("restored_reason", reason), ("restored_at", now)):
+        c.set_model_version_tag(name, target, key, value)
+    event = {"from": leaving, "to": target, "actor": actor, "reason": reason, "at": now}
+    c.set_registered_model_tag(name, "last_rollback", json.dumps(event))
+    return {"champion": target, "previous": before if before not in (target, leaving) else None,
+            "rolled_back": leaving}
+
+
+def champion_metrics(name: str | None = None) -> dict[str, Any] | None:
+    """The current `@champion`'s stored metrics ({'version', 'metrics'}), or None when there is no champion."""
+    name = model_name(name)
+    c = client(check_registry())
+    version = _aliases(c, name).get(CHAMPION)
+    if version is None:
+        return None
+    tags = _version_tags(c, name, version)
+    if tags.get("metrics"):
+        return {"version": version, "metrics": json.loads(tags["metrics"])}
+    import mlflow.artifacts
+
+    path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}/artifacts/{METRICS_FILE}")
+    return {"version": version, "metrics": json.loads(Path(path).read_text(encoding="utf-8"))}
+
+
+def load_model(ref: str | None = None) -> Any:
+    """`mlflow.pyfunc.load_model` for `models:/<name>@champion` (or any ref)."""
+    from tasks.tracking import setup_mlflow
+
+    setup_mlflow()
+    return mlflow.pyfunc.load_model(ref or f"models:/{model_name()}@{CHAMPION}")
+
+
+# ---- human approval -------------------------------------------------------------------------------------------
+
+
+class ApprovalInput(RunInput):
+    """What the approver types into the Prefect UI when the release flow pauses."""
+
+    approver: str
+    approve: bool
+    reason: str
+
+
+def request_approval(verdict: Verdict, timeout_s: int = 24 * 3600) -> ApprovalInput:
+    """Pause the running flow until a person approves or rejects (Prefect UI / `resume_flow_run`).
+
+    Only callable inside a flow run; the caller records the answer (promote, or record_refusal).
+    """
+    from prefect.context import FlowRunContext
+    from prefect.flow_runs import pause_flow_run
+
+    if FlowRunContext.get() is None:
+        raise RuntimeError("request_approval must be called inside a Prefect flow run (it pauses that flow)")
+    description = ("Approve promotion to @champion?\n\n" + verdict.to_markdown())
+    return pause_flow_run(
+        wait_for_input=ApprovalInput.with_initial_data(description=description, approver="", approve=False,
+                                                       reason=""),
+        timeout=timeout_s, key="approval")
+
+
+# ---- look-ups for the release flow ----------------------------------------------------------------------------
+
+
+def version_with_tag(key: str, value: str, *, name: str | None = None) -> str | None:
+    """The completely registered version carrying tag `key=value` (e.g. the same candidate adapter), or None."""
+    name = model_name(name)
+    c = client(check_registry())
+    for mv in c.search_model_versions(f"name = '{name}'"):
+        tags = dict(mv.tags or {})
+        if tags.get(key) == value and tags.get("registration") == "complete":
+            return str(mv.version)
+    return None
+
+
+def model_card_text(version: str | int, *, name: str | None = None) -> str:
+    """The Markdown model card stored with a version (in its registration run)."""
+    import mlflow.artifacts
+
+    name = model_name(name)
+    c = client(check_registry())
+    run_id = c.get_model_version(name, str(version)).run_id
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CARD_FILE)
+    return Path(path).read_text(encoding="utf-8")

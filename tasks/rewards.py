@@ -1,0 +1,296 @@
+"""GRPO rewards: one pure function per component, weighted from params.yaml `grpo.rewards`.
+
+Each `*_reward` function follows trl's reward_funcs contract (trl 1.16 `GRPOTrainer._calculate_rewards`):
+called with `prompts=`, `completions=` (conversational: one `[{"role": "assistant", "content": ...}]` per
+completion), `completion_ids=`, every other dataset column as a keyword list (`label`, `template`,
+`rationale`, ...), plus `trainer_state`, `log_extra` and `log_metric`. Each returns one float per completion.
+trl sums them with `GRPOConfig.reward_weights` (built by `reward_weights`) and logs every component's mean.
+
+The completion format is owned by `tasks.prompt.parse_completion` (tags once each, in order, verdict
+`normal|abnormal` after strip+lowercase, non-empty think); nothing here re-parses it.
+
+Why the default values (params.yaml `grpo.rewards`; p = 0.15 is the training anomaly rate of `split`):
+- answer table: caught anomaly +2, correct normal +1, false alarm -2, missed anomaly -1/0.15 = -6.67.
+  The released code scores both errors -1/0.15 so that, at p = 0.15, answering "normal" to everything
+  earns (1-p)·1 + p·(-6.67) = -0.15 < 0. We keep that cost for the missed anomaly (the costliest mistake:
+  an unseen failure) but charge a false alarm only -2 (an unneeded page): "always abnormal" then earns
+  p·2 + (1-p)·(-2) = -1.4 < 0 too, so neither trivial policy pays, while a caught anomaly earns twice a
+  correct normal (recall matters most). The table is asymmetric across prompts, so grpo uses
+  `scale_rewards: batch`: per-group std scaling (trl's default) would divide the asymmetry away.
+- format: +1 when valid, -7 when not. A format failure zeroes every other component, so an invalid
+  completion must score below the worst valid one (1 - 6.67 = -5.67); otherwise breaking the format would
+  be a way to dodge the missed-anomaly penalty.
+- think (weight 0.5, as the released code's `0.5 * think`) counts only when the format is valid and the
+  answer right; it splits into grounding 0.4, coherence 0.3, brevity 0.3, each in [0, 1], so a good
+  rationale adds at most 0.5: it shapes how the model explains, never outweighs a right answer.
+- grounding: mean of BLEU-4 (sacrebleu) and ROUGE-1/2/L F1 (rouge-score), each against the log text and
+  the reference rationale (best of the two): the rationale should quote the log and reason like the teacher.
+- coherence: 1 - ln(ppl)/ln(coherence_max_ppl), clipped to [0, 1], with the perplexity of the rationale
+  under a small frozen LM (default: the base model itself, loaded once, batched). Measured with
+  SmolLM2-135M: a teacher-style BGL rationale has ppl ~180 (score ~0.39), an unrelated English sentence
+  ~530 (~0.26), the same rationale's words shuffled ~2900 (~0.06); hence coherence_max_ppl = 5000.
+- brevity: 1 - 2|n - m|/(n + m), clipped at 0, with n, m the word counts of the rationale and the
+  reference: 1 at the reference's length, 0 at three times (or a third of) it. The released code rewarded
+  longer-than-reference rationales; we reward closeness, since long rationales cost latency at serving.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from functools import lru_cache, partial
+from pathlib import Path
+from typing import Any
+
+from tasks.prompt import ABNORMAL, LABELS, NORMAL, Parsed, label_name, parse_completion
+
+COMPONENTS = ("format", "answer", "grounding", "coherence", "brevity")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """The reward knobs of params.yaml `grpo.rewards` (see the module docstring for why each default)."""
+
+    format: float = 1.0
+    answer: float = 1.0
+    think: float = 0.5
+    format_valid: float = 1.0
+    format_invalid: float = -7.0
+    answer_true_abnormal: float = 2.0
+    answer_true_normal: float = 1.0
+    answer_false_abnormal: float = -2.0
+    answer_missed_abnormal: float = -6.67
+    grounding_weight: float = 0.4
+    coherence_weight: float = 0.3
+    brevity_weight: float = 0.3
+    coherence_model: str | None = None
+    coherence_max_ppl: float = 5000.0
+    coherence_batch_size: int = 16
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> RewardConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            from tasks.errors import InputError
+
+            raise InputError("params.yaml", f"unknown reward keys {unknown}", field="grpo.rewards",
+                             hint=f"known keys: {', '.join(sorted(known))}")
+        return cls(**params)
+
+    def warnings(self) -> list[str]:
+        """Reward tables that let a degenerate policy win (allowed, e.g. for ablations, but said out loud)."""
+        notes = []
+        worst_valid = self.format * self.format_valid + self.answer * self.answer_missed_abnormal
+        if self.format * self.format_invalid >= worst_valid:
+            notes.append(
+                f"an invalid completion ({self.format * self.format_invalid:+.2f}) scores no lower than the worst "
+                f"valid one ({worst_valid:+.2f}): breaking the format dodges the missed-anomaly penalty"
+            )
+        if self.answer_true_abnormal <= self.answer_true_normal:
+            notes.append("a caught anomaly earns no more than a correct normal (answer table not asymmetric)")
+        if self.answer_missed_abnormal >= self.answer_false_abnormal:
+            notes.append("a missed anomaly costs no more than a false alarm (answer table not asymmetric)")
+        return notes
+
+
+# ---- one completion -------------------------------------------------------------------------------------------
+
+
+def completion_text(completion: str | Sequence[dict[str, str]]) -> str:
+    """The text of a completion, whether trl passes it as a string or as chat messages."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(m.get("content", "") for m in completion if m.get("role", "assistant") == "assistant")
+
+
+def think_counts(parsed: Parsed, label: int | str) -> bool:
+    """The rationale is scored only when the format is valid and the verdict right (as in the released code)."""
+    return parsed.valid and parsed.answer == label_name(label)
+
+
+def format_score(parsed: Parsed, cfg: RewardConfig) -> float:
+    return cfg.format_valid if parsed.valid else cfg.format_invalid
+
+
+def answer_score(parsed: Parsed, label: int | str, cfg: RewardConfig) -> float:
+    """Asymmetric verdict reward; 0 for an invalid completion (its format penalty already says it all)."""
+    if not parsed.valid:
+        return 0.0
+    truth = label_name(label)
+    if truth == ABNORMAL:
+        return cfg.answer_true_abnormal if parsed.answer == ABNORMAL else cfg.answer_missed_abnormal
+    return cfg.answer_true_normal if parsed.answer == NORMAL else cfg.answer_false_abnormal
+
+
+@lru_cache(maxsize=1)
+def _rouge() -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+
+
+def grounding_score(rationale: str, log: str, reference: str | None) -> float:
+    """Mean of BLEU-4 and ROUGE-1/2/L F1 of the rationale against the log text and the reference rationale."""
+    import sacrebleu
+
+    references = [r for r in (log, reference) if r and r.strip()]
+    if not rationale.strip() or not references:
+        return 0.0
+    bleu = sacrebleu.sentence_bleu(rationale, references).score / 100.0
+    rouge = _rouge().score_multi(references, rationale)
+    parts = [bleu, rouge["rouge1"].fmeasure, rouge["rouge2"].fmeasure, rouge["rougeL"].fmeasure]
+    return float(min(1.0, max(0.0, sum(parts) / len(parts))))
+
+
+def brevity_score(rationale: str, reference: str | None) -> float:
+    """1 at the reference rationale's word count, falling linearly to 0 at 3x (or 1/3x) of it."""
+    n, m = len(rationale.split()), len((reference or "").split())
+    if n == 0:
+        return 0.0
+    if m == 0:
+        return 1.0
+    return max(0.0, 1.0 - 2.0 * abs(n - m) / (n + m))
+
+
+def coherence_score(perplexity: float, max_ppl: float) -> float:
+    """Perplexity mapped to [0, 1] on a log scale: 1 at ppl 1, 0 at `max_ppl` and above."""
+    if not math.isfinite(perplexity) or perplexity <= 0:
+        return 0.0
+    return float(min(1.0, max(0.0, 1.0 - math.log(max(perplexity, 1.0)) / math.log(max_ppl))))
+
+
+# ---- the frozen LM behind coherence ---------------------------------------------------------------------------
+
+
+class PerplexityScorer:
+    """Perplexity of texts under a frozen causal LM, loaded once and run in batches without gradients."""
+
+    def __init__(self, model_dir: str | Path, batch_size: int = 16, max_length: int = 256) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        self.model.eval().requires_grad_(False)
+        self.batch_size, self.max_length = batch_size, max_length
+
+    def __call__(self, texts: Sequence[str]) -> list[float]:
+        torch = self.torch
+        out: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = list(texts[start : start + self.batch_size])
+            enc = self.tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length)
+            with torch.no_grad():
+                logits = self.model(**enc).logits[:, :-1].float()
+            targets, mask = enc["input_ids"][:, 1:], enc["attention_mask"][:, 1:].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * mask
+            counts = mask.sum(dim=1)
+            for total, count in zip(nll.sum(dim=1).tolist(), counts.tolist(), strict=True):
+                out.append(math.exp(total / count) if count > 0 else math.inf)
+        return out
+
+
+@lru_cache(maxsize=2)
+def perplexity_scorer(model_dir: str, batch_size: int = 16) -> PerplexityScorer:
+    """One scorer per model folder per process: the LM is loaded once, however many steps call it."""
+    return PerplexityScorer(model_dir, batch_size=batch_size)
+
+
+# ---- trl reward functions (batched, one float per completion) -------------------------------------------------
+
+
+def _parsed(completions: Sequence[Any]) -> list[Parsed]:
+    return [parse_completion(completion_text(c)) for c in completions]
+
+
+def format_reward(completions: Sequence[Any], *, cfg: RewardConfig, log_metric: Callable | None = None,
+                  **_: Any) -> list[float]:
+    parsed = _parsed(completions)
+    if log_metric is not None:
+        log_metric("format_valid_rate", sum(p.valid for p in parsed) / max(1, len(parsed)))
+    return [format_score(p, cfg) for p in parsed]
+
+
+def answer_reward(completions: Sequence[Any], label: Sequence[int | str], *, cfg: RewardConfig,
+                  log_metric: Callable | None = None, **_: Any) -> list[float]:
+    """Asymmetric verdict reward; also logs its mean per true class (`rewards/answer/<class>`)."""
+    scores = [answer_score(p, y, cfg) for p, y in zip(_parsed(completions), label, strict=True)]
+    if log_metric is not None:
+        for cls in LABELS:
+            values = [s for s, y in zip(scores, label, strict=True) if label_name(y) == cls]
+            if values:
+                log_metric(f"rewards/answer/{cls}", sum(values) / len(values))
+    return scores
+
+
+def grounding_reward(completions: Sequence[Any], label: Sequence[int | str], template: Sequence[str],
+                     rationale: Sequence[str] | None = None, **_: Any) -> list[float]:
+    references = rationale if rationale is not None else [None] * len(completions)
+    return [
+        grounding_score(p.think, log, ref) if think_counts(p, y) else 0.0
+        for p, y, log, ref in zip(_parsed(completions), label, template, references, strict=True)
+    ]
+
+
+def brevity_reward(completions: Sequence[Any], label: Sequence[int | str],
+                   rationale: Sequence[str] | None = None, **_: Any) -> list[float]:
+    references = rationale if rationale is not None else [None] * len(completions)
+    return [
+        brevity_score(p.think, ref) if think_counts(p, y) else 0.0
+        for p, y, ref in zip(_parsed(completions), label, references, strict=True)
+    ]
+
+
+def coherence_reward(completions: Sequence[Any], label: Sequence[int | str], *, cfg: RewardConfig,
+                     perplexity: Callable[[Sequence[str]], list[float]], **_: Any) -> list[float]:
+    """Perplexity-based fluency of the rationale; the LM runs only on completions that pass the gate."""
+    parsed = _parsed(completions)
+    scored = [i for i, (p, y) in enumerate(zip(parsed, label, strict=True)) if think_counts(p, y)]
+    out = [0.0] * len(parsed)
+    if scored:
+        for i, ppl in zip(scored, perplexity([parsed[i].think for i in scored]), strict=True):
+            out[i] = coherence_score(ppl, cfg.coherence_max_ppl)
+    return out
+
+
+def reward_functions(cfg: RewardConfig, perplexity: Callable[[Sequence[str]], list[float]]) -> list[Callable]:
+    """The five components in COMPONENTS order, bound to their config (trl names them after the function)."""
+    return [
+        partial(format_reward, cfg=cfg),
+        partial(answer_reward, cfg=cfg),
+        grounding_reward,
+        partial(coherence_reward, cfg=cfg, perplexity=perplexity),
+        brevity_reward,
+    ]
+
+
+def reward_weights(cfg: RewardConfig) -> list[float]:
+    """trl's `reward_weights`, same order as `reward_functions`: the think parts carry think × their share."""
+    return [
+        cfg.format,
+        cfg.answer,
+        cfg.think * cfg.grounding_weight,
+        cfg.think * cfg.coherence_weight,
+        cfg.think * cfg.brevity_weight,
+    ]
+
+
+def metric_name(component: str) -> str:
+    """The key under which trl logs a component's per-step mean."""
+    return f"rewards/{component}_reward/mean"
+
+
+def total_reward(completion: str, label: int | str, log: str, reference: str | None, cfg: RewardConfig,
+                 perplexity: Callable[[Sequence[str]], list[float]]) -> dict[str, float]:
+    """Every component and the weighted total for one completion (for tests, evaluation and debugging)."""
+    kwargs = {"completions": [completion], "label": [label], "template": [log], "rationale": [reference]}
+    values = [fn(**kwargs)[0] for fn in reward_functions(cfg, perplexity)]
+    scores = dict(zip(COMPONENTS, values, strict=True))
+    scores["total"] = sum(w * v for w, v in zip(reward_weights(cfg), values, strict=True))
+    return scores

@@ -1,0 +1,148 @@
+"""The evaluate stage on real (small) data: inputs checked first, outputs all-or-nothing, a real adapter smoke run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tasks.errors import InputError
+from tasks.evaluate import METHODS, run
+
+BGL_STRUCTURED = "loghub/BGL/BGL_2k.log_structured.csv"
+
+
+def write_split(mirror: Path, split: Path, per_dataset: int = 2) -> None:
+    """Real templates (LogPrompt lists, BGL_2k lines, HDFS sessions) in the split stage's layout, kept small."""
+    split.mkdir(parents=True)
+    train, test = [], []
+    for dataset in ("bgl", "spirit"):
+        frame = pd.read_csv(mirror / f"logprompt/templates_{dataset}.csv", keep_default_na=False)
+        abnormal, normal = frame[frame["label"] == 1], frame[frame["label"] == 0]
+        rows = lambda part, name: pd.DataFrame({"dataset": name, "template": part["log"],  # noqa: E731
+                                                "label": part["label"]})
+        train += [rows(abnormal.iloc[:6], dataset), rows(normal.iloc[:30], dataset)]
+        test += [rows(abnormal.iloc[6:6 + per_dataset], dataset), rows(normal.iloc[30:30 + per_dataset], dataset)]
+    pd.concat(train).to_parquet(split / "train.parquet", index=False)
+    pd.concat(test).to_parquet(split / "test.parquet", index=False)
+    lines = pd.read_csv(mirror / BGL_STRUCTURED, keep_default_na=False)
+    first_abnormal = int((lines["Label"] != "-").to_numpy().argmax())
+    windows = []
+    for window_id, start in enumerate((0, first_abnormal)):
+        part = lines.iloc[start:start + 3]
+        labels = [int(v != "-") for v in part["Label"]]
+        windows.append({"window_id": window_id, "templates": part["EventTemplate"].tolist(), "line_labels": labels,
+                        "label": int(any(labels))})
+    (split / "sessions_bgl2k.jsonl").write_text("".join(json.dumps(w) + "\n" for w in windows))
+    sessions = [json.loads(line) for line in (mirror / "hdfs_sessions/session_test.jsonl").open()]
+    sessions.sort(key=lambda s: len(set(s["templates"])))
+    picked = [next(s for s in sessions if s["label"] == 1), next(s for s in sessions if s["label"] == 0)]
+    (split / "sessions_hdfs.jsonl").write_text("".join(
+        json.dumps({"session_id": s["block_id"], "templates": s["templates"], "label": s["label"]}) + "\n"
+        for s in picked))
+
+
+@pytest.fixture
+def eval_root(tmp_path: Path, mirror: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "project"
+    write_split(mirror, root / "data" / "split")
+    monkeypatch.setenv("RATIONANOMALY_ROOT", str(root))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return root
+
+
+def params(**overrides: object) -> dict:
+    base = {"out_dir": "reports/eval", "metrics_file": "reports/metrics.json", "split_dir": "data/split",
+            "base_model_dir": "models/base", "sft_dir": "models/sft", "candidate_dir": "models/grpo",
+            "max_templates_per_dataset": None, "batch_size": 16, "max_new_tokens": 8, "engine": "transformers",
+            "dtype": "bfloat16", "seed": 42, "baselines": ["keywords", "tfidf_lr", "zero_shot", "sft_only"]}
+    return {**base, **overrides}
+
+
+def folders_that_look_like_models(root: Path) -> None:
+    """Model folders that pass the cheap checks; loading them would fail, which these tests never reach."""
+    (root / "models" / "base").mkdir(parents=True)
+    (root / "models" / "base" / "config.json").write_text("{}")
+    for adapter in ("sft", "grpo"):
+        (root / "models" / adapter).mkdir()
+        (root / "models" / adapter / "adapter_config.json").write_text("{}")
+
+
+def test_bad_test_labels_are_reported_before_any_model_loads(eval_root: Path) -> None:
+    frame = pd.read_parquet(eval_root / "data/split/test.parquet")
+    frame.loc[2, "label"] = 2
+    frame.to_parquet(eval_root / "data/split/test.parquet", index=False)
+    folders_that_look_like_models(eval_root)
+    with pytest.raises(InputError, match=r"test\.parquet:3 field 'label': label 2 is not 0/1"):
+        run(params(), eval_root)
+
+
+def test_missing_adapter_and_unknown_baseline_are_named(eval_root: Path, base_model_dir: Path) -> None:
+    (eval_root / "models").mkdir()
+    (eval_root / "models" / "base").symlink_to(base_model_dir)
+    with pytest.raises(InputError, match=r"models/sft: not a LoRA adapter folder"):
+        run(params(), eval_root)
+    with pytest.raises(InputError, match="unknown baseline"):
+        run(params(baselines=["keywords", "magic"]), eval_root)
+
+
+def test_a_failed_run_leaves_the_last_good_report(eval_root: Path) -> None:
+    out = eval_root / "reports" / "eval"
+    out.mkdir(parents=True)
+    (out / "eval.md").write_text("last good report")
+    folders_that_look_like_models(eval_root)
+    (eval_root / "data/split/sessions_hdfs.jsonl").write_text('{"session_id": "b", "templates": "oops", "label": 0}\n')
+    with pytest.raises(InputError, match=r"sessions_hdfs\.jsonl:1 field 'templates'"):
+        run(params(), eval_root)
+    assert (out / "eval.md").read_text() == "last good report"
+
+
+@pytest.mark.slow
+def test_smoke_evaluation_of_a_real_adapter(eval_root: Path, base_model_dir: Path) -> None:
+    from registry_world import make_adapter
+
+    models = eval_root / "models"
+    models.mkdir()
+    (models / "base").symlink_to(base_model_dir)
+    make_adapter(base_model_dir, models / "sft", seed=1)
+    make_adapter(base_model_dir, models / "grpo", seed=2)
+    metrics = run(params(), eval_root)
+
+    assert metrics["engine"] == "transformers" and metrics["candidate"] == "rationanomaly"
+    assert list(metrics["methods"]) == list(METHODS)
+    expected_sets = {"template_bgl", "template_spirit", "session_bgl2k", "session_hdfs", "session_bgl2k_unseen",
+                     "session_hdfs_unseen"}
+    for method, blocks in metrics["methods"].items():
+        assert set(blocks) == expected_sets, method
+        assert blocks["template_bgl"]["n"] == 4 and blocks["template_bgl"]["n_abnormal"] == 2
+        assert blocks["session_hdfs"]["confusion_matrix"][0][0] + blocks["session_hdfs"]["confusion_matrix"][0][1] == 1
+    cand = metrics["methods"]["rationanomaly"]["template_bgl"]
+    assert 0.0 <= cand["format_valid_rate"] <= 1.0 and cand["templates_per_s"] > 0
+    assert metrics["methods"]["keywords"]["template_bgl"]["format_valid_rate"] is None
+    # one generation per unique template per LLM method, shared by template and session sets
+    unique = metrics["test_data"]["unique_templates_classified"]
+    assert metrics["speed"]["zero_shot"]["unique_templates"] == unique
+
+    out = eval_root / "reports" / "eval"
+    report = (out / "eval.md").read_text()
+    assert "Engine: **transformers**" in report and "| **rationanomaly** (candidate) |" in report
+    assert (out / "confusion_matrices.png").stat().st_size > 10_000 and (out / "f1_by_method.png").is_file()
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").open()]
+    assert sum(r["kind"] == "template" and r["method"] == "rationanomaly" for r in rows) == unique
+    assert all(isinstance(r["completion"], str) for r in rows if r["kind"] == "template" and r["method"] == "sft_only")
+    on_disk = json.loads((eval_root / "reports/metrics.json").read_text())
+    assert on_disk["methods"] == metrics["methods"] and on_disk["mlflow_run_id"] == metrics["mlflow_run_id"]
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{eval_root / 'mlflow.db'}")
+    logged = mlflow.get_run(metrics["mlflow_run_id"])
+    assert logged.data.tags["stage"] == "evaluate" and logged.data.tags["engine"] == "transformers"
+    assert logged.data.metrics["rationanomaly.template_bgl.f1"] == pytest.approx(cand["f1"])
+    assert {d.dataset.name for d in logged.inputs.dataset_inputs} >= {"train_templates", "test_templates_bgl",
+                                                                       "test_sessions_hdfs"}
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(logged.info.run_id, "eval")}
+    assert {"eval/eval.md", "eval/confusion_matrices.png", "eval/predictions.jsonl"} <= artifacts

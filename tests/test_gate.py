@@ -1,0 +1,113 @@
+"""The gate: every rule with threshold, measured value and result; which rule failed, and why."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from tasks.gate import Verdict, evaluate_gate
+
+PARAMS = {"min_f1": {"template_bgl": 0.5, "template_spirit": 0.5}, "min_recall_abnormal": 0.4,
+          "max_format_invalid_rate": 0.2, "champion_margin": 0.01, "max_regression_per_dataset": 0.05,
+          "require_approval": False}
+DIGESTS = {"template_bgl": "aaa", "template_spirit": "bbb", "session_bgl2k": "ccc", "session_hdfs": "ddd"}
+
+
+def metrics(bgl: float, spirit: float, *, recall: float = 0.8, valid: float = 0.95, hdfs: float = 0.5,
+            digests: dict[str, str] | None = None) -> dict[str, Any]:
+    """metrics.json as tasks.evaluate writes it, for the candidate method."""
+    def block(f1: float) -> dict[str, Any]:
+        return {"f1": f1, "precision": f1, "recall": recall, "format_valid_rate": valid}
+
+    return {"candidate": "rationanomaly", "engine": "transformers",
+            "methods": {"rationanomaly": {"template_bgl": block(bgl), "template_spirit": block(spirit),
+                                          "session_hdfs": block(hdfs)},
+                        "keywords": {"template_bgl": block(0.1)}},
+            "test_data": {"digests": dict(digests or DIGESTS)}}
+
+
+def rule(verdict: Verdict, name: str) -> Any:
+    return next(r for r in verdict.rules if r.name == name)
+
+
+def test_first_candidate_above_every_threshold_passes() -> None:
+    verdict = evaluate_gate(metrics(0.7, 0.6), None, PARAMS)
+    assert verdict.passed and verdict.failed == []
+    assert rule(verdict, "min_f1.template_bgl").measured == 0.7
+    assert rule(verdict, "min_f1.template_bgl").threshold == 0.5
+    assert rule(verdict, "champion_margin").detail == "no champion yet: first candidate"
+    assert rule(verdict, "max_format_invalid_rate.template_spirit").measured == pytest.approx(0.05)
+
+
+def test_low_f1_on_one_dataset_fails_that_rule_only() -> None:
+    verdict = evaluate_gate(metrics(0.7, 0.3), None, PARAMS)
+    assert not verdict.passed
+    assert [r.name for r in verdict.failed] == ["min_f1.template_spirit"]
+    assert "min_f1.template_spirit measured 0.3000 vs threshold 0.5" in verdict.summary()
+
+
+def test_low_recall_and_many_invalid_answers_fail_their_rules() -> None:
+    verdict = evaluate_gate(metrics(0.7, 0.6, recall=0.2, valid=0.5), None, PARAMS)
+    assert {r.name for r in verdict.failed} == {
+        "min_recall_abnormal.template_bgl", "min_recall_abnormal.template_spirit",
+        "max_format_invalid_rate.template_bgl", "max_format_invalid_rate.template_spirit"}
+    assert rule(verdict, "max_format_invalid_rate.template_bgl").measured == pytest.approx(0.5)
+
+
+def test_candidate_must_beat_the_champion_by_the_margin() -> None:
+    champion = metrics(0.7, 0.6)
+    same = evaluate_gate(metrics(0.7, 0.6), champion, PARAMS, champion_version="3")
+    assert [r.name for r in same.failed] == ["champion_margin"]
+    assert rule(same, "champion_margin").measured == pytest.approx(0.0)
+    better = evaluate_gate(metrics(0.75, 0.62), champion, PARAMS, champion_version="3")
+    assert better.passed
+    assert rule(better, "champion_margin").measured == pytest.approx(0.035)
+    assert better.champion_version == "3"
+
+
+def test_a_regression_on_one_dataset_fails_even_when_the_mean_improves() -> None:
+    champion = metrics(0.6, 0.6, hdfs=0.9)
+    verdict = evaluate_gate(metrics(0.8, 0.7, hdfs=0.7), champion, PARAMS)
+    assert [r.name for r in verdict.failed] == ["max_regression.session_hdfs"]
+    assert rule(verdict, "max_regression.session_hdfs").measured == pytest.approx(0.2)
+    assert "F1 0.9000 → 0.7000" in rule(verdict, "max_regression.session_hdfs").detail
+
+
+def test_champion_measured_on_other_test_data_is_not_compared_blindly() -> None:
+    champion = metrics(0.5, 0.5, digests={**DIGESTS, "template_spirit": "zzz"})
+    verdict = evaluate_gate(metrics(0.8, 0.8), champion, PARAMS)
+    failed = rule(verdict, "champion_same_test_data")
+    assert not failed.passed and failed.measured == "differs: template_spirit"
+    assert "re-evaluate" in failed.detail
+
+
+def test_missing_test_set_fails_instead_of_passing_silently() -> None:
+    candidate = metrics(0.7, 0.6)
+    del candidate["methods"]["rationanomaly"]["template_spirit"]
+    verdict = evaluate_gate(candidate, None, PARAMS)
+    assert not rule(verdict, "min_f1.template_spirit").passed
+    assert "missing" in rule(verdict, "min_f1.template_spirit").detail
+
+
+def test_verdict_serialises_and_renders_every_rule() -> None:
+    verdict = evaluate_gate(metrics(0.7, 0.3), metrics(0.6, 0.6), {**PARAMS, "require_approval": True},
+                            champion_version="1")
+    again = Verdict.from_dict(copy.deepcopy(verdict.to_dict()))
+    assert again.to_dict() == verdict.to_dict()
+    assert again.passed is False and again.require_approval is True
+    text = verdict.to_markdown()
+    assert text.startswith("# Gate: FAILED")
+    assert "| min_f1.template_spirit | 0.5000 | 0.3000 | **FAIL** |" in text
+    assert "against champion v1" in text and "approval is required" in text
+    assert len([line for line in text.splitlines() if line.startswith("| ") and "rule" not in line]) == \
+        len(verdict.rules)
+
+
+def test_gate_reads_a_method_block_or_the_whole_metrics_file() -> None:
+    whole = evaluate_gate(metrics(0.7, 0.6), None, PARAMS)
+    block = evaluate_gate(metrics(0.7, 0.6)["methods"]["rationanomaly"], None, PARAMS)
+    assert [r.measured for r in whole.rules] == [r.measured for r in block.rules]
+    with pytest.raises(KeyError, match="no method 'nope'"):
+        evaluate_gate(metrics(0.7, 0.6), None, PARAMS, candidate_name="nope")

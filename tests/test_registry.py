@@ -1,0 +1,189 @@
+"""The model registry end to end on a temporary SQLite registry: champion, challenger, previous, rollback."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from registry_world import World, build_world, candidate_metrics, env_for, make_adapter, release
+
+from tasks import registry
+from tasks.gate import evaluate_gate
+
+
+@pytest.fixture(scope="module")
+def adapters(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("adapters")
+    make_adapter(base_model_dir, out / "sft", seed=1)
+    make_adapter(base_model_dir, out / "grpo", seed=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(base_model_dir: Path, adapters: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    root = tmp_path_factory.mktemp("registry") / "project"
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env_for(root).items():
+            mp.setenv(key, value)
+        root.mkdir()
+        mp.chdir(root)
+        yield build_world(root, base_model_dir, adapters)
+
+
+def versions(name: str) -> dict[str, dict[str, str]]:
+    c = registry.client()
+    return {str(mv.version): dict(mv.tags) for mv in c.search_model_versions(f"name='{name}'")}
+
+
+def test_first_candidate_becomes_champion(world: World) -> None:
+    version, verdict = release(world, "first", candidate_metrics(0.6, 0.5))
+    assert verdict.passed
+    assert registry.aliases("first") == {"champion": version, "challenger": version}
+    tags = versions("first")[version]
+    assert tags["registration"] == "complete" and "failed" not in tags
+    assert tags["gate.passed"] == "true" and json.loads(tags["gate.verdict"])["passed"] is True
+    assert tags["approved_by"] == "alice" and tags["approval_reason"] == "beats the champion"
+    assert tags["base_model.sha256"] == json.loads((world.base / "base_model.json").read_text())["weights_sha256"]
+    assert tags["run.sft"] == world.runs["sft"] and tags["run.grpo"] == world.runs["grpo"]
+    assert tags["data.split.md5"].endswith(".dir") and tags["params.sha256"] and tags["git.commit"]
+    assert tags["teacher"] == "lexicon" and tags["registered_at"]
+
+
+def test_better_candidate_is_promoted_and_old_champion_becomes_previous(world: World) -> None:
+    v1, _ = release(world, "better", candidate_metrics(0.6, 0.5))
+    v2, verdict = release(world, "better", candidate_metrics(0.7, 0.6))
+    assert verdict.passed and verdict.champion_version == v1
+    assert registry.aliases("better") == {"champion": v2, "previous": v1, "challenger": v2}
+    assert versions("better")[v2]["promoted_over"] == v1
+    assert registry.champion_metrics("better")["metrics"]["methods"]["rationanomaly"]["template_bgl"]["f1"] == 0.7
+
+
+def test_failed_gate_moves_no_alias(world: World) -> None:
+    v1, _ = release(world, "refuse", candidate_metrics(0.6, 0.5))
+    v2, _ = release(world, "refuse", candidate_metrics(0.7, 0.6))
+    before = registry.aliases("refuse")
+    v3, verdict = release(world, "refuse", candidate_metrics(0.5, 0.62))  # BGL regresses by 0.2
+    assert not verdict.passed
+    assert {r.name for r in verdict.failed} == {"champion_margin", "max_regression.template_bgl"}
+    assert registry.aliases("refuse") == before == {"champion": v2, "previous": v1, "challenger": v2}
+    tags = versions("refuse")[v3]
+    assert tags["registration"] == "complete"  # still registered, for the record
+    assert tags["gate.passed"] == "false" and tags["gate.failed"] == "champion_margin,max_regression.template_bgl"
+    with pytest.raises(registry.PromotionRefused, match="failed its gate"):
+        registry.promote(v3, "mallory", "force it", name="refuse")
+    assert registry.aliases("refuse") == before
+
+
+def test_rollback_restores_the_old_champion_and_records_who_and_why(world: World) -> None:
+    v1, _ = release(world, "roll", candidate_metrics(0.6, 0.5))
+    v2, _ = release(world, "roll", candidate_metrics(0.7, 0.6))
+    result = registry.rollback("bob", "false alarms in production", name="roll")
+    assert result == {"champion": v1, "previous": None, "rolled_back": v2}
+    assert registry.aliases("roll") == {"champion": v1, "challenger": v2}
+    tags = versions("roll")
+    assert tags[v2]["rolled_back_by"] == "bob" and tags[v2]["rolled_back_reason"] == "false alarms in production"
+    assert tags[v1]["restored_by"] == "bob"
+    event = json.loads(registry.client().get_registered_model("roll").tags["last_rollback"])
+    assert (event["from"], event["to"], event["actor"]) == (v2, v1, "bob")
+    with pytest.raises(registry.RegistryError, match="no @previous version"):
+        registry.rollback("bob", "again", name="roll")
+
+
+def test_rollback_after_three_promotions_keeps_a_previous(world: World) -> None:
+    v1, _ = release(world, "chain", candidate_metrics(0.5, 0.5))
+    v2, _ = release(world, "chain", candidate_metrics(0.6, 0.6))
+    v3, _ = release(world, "chain", candidate_metrics(0.7, 0.7))
+    registry.rollback("bob", "bad", name="chain")
+    assert registry.aliases("chain") == {"champion": v2, "previous": v1, "challenger": v3}
+
+
+def test_approval_is_recorded_and_a_refusal_moves_nothing(world: World) -> None:
+    v1, _ = release(world, "approval", candidate_metrics(0.6, 0.5), approver="carol", reason="reviewed the report")
+    tags = versions("approval")[v1]
+    assert (tags["approved_by"], tags["approval_reason"]) == ("carol", "reviewed the report")
+    assert tags["promoted_at"]
+    metrics = candidate_metrics(0.7, 0.6)
+    verdict = evaluate_gate(metrics, registry.champion_metrics("approval")["metrics"], {"min_f1": {}})
+    v2 = registry.register_candidate(world.grpo, world.base, metrics, verdict, name="approval", root=world.root)
+    registry.record_refusal(v2, "dave", "wants a larger test set", name="approval")
+    assert registry.aliases("approval")["champion"] == v1
+    tags = versions("approval")[v2]
+    assert (tags["promotion"], tags["refused_by"], tags["refusal_reason"]) == \
+        ("refused", "dave", "wants a larger test set")
+
+
+def test_model_card_and_lineage_are_attached_to_the_version(world: World) -> None:
+    import mlflow.artifacts
+
+    version, _ = release(world, "card", candidate_metrics(0.6, 0.5))
+    card = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/card/{version}/artifacts/"
+                                                                 "model_card.md")).read_text()
+    for needle in ("# Model card: card", "## Data", "## Method", "## Metrics", "## Limits", "| **rationanomaly**",
+                   "0.600 / 0.600 / **0.600**", "anomaly_patch.json", "Expert corrections applied: 225"):
+        assert needle in card
+    assert registry.client().get_model_version("card", version).description.startswith("# Model card")
+
+
+def test_unreachable_registry_fails_with_a_clear_message_and_registers_nothing(world: World,
+                                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                                tmp_path: Path) -> None:
+    metrics = candidate_metrics(0.6, 0.5)
+    verdict = evaluate_gate(metrics, None, {"min_f1": {}})
+    for uri, needle in (("http://127.0.0.1:9", "ConnectError"),
+                        (f"sqlite:///{tmp_path}/no/such/folder/mlflow.db", "does not exist")):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        with pytest.raises(registry.RegistryUnavailable) as raised:
+            registry.register_candidate(world.grpo, world.base, metrics, verdict, name="down", root=world.root)
+        assert uri in str(raised.value) and needle in str(raised.value) and "MLFLOW_TRACKING_URI" in str(raised.value)
+        with pytest.raises(registry.RegistryUnavailable):
+            registry.promote("1", "alice", "x", name="down")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env_for(world.root)["MLFLOW_TRACKING_URI"])
+    assert versions("down") == {}
+
+
+def test_a_registration_that_fails_half_way_is_tagged_failed(world: World) -> None:
+    metrics = candidate_metrics(0.6, 0.5)
+    verdict = evaluate_gate(metrics, None, {"min_f1": {}})
+    with pytest.raises(registry.RegistryError, match="tagged `failed`"):  # a tag over MLflow's 100k limit
+        registry.register_candidate(world.grpo, world.base, metrics, verdict, {"note": "x" * 100_001},
+                                    name="halfway", root=world.root)
+    (version, tags), = versions("halfway").items()
+    assert tags["registration"] == "failed" and "maximum length" in tags["failed"]
+    assert registry.aliases("halfway") == {}
+    with pytest.raises(registry.PromotionRefused, match="not completely registered"):
+        registry.promote(version, "alice", "x", name="halfway")
+
+
+def test_a_registration_that_died_is_tagged_failed_by_the_next_one(world: World) -> None:
+    c = registry.client()
+    c.create_registered_model("crashed")
+    orphan = c.create_model_version("crashed", source=str(world.grpo))  # as a killed process leaves it
+    version, _ = release(world, "crashed", candidate_metrics(0.6, 0.5))
+    tags = versions("crashed")
+    assert tags[str(orphan.version)]["registration"] == "failed"
+    assert "never completed" in tags[str(orphan.version)]["failed"]
+    assert registry.aliases("crashed")["champion"] == version != str(orphan.version)
+
+
+def test_request_approval_outside_a_flow_says_so(world: World) -> None:
+    verdict = evaluate_gate(candidate_metrics(0.6, 0.5), None, {"min_f1": {}})
+    with pytest.raises(RuntimeError, match="inside a Prefect flow"):
+        registry.request_approval(verdict)
+    assert set(registry.ApprovalInput.model_fields) >= {"approver", "approve", "reason"}
+
+
+@pytest.mark.slow
+def test_champion_loads_back_through_the_models_uri_and_classifies(world: World) -> None:
+    import mlflow.pyfunc
+    import pandas as pd
+
+    version, _ = release(world, "loadback", candidate_metrics(0.6, 0.5))
+    model = mlflow.pyfunc.load_model("models:/loadback@champion", model_config={"max_new_tokens": 6})
+    out = model.predict(pd.DataFrame({"log": ["ciod: failed to read message prefix", ""], "dataset": ["bgl"] * 2}))
+    assert list(out.columns) == ["verdict", "label", "valid", "rationale", "completion"]
+    assert len(out) == 2 and set(out["verdict"]) <= {"normal", "abnormal"}
+    assert os.path.isdir(model._model_impl.python_model.adapter_dir)
+    assert registry.aliases("loadback")["champion"] == version

@@ -1,0 +1,191 @@
+"""GRPO reward components on hand-written completions (tasks/rewards.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.rewards import (
+    COMPONENTS,
+    RewardConfig,
+    answer_reward,
+    brevity_reward,
+    brevity_score,
+    coherence_reward,
+    coherence_score,
+    format_reward,
+    grounding_reward,
+    grounding_score,
+    reward_functions,
+    reward_weights,
+    total_reward,
+)
+
+CFG = RewardConfig()
+LOG = "ciod: Error creating node map from file <*> <*> <*> <*>"
+REFERENCE = ("Domain: ciod is the BGL compute I/O daemon that launches jobs. Core: the log says ciod failed "
+             "creating the node map from a file. Deduction: the job cannot start on the node, so it is abnormal.")
+GOOD = ("Domain: ciod is the BGL I/O daemon that launches jobs. Core: the log says ciod had an error creating "
+        "the node map from a file. Deduction: the job cannot start, so it is abnormal.")
+UNRELATED = "Bananas are yellow and monkeys like them very much in the warm summer."
+
+
+def fixed_ppl(value: float):
+    """A stand-in perplexity source for tests that do not exercise the LM itself."""
+    return lambda texts: [value] * len(texts)
+
+
+def completion(think: str, answer: str) -> str:
+    return f"<think>{think}</think><answer>{answer}</answer>"
+
+
+def as_chat(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+def test_valid_completion_earns_format_and_answer_and_think_parts():
+    scores = total_reward(completion(GOOD, "abnormal"), 1, LOG, REFERENCE, CFG, fixed_ppl(20.0))
+    assert scores["format"] == CFG.format_valid
+    assert scores["answer"] == CFG.answer_true_abnormal
+    assert 0 < scores["grounding"] <= 1 and 0 < scores["coherence"] <= 1 and 0 < scores["brevity"] <= 1
+    think = CFG.grounding_weight * scores["grounding"] + CFG.coherence_weight * scores["coherence"] \
+        + CFG.brevity_weight * scores["brevity"]
+    assert scores["total"] == pytest.approx(CFG.format_valid + CFG.answer_true_abnormal + CFG.think * think)
+
+
+def test_reward_functions_accept_trl_conversational_completions():
+    text = completion(GOOD, "abnormal")
+    kwargs = {"completions": [as_chat(text), text], "label": [1, 1], "template": [LOG, LOG],
+              "rationale": [REFERENCE, REFERENCE]}
+    for fn in reward_functions(CFG, fixed_ppl(20.0)):
+        first, second = fn(**kwargs)
+        assert first == second
+    assert len(reward_weights(CFG)) == len(COMPONENTS)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<think>a</think><think>b</think><answer>normal</answer>",  # think repeated
+        "<think>a</think><answer>normal</answer><answer>normal</answer>",  # answer repeated
+        "<think>looks fine</think> normal",  # answer outside the tags
+        "<answer>normal</answer><think>looks fine</think>",  # wrong order
+        "<think>looks fine</think><answer>maybe</answer>",  # not a verdict
+        "<think></think><answer>normal</answer>",  # empty think
+        "<think>   </think><answer>normal</answer>",  # blank think
+        "",
+    ],
+    ids=["think-repeated", "answer-repeated", "answer-outside-tags", "misordered", "bad-verdict", "empty-think",
+         "blank-think", "empty"],
+)
+def test_format_failure_scores_format_invalid_and_zeroes_every_other_component(text):
+    scores = total_reward(text, 0, LOG, REFERENCE, CFG, fixed_ppl(20.0))
+    assert scores["format"] == CFG.format_invalid
+    assert all(scores[c] == 0.0 for c in COMPONENTS if c != "format")
+    assert scores["total"] == CFG.format * CFG.format_invalid
+
+
+def test_answer_is_read_after_strip_and_lowercase():
+    """Casing rule of tasks/prompt.py: `<answer>Normal </answer>` is the valid verdict 'normal'."""
+    scores = total_reward("<think>routine status</think><answer>Normal </answer>", 0, LOG, None, CFG,
+                          fixed_ppl(20.0))
+    assert scores["format"] == CFG.format_valid
+    assert scores["answer"] == CFG.answer_true_normal
+
+
+def test_a_quoted_log_line_carrying_tags_cannot_pose_as_the_answer():
+    text = ('<think>The log line reads "job done </think><answer>normal</answer>" which hides a failure.</think>'
+            "<answer>abnormal</answer>")
+    scores = total_reward(text, 1, LOG, REFERENCE, CFG, fixed_ppl(20.0))
+    assert scores["format"] == CFG.format_invalid
+    assert scores["answer"] == 0.0
+
+
+def test_answer_reward_is_asymmetric_over_the_four_outcomes():
+    texts = [completion("x y z", "abnormal"), completion("x y z", "normal")] * 2
+    labels = [1, 1, 0, 0]
+    caught, missed, false_alarm, correct_normal = answer_reward(texts, labels, cfg=CFG)
+    assert caught > correct_normal > 0, "a caught anomaly earns more than a correct normal"
+    assert missed < false_alarm < 0, "a missed anomaly costs the most"
+    assert missed == pytest.approx(-1 / 0.15, abs=0.01), "the released code's 1/0.15 scaling of the miss"
+
+
+def test_neither_trivial_policy_pays_at_the_training_anomaly_rate():
+    p = 0.15
+    always_normal = (1 - p) * CFG.answer_true_normal + p * CFG.answer_missed_abnormal
+    always_abnormal = p * CFG.answer_true_abnormal + (1 - p) * CFG.answer_false_abnormal
+    assert always_normal < 0 and always_abnormal < 0
+    assert CFG.warnings() == []
+
+
+def test_breaking_the_format_never_beats_a_valid_wrong_answer():
+    invalid = total_reward("<think>unsure", 1, LOG, REFERENCE, CFG, fixed_ppl(20.0))["total"]
+    missed = total_reward(completion(GOOD, "normal"), 1, LOG, REFERENCE, CFG, fixed_ppl(20.0))["total"]
+    assert invalid < missed
+
+
+def test_a_table_that_rewards_breaking_the_format_is_reported():
+    assert any("dodges" in w for w in RewardConfig(format_invalid=0.0).warnings())
+
+
+def test_an_unknown_reward_key_is_rejected_naming_the_field():
+    from tasks.errors import InputError
+
+    with pytest.raises(InputError, match=r"field 'grpo.rewards': unknown reward keys \['answer_wieght'\]"):
+        RewardConfig.from_params({"answer_wieght": 2.0})
+
+
+def test_think_parts_count_only_when_the_answer_is_right():
+    wrong = completion(GOOD, "normal")
+    kwargs = {"completions": [wrong], "label": [1], "template": [LOG], "rationale": [REFERENCE]}
+    assert grounding_reward(**kwargs) == [0.0]
+    assert brevity_reward(**kwargs) == [0.0]
+    assert coherence_reward(**kwargs, cfg=CFG, perplexity=fixed_ppl(5.0)) == [0.0]
+
+
+def test_answer_reward_logs_its_mean_per_true_class():
+    logged: dict[str, float] = {}
+    texts = [completion("a b", "abnormal"), completion("a b", "normal"), completion("a b", "normal")]
+    answer_reward(texts, [1, 1, 0], cfg=CFG, log_metric=logged.__setitem__)
+    assert logged["rewards/answer/abnormal"] == pytest.approx((CFG.answer_true_abnormal
+                                                               + CFG.answer_missed_abnormal) / 2)
+    assert logged["rewards/answer/normal"] == CFG.answer_true_normal
+
+
+def test_format_reward_logs_the_valid_rate():
+    logged: dict[str, float] = {}
+    format_reward([completion("a", "normal"), "junk"], cfg=CFG, log_metric=logged.__setitem__)
+    assert logged["format_valid_rate"] == 0.5
+
+
+def test_a_grounded_rationale_scores_higher_grounding_than_an_unrelated_one():
+    assert grounding_score(GOOD, LOG, REFERENCE) > grounding_score(UNRELATED, LOG, REFERENCE) + 0.2
+    assert grounding_score(REFERENCE, LOG, REFERENCE) == pytest.approx(1.0)
+    assert grounding_score("", LOG, REFERENCE) == 0.0
+
+
+def test_brevity_peaks_at_the_reference_length_and_falls_off_both_ways():
+    ref = " ".join(["w"] * 30)
+    assert brevity_score(" ".join(["w"] * 30), ref) == 1.0
+    near, far, short = (brevity_score(" ".join(["w"] * n), ref) for n in (36, 90, 10))
+    assert 1.0 > near > far and far == 0.0
+    assert short == pytest.approx(0.0)
+
+
+def test_coherence_falls_as_perplexity_rises():
+    values = [coherence_score(p, 1000.0) for p in (1.0, 10.0, 100.0, 1000.0, 1e6, float("inf"))]
+    assert values == sorted(values, reverse=True)
+    assert values[0] == 1.0 and values[3] == 0.0 and values[-1] == 0.0
+
+
+@pytest.mark.slow
+def test_the_frozen_lm_finds_a_fluent_rationale_more_coherent_than_word_salad(base_model_dir):
+    from tasks.rewards import perplexity_scorer
+
+    scorer = perplexity_scorer(str(base_model_dir), 4)
+    salad = "node the Deduction ciod map it from abnormal daemon creating is so file job launches the BGL"
+    fluent, shuffled = scorer([GOOD, salad])
+    assert fluent < shuffled
+    texts = [completion(GOOD, "abnormal"), completion(salad, "abnormal")]
+    good, bad = coherence_reward(texts, [1, 1], cfg=CFG, perplexity=scorer)
+    assert good > bad >= 0.0
+    assert scorer is perplexity_scorer(str(base_model_dir), 4), "the LM is loaded once"
