@@ -34,8 +34,9 @@ def mirror() -> Path:
 
 
 @contextmanager
-def live_server(port: int = 8875) -> Iterator[dict[str, Any]]:
-    """The project's live server when one is healthy; else deploy the tiny adapter on `port` and stop it afterwards."""
+def live_server(port: int = 8875, **overrides: Any) -> Iterator[dict[str, Any]]:
+    """The project's live server when one is healthy (and no serve params are overridden); else deploy the tiny
+    adapter on `port` with the overrides and stop it afterwards."""
     from serving import server
     from serving.resolve import ModelRef
     from serving.tiny_adapter import cached_tiny_adapter
@@ -44,7 +45,7 @@ def live_server(port: int = 8875) -> Iterator[dict[str, Any]]:
     params = load_params(ROOT / "params.yaml")["serve"]
     params["state_file"] = str(ROOT / params["state_file"])
     current = server.status(params)
-    if current.get("healthy"):
+    if current.get("healthy") and not overrides:
         print(f"using the live server: {current['model']} v{current['version']} at {current['url']}")
         yield current
         return
@@ -52,7 +53,7 @@ def live_server(port: int = 8875) -> Iterator[dict[str, Any]]:
     adapter = cached_tiny_adapter(base, ROOT / ".cache" / "test-assets")
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as folder:
         params.update(state_file=f"{folder}/state.json", log_dir=f"{folder}/logs", port=port,
-                      smoke_min_valid_rate=0.5)
+                      smoke_min_valid_rate=0.5, **overrides)
         print(f"starting a temporary vLLM server (base + tiny demo adapter) on port {port}…", flush=True)
         state = server.deploy(ModelRef("rationanomaly", "bench", str(base), str(adapter)), params)
         try:

@@ -52,21 +52,22 @@ def main() -> None:
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder (default: models/grpo if present)")
     parser.add_argument("--engines", default="vllm,transformers")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: each engine's own)")
+    parser.add_argument("--threads", default="1", help="torch threads: an int, auto, or none (engine default)")
     args = parser.parse_args()
 
     adapter = args.adapter or (str(ROOT / "models" / "grpo") if (ROOT / "models/grpo/adapter_config.json").is_file()
                                else None)
     logs, datasets = templates(args.n, args.seed)
     base = base_model_dir()
+    model = f"{base.name} + {adapter}" if adapter else base.name
     print(f"{len(logs)} templates, max_new_tokens={args.max_new_tokens}, batch={args.batch_size}, "
-          f"dtype={args.dtype}, threads={args.threads or 'default'}, model={base.name}{' + ' + adapter if adapter else ''}, "
+          f"dtype={args.dtype}, threads={args.threads or 'default'}, model={model}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     results = {}
     for name in args.engines.split(","):
         started = time.perf_counter()
         engine = open_engine(base, name, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                             dtype=args.dtype, threads=args.threads)
+                             dtype=args.dtype, threads=None if args.threads == "none" else args.threads)
         opened = time.perf_counter() - started
         try:
             run = engine.classify(logs, datasets, adapter_dir=adapter)

@@ -83,15 +83,23 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16, help="transformers batch size")
     parser.add_argument("--concurrency", type=int, default=64, help="parallel requests to vLLM")
+    parser.add_argument("--merged", action="store_true", help="serve merged weights instead of base + LoRA")
+    parser.add_argument("--cpu-reserved", type=int, default=None, help="serve.cpu_reserved for the vLLM server")
+    parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
 
     logs = prompts(args.n)
-    with live_server() as live:
+    overrides = {k: v for k, v in {"merged": args.merged or None, "cpu_reserved": args.cpu_reserved}.items()
+                 if v is not None}
+    with live_server(**overrides) as live:
         base, adapter = live.get("base") or str(base_model_dir()), live.get("adapter")
         vllm_s = run_vllm(live, logs, args.new_tokens, args.concurrency)
     tokens = args.n * args.new_tokens
     print(f"vLLM server       : {vllm_s:7.1f} s  {tokens / vllm_s:7.1f} tokens/s  "
-          f"({args.n} prompts x {args.new_tokens} tokens, {args.concurrency} concurrent requests)", flush=True)
+          f"({args.n} prompts x {args.new_tokens} tokens, {args.concurrency} concurrent requests, "
+          f"{'merged weights' if live.get('merged') else 'base + LoRA'})", flush=True)
+    if args.skip_transformers:
+        return
     hf_s = run_transformers(base, adapter, logs, args.new_tokens, args.batch_size)
     print(f"transformers      : {hf_s:7.1f} s  {tokens / hf_s:7.1f} tokens/s  "
           f"(batch {args.batch_size}, adapter merged, float32)", flush=True)

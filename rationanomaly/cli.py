@@ -5,9 +5,17 @@ Heavy imports (Prefect, MLflow, torch) happen inside the commands so `--help` st
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
+
+# Local by default: no usage reporting from the embedded Prefect server or MLflow (and no network here).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+# The temporary Prefect server starts in ~10 s; give a busy 2-core machine more than the default 20 s.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 app = typer.Typer(
     name="rationanomaly",

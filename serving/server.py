@@ -313,6 +313,8 @@ def start_server(ref: ModelRef, params: dict[str, Any], port: int) -> tuple[subp
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(params["kvcache_space_gib"]), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    if params.get("cpu_reserved") is not None:  # vLLM keeps 1 core for the HTTP front end by default
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(params["cpu_reserved"])
     key = _api_key(params)
     if key:
         env["VLLM_API_KEY"] = key  # via env, not argv: argv is visible to every local user in `ps`

@@ -166,16 +166,19 @@ def read_sessions(path: Path, id_field: str) -> list[dict[str, Any]]:
 
 
 def cap_stratified(frame: pd.DataFrame, cap: int | None, seed: int, label: str = "label") -> pd.DataFrame:
-    """At most `cap` rows, keeping the label mix (seeded); the whole frame when it is small enough."""
+    """At most `cap` rows keeping the label mix (seeded), with at least one row of every label present, so a
+    small cap never leaves a test set without anomalies; the whole frame when it is small enough."""
     if cap is None or len(frame) <= int(cap):
         return frame
-    from sklearn.model_selection import train_test_split
-
     cap = int(cap)
-    counts = frame[label].value_counts()
-    stratify = frame[label] if counts.min() >= 2 and cap >= len(counts) else None
-    kept, _ = train_test_split(frame, train_size=cap, stratify=stratify, random_state=seed)
-    return kept.sort_index()
+    groups = {key: np.asarray(idx) for key, idx in frame.groupby(label, sort=True).indices.items()}
+    quota = {key: max(1, round(cap * len(idx) / len(frame))) for key, idx in groups.items()}
+    while sum(quota.values()) > cap and max(quota.values()) > 1:
+        quota[max(quota, key=lambda k: quota[k])] -= 1
+    rng = np.random.default_rng(seed)
+    picked = np.concatenate([rng.choice(idx, size=min(quota[key], len(idx)), replace=False)
+                             for key, idx in groups.items()])
+    return frame.iloc[np.sort(picked)]
 
 
 def cap_sessions(sessions: list[dict[str, Any]], cap: int | None, seed: int) -> list[dict[str, Any]]:
@@ -338,7 +341,8 @@ def evaluate_all(params: dict[str, Any], root: Path | None = None,
                          max_new_tokens=int(params.get("max_new_tokens", 96)),
                          dtype=str(params.get("dtype", "bfloat16")),
                          max_model_len=int(params.get("max_model_len", 1024)),
-                         kvcache_gib=float(params.get("kvcache_space_gib", 1)))
+                         kvcache_gib=float(params.get("kvcache_space_gib", 1)),
+                         threads=params.get("torch_threads", "auto"))
         try:
             paths = model_paths(params, root)
             for method in llm:
@@ -360,10 +364,21 @@ def evaluate_all(params: dict[str, Any], root: Path | None = None,
                                        "unseen_n": len(unseen_only(s, data.seen))} for n, s in data.sessions.items()},
                       "unique_templates_classified": len(items), "train_templates": len(data.train)},
         "params": {k: params.get(k) for k in ("max_templates_per_dataset", "max_sessions_per_dataset",
-                                               "max_new_tokens", "batch_size", "dtype", "seed")},
+                                               "max_new_tokens", "batch_size", "dtype", "torch_threads", "seed")},
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return metrics, data, results
+
+
+def evaluate_adapter(adapter_dir: str | Path, params: dict[str, Any], root: Path | None = None) -> dict[str, Any]:
+    """metrics.json content for one adapter alone (no baselines) on the current test data.
+
+    For the gate when the champion's stored metrics were measured on other test data (data or caps changed):
+    re-evaluate the champion's adapter (tasks.registry.download_adapter) here, then compare like with like.
+    """
+    metrics, _, _ = evaluate_all({**params, "baselines": [], "candidate_dir": str(Path(adapter_dir).resolve())},
+                                 root)
+    return metrics
 
 
 # ---- report ---------------------------------------------------------------------------------------------------

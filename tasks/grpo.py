@@ -265,9 +265,9 @@ def run_grpo(params: dict[str, Any]) -> dict[str, Any]:
             mlflow.set_tags({"data_sha256": data_sha, "base_model_sha256": str(base_sha),
                              "sft_adapter_sha256": str(sft_digest), "resumed_from_step": str(resume.step)})
             T.log_training_data(prep.data_file)
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.process_time()
         trainer.train(resume_from_checkpoint=resume.checkpoint)
-        wall = time.monotonic() - started
+        wall, cpu = time.monotonic() - started, time.process_time() - cpu_started
         steps = int(trainer.state.global_step)
         rows = reward_rows(trainer.state.log_history)
 
@@ -276,6 +276,8 @@ def run_grpo(params: dict[str, Any]) -> dict[str, Any]:
             "steps": steps,
             "wall_time_s": round(wall, 1),
             "s_per_step": round(wall / max(1, steps - resume.step), 3),
+            # CPU seconds of all threads: what a step costs, whatever the neighbours on a shared machine do
+            "cpu_s_per_step": round(cpu / max(1, steps - resume.step), 3),
             "resumed_from_step": resume.step,
             "trainable_params": trainable,
             "total_params": prep.total,

@@ -120,7 +120,7 @@ def aliases(name: str | None = None) -> dict[str, str]:
 # ---- the pyfunc model -----------------------------------------------------------------------------------------
 
 
-def _resolve_base_model(ref: dict[str, Any]) -> Path:
+def resolve_base_model(ref: dict[str, Any]) -> Path:
     """The base model folder a version refers to: RATIONANOMALY_BASE_MODEL, the recorded path, or models/base;
     the first whose base_model.json records the same weights sha256."""
     candidates = [os.environ.get("RATIONANOMALY_BASE_MODEL"), ref.get("path"), str(repo_root() / "models" / "base")]
@@ -138,6 +138,9 @@ def _resolve_base_model(ref: dict[str, Any]) -> Path:
                      f"looked at {', '.join(seen)}", hint="set RATIONANOMALY_BASE_MODEL to its folder")
 
 
+_resolve_base_model = resolve_base_model  # the name serving/resolve.py imported first
+
+
 class RationAnomalyModel(mlflow.pyfunc.PythonModel):
     """Log lines in (a DataFrame column `log`, optional `dataset`), verdicts with rationales out."""
 
@@ -147,10 +150,11 @@ class RationAnomalyModel(mlflow.pyfunc.PythonModel):
         ref = json.loads(Path(context.artifacts["base_model_ref"]).read_text(encoding="utf-8"))
         self.adapter_dir = Path(context.artifacts["adapter"])
         config = getattr(context, "model_config", None) or {}
-        self.engine = open_engine(_resolve_base_model(ref), str(config.get("engine", "transformers")),
+        self.engine = open_engine(resolve_base_model(ref), str(config.get("engine", "transformers")),
                                   batch_size=int(config.get("batch_size", 8)),
-                                  max_new_tokens=int(config.get("max_new_tokens", 96)),
-                                  dtype=str(config.get("dtype", "bfloat16")))
+                                  max_new_tokens=int(config.get("max_new_tokens", 160)),
+                                  dtype=str(config.get("dtype", "bfloat16")),
+                                  threads=config.get("torch_threads", "auto"))
 
     def predict(self, context, model_input, params=None):  # untyped on purpose: MLflow reads type hints as a schema
         import pandas as pd
@@ -291,6 +295,8 @@ def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metr
     staging = Path(tempfile.mkdtemp(prefix="register-"))
     version: str | None = None
     try:
+        adapter_copy = staging / "adapter"  # stored as artifacts/adapter whatever the folder was called
+        shutil.copytree(adapter_dir, adapter_copy)
         ref_file, card_file = staging / BASE_REF_FILE, staging / CARD_FILE
         lineage_file, metrics_file = staging / LINEAGE_FILE, staging / METRICS_FILE
         ref_file.write_text(json.dumps({"path": str(base_model_dir.resolve()), **base_meta}, indent=2),
@@ -305,10 +311,10 @@ def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metr
             mlflow.log_dict(verdict.to_dict(), "gate_verdict.json")
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=RationAnomalyModel(),
-                artifacts={"adapter": str(adapter_dir), "base_model_ref": str(ref_file), "model_card": str(card_file),
+                artifacts={"adapter": str(adapter_copy), "base_model_ref": str(ref_file), "model_card": str(card_file),
                            "lineage": str(lineage_file), "metrics": str(metrics_file)},
                 signature=_signature(), pip_requirements=_requirements(),
-                model_config={"engine": "transformers", "max_new_tokens": 96, "batch_size": 8},
+                model_config={"engine": "transformers", "max_new_tokens": 160, "batch_size": 8},
             )
             mv = mlflow.register_model(info.model_uri, name)
             version = str(mv.version)
@@ -427,6 +433,19 @@ def champion_metrics(name: str | None = None) -> dict[str, Any] | None:
 
     path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}/artifacts/{METRICS_FILE}")
     return {"version": version, "metrics": json.loads(Path(path).read_text(encoding="utf-8"))}
+
+
+def download_adapter(ref: str | None = None, dest: str | Path | None = None) -> Path:
+    """The LoRA adapter folder of a registered version (`<name>@<alias>` or `<name>/<version>`; default champion)."""
+    import mlflow.artifacts
+
+    from tasks.tracking import setup_mlflow
+
+    setup_mlflow()
+    ref = (ref or f"{model_name()}@{CHAMPION}").removeprefix("models:/")
+    path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{ref}/artifacts/adapter",
+                                               dst_path=str(dest) if dest else None)
+    return Path(path)
 
 
 def load_model(ref: str | None = None) -> Any:

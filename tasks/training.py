@@ -387,6 +387,14 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
+def barrier() -> None:
+    """Wait for every process of an accelerate launch (a no-op in a single process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
 @contextlib.contextmanager
 def stage_tracking(stage: str, **tags: str) -> Iterator[Any]:
     """`tasks.tracking.stage_run` on the main process; yields the mlflow module there and None elsewhere."""
@@ -439,15 +447,18 @@ def prepare_checkpoints(ckpt_dir: Path, fingerprint: str, mode: str | bool | Non
     stored = ckpt_dir / FINGERPRINT_FILE
     old = json.loads(stored.read_text(encoding="utf-8")).get("fingerprint") if stored.exists() else None
     checkpoints = _complete_checkpoints(ckpt_dir) if ckpt_dir.exists() else []
+    barrier()  # every rank has read the folder before rank 0 may clear it
     if mode == "auto" and old == fingerprint and checkpoints:
         step, path = checkpoints[-1]
         return Resume(str(path), step, f"resuming from {path.name} (same params, data and base model)", fingerprint)
     reason = ("fresh start" if not checkpoints else
               "fresh start (resume disabled)" if mode == "never" else
               "fresh start (checkpoints were made with other params/data; removed)")
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    stored.write_text(json.dumps({"fingerprint": fingerprint}) + "\n", encoding="utf-8")
+    if is_main_process():
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        stored.write_text(json.dumps({"fingerprint": fingerprint}) + "\n", encoding="utf-8")
+    barrier()
     return Resume(None, 0, reason, fingerprint)
 
 

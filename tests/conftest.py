@@ -11,6 +11,10 @@ import pytest
 from tasks.workspace import copy_project
 
 REPO = Path(__file__).resolve().parents[1]
+# As the CLI does: no telemetry, patience for the temporary Prefect server on a busy machine, no hub downloads.
+for _key, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+                     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "HF_HUB_OFFLINE": "1"}.items():
+    os.environ.setdefault(_key, _value)
 MIRROR = Path(os.environ.get("RATIONANOMALY_MIRROR", REPO.parent / "shared" / "data"))
 TEST_CACHE = REPO / ".cache" / "test-assets"
 

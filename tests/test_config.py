@@ -23,7 +23,7 @@ def test_smoke_profile_overrides_only_what_it_lists(tmp_path):
     smoke = load_params(path)
     raw = yaml.safe_load(path.read_text())
     assert smoke["sft"]["max_steps"] == raw["profiles"]["smoke"]["sft"]["max_steps"]
-    assert smoke["sft"]["lora"] == default["sft"]["lora"]
+    assert smoke["sft"]["lora"]["target_modules"] == default["sft"]["lora"]["target_modules"]
     assert smoke["correct"] == default["correct"]
 
 

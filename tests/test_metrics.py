@@ -141,6 +141,9 @@ def test_cap_is_seeded_and_keeps_the_label_mix() -> None:
     assert cap_stratified(frame, None, seed=1) is frame
     sessions = [{"id": str(i), "label": int(i < 5), "templates": []} for i in range(20)]
     assert sum(s["label"] for s in cap_sessions(sessions, 4, seed=0)) == 1
+    rare = pd.DataFrame({"template": [f"t{i}" for i in range(100)], "label": [1] * 3 + [0] * 97})
+    small = cap_stratified(rare, 4, seed=1)
+    assert len(small) == 4 and int(small["label"].sum()) == 1  # a small cap still keeps an anomaly
 
 
 def test_keyword_rules_are_a_transparent_word_list() -> None:

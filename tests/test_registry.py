@@ -127,6 +127,13 @@ def test_model_card_and_lineage_are_attached_to_the_version(world: World) -> Non
     assert registry.client().get_model_version("card", version).description.startswith("# Model card")
 
 
+def test_champion_adapter_downloads_byte_identical(world: World, tmp_path: Path) -> None:
+    release(world, "download", candidate_metrics(0.6, 0.5))
+    folder = registry.download_adapter("download@champion", tmp_path)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (folder / name).read_bytes() == (world.grpo / name).read_bytes()
+
+
 def test_unreachable_registry_fails_with_a_clear_message_and_registers_nothing(world: World,
                                                                                 monkeypatch: pytest.MonkeyPatch,
                                                                                 tmp_path: Path) -> None:
@@ -187,3 +194,13 @@ def test_champion_loads_back_through_the_models_uri_and_classifies(world: World)
     assert len(out) == 2 and set(out["verdict"]) <= {"normal", "abnormal"}
     assert os.path.isdir(model._model_impl.python_model.adapter_dir)
     assert registry.aliases("loadback")["champion"] == version
+
+
+def test_release_flow_lookups_find_the_card_and_an_already_registered_candidate(world: World) -> None:
+    metrics = candidate_metrics(0.6, 0.5)
+    verdict = evaluate_gate(metrics, None, {"min_f1": {}})
+    version = registry.register_candidate(world.grpo, world.base, metrics, verdict, {"candidate.adapter_md5": "abc"},
+                                          name="lookups", root=world.root)
+    assert registry.version_with_tag("candidate.adapter_md5", "abc", name="lookups") == version
+    assert registry.version_with_tag("candidate.adapter_md5", "other", name="lookups") is None
+    assert registry.model_card_text(version, name="lookups").startswith("# Model card: lookups")

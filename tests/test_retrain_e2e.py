@@ -165,13 +165,14 @@ def test_killed_training_resumes_from_its_checkpoint_and_redoes_no_finished_stag
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 900
-        while time.monotonic() < deadline and not list(checkpoints.glob("**/checkpoint-*")):
-            time.sleep(2)
-        assert list(checkpoints.glob("**/checkpoint-*")), "no SFT checkpoint appeared"
+        # trainer_state.json is the last file the Trainer writes into a checkpoint: it is complete
+        while time.monotonic() < deadline and not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+            time.sleep(1)
+        assert list(checkpoints.glob("checkpoint-*/trainer_state.json")), "no complete SFT checkpoint appeared"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     rerun = cli(e2e, "train")
-    assert "resum" in (rerun.stdout + rerun.stderr).lower()
+    assert "resuming from checkpoint-" in rerun.stdout + rerun.stderr
     report = json.loads((e2e / "reports/sft.json").read_text())
     assert report["steps"] == 6

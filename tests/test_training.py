@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -86,6 +87,7 @@ def run_stage(root: Path, stage: str, timeout: float = 900) -> subprocess.Comple
     proc = subprocess.run([sys.executable, "-m", f"tasks.{stage}"], cwd=root, env=stage_env(root),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    (root / f"{stage}.stdout.log").write_text(proc.stdout, encoding="utf-8")
     return proc
 
 
@@ -216,6 +218,14 @@ def test_grpo_writes_the_reward_curve_and_report(grpo_project: Path):
     assert report["steps"] == steps and report["wall_time_s"] > 0
     assert set(COMPONENTS) <= set(report["final_rewards"]) and set(COMPONENTS) <= set(report["first_rewards"])
     assert report["final_rewards"]["format"] == curve["format"].iloc[-1]
+
+
+@pytest.mark.slow
+def test_training_prints_step_eta_and_current_loss_or_reward(grpo_project: Path):
+    sft_log = (grpo_project / "sft.stdout.log").read_text(encoding="utf-8")
+    grpo_log = (grpo_project / "grpo.stdout.log").read_text(encoding="utf-8")
+    assert re.search(r"\[sft\] step 4/4 +elapsed \d+s +eta 0s +loss=\S+", sft_log), sft_log[-2000:]
+    assert re.search(r"\[grpo\] step 1/2 +elapsed \d+s +eta \d+s +loss=\S+ +reward=\S+", grpo_log), grpo_log[-2000:]
 
 
 @pytest.mark.slow
