@@ -42,7 +42,9 @@ def stage_run(stage: str, **tags: str) -> Iterator[Any]:
     parent = os.environ.get(PARENT_RUN_ENV)
     if parent:
         run_tags["mlflow.parentRunId"] = parent
-    with mlflow.start_run(run_name=stage, tags=run_tags) as run:
+    # In-process (a flow's own task inside the retrain parent run): nest under the active run.
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(run_name=stage, tags=run_tags, nested=nested) as run:
         yield run
 
 
