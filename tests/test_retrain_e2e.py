@@ -46,7 +46,8 @@ def edit_smoke_profile(project: Path, **sections: dict) -> None:
 def aliases(project: Path) -> dict[str, str]:
     from mlflow import MlflowClient
 
-    return dict(MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}").get_registered_model(MODEL).aliases)
+    model = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}").get_registered_model(MODEL)
+    return {alias: str(version) for alias, version in model.aliases.items()}
 
 
 def serve_state(project: Path) -> dict:
