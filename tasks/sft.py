@@ -52,8 +52,10 @@ def check_prompt_masked(trainer: Any, tokenizer: Any) -> int:
     masked = sum(1 for x in labels if x == -100)
     trained = tokenizer.decode([x for x in labels if x != -100])
     if masked == 0 or not trained.lstrip().startswith("<think>"):
-        raise RuntimeError(f"completion-only loss is not in effect: {masked} masked tokens, trained text "
-                           f"starts {trained[:60]!r}; the prompt would be trained on")
+        raise RuntimeError(
+            f"completion-only loss is not in effect: {masked} masked tokens, trained text "
+            f"starts {trained[:60]!r}; the prompt would be trained on"
+        )
     return masked
 
 
@@ -93,17 +95,23 @@ def prepare_sft(params: dict[str, Any]) -> PreparedSft:
         tokenizer.pad_token = tokenizer.eos_token
     dataset, dropped = build_dataset(records, tokenizer, int(params["max_length"]))
     if len(dataset) == 0:
-        raise T.InputError(data_file, f"every example is longer than max_length={params['max_length']} tokens",
-                           field="sft.max_length", hint="raise sft.max_length or shorten the rationales")
+        raise T.InputError(
+            data_file,
+            f"every example is longer than max_length={params['max_length']} tokens",
+            field="sft.max_length",
+            hint="raise sft.max_length or shorten the rationales",
+        )
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=T.torch_dtype(params))
     lora = T.lora_config(params["lora"], model, STAGE)
 
     ckpt_dir = T.resolve(params["checkpoint_dir"])
-    fingerprint = T.params_hash({"params": T.training_params(params),
-                                 "data": data_sha, "base": base_sha})
+    fingerprint = T.params_hash({"params": T.training_params(params), "data": data_sha, "base": base_sha})
     resume = T.prepare_checkpoints(ckpt_dir, fingerprint, params.get("resume", "auto"))
-    print(f"[{STAGE}] {len(dataset)} examples ({dropped} longer than {params['max_length']} tokens dropped); "
-          f"{resume.reason}; {threads} torch thread(s)", flush=True)
+    print(
+        f"[{STAGE}] {len(dataset)} examples ({dropped} longer than {params['max_length']} tokens dropped); "
+        f"{resume.reason}; {threads} torch thread(s)",
+        flush=True,
+    )
 
     config = SFTConfig(
         output_dir=str(ckpt_dir),
@@ -128,14 +136,26 @@ def prepare_sft(params: dict[str, Any]) -> PreparedSft:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=lora)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     masked = check_prompt_masked(trainer, tokenizer)
     trainable, total = T.count_parameters(trainer.model)
     if trainable == 0:
         raise RuntimeError("the LoRA adapter has no trainable parameters; training would change nothing")
-    return PreparedSft(trainer, records, data_file, data_sha, base_sha, T.resolve(params["out_dir"]), ckpt_dir,
-                       resume, len(dataset), dropped, masked, trainable, total)
+    return PreparedSft(
+        trainer,
+        records,
+        data_file,
+        data_sha,
+        base_sha,
+        T.resolve(params["out_dir"]),
+        ckpt_dir,
+        resume,
+        len(dataset),
+        dropped,
+        masked,
+        trainable,
+        total,
+    )
 
 
 def run_sft(params: dict[str, Any]) -> dict[str, Any]:
@@ -147,8 +167,9 @@ def run_sft(params: dict[str, Any]) -> dict[str, Any]:
         T.install_callbacks(trainer, STAGE, mlflow)
         if mlflow is not None:
             mlflow.log_params(T.flatten(params))
-            mlflow.set_tags({"data_sha256": data_sha, "base_model_sha256": str(base_sha),
-                             "resumed_from_step": str(resume.step)})
+            mlflow.set_tags(
+                {"data_sha256": data_sha, "base_model_sha256": str(base_sha), "resumed_from_step": str(resume.step)}
+            )
             T.log_training_data(prep.data_file)
         started, cpu_started = time.monotonic(), time.process_time()
         result = trainer.train(resume_from_checkpoint=resume.checkpoint)
@@ -185,8 +206,15 @@ def run_sft(params: dict[str, Any]) -> dict[str, Any]:
             report = {k: v for k, v in meta.items() if k not in ("params", "versions")}
             T.write_json(T.resolve(params["report_file"]), report)
             if mlflow is not None:
-                mlflow.log_metrics({"runtime_s": runtime, "trainable_params": trainable, "total_params": total,
-                                    "steps": steps, "examples": prep.examples})
+                mlflow.log_metrics(
+                    {
+                        "runtime_s": runtime,
+                        "trainable_params": trainable,
+                        "total_params": total,
+                        "steps": steps,
+                        "examples": prep.examples,
+                    }
+                )
                 mlflow.log_artifact(str(out_dir / "training_meta.json"))
             if not params.get("keep_checkpoints", False):
                 shutil.rmtree(prep.ckpt_dir, ignore_errors=True)
@@ -208,8 +236,11 @@ def main() -> None:
         return
     meta = run_sft(params)
     if T.is_main_process():
-        print(f"[{STAGE}] done: {meta['steps']} steps in {meta['runtime_s']} s, final loss {meta['final_loss']}, "
-              f"adapter → {params['out_dir']}", flush=True)
+        print(
+            f"[{STAGE}] done: {meta['steps']} steps in {meta['runtime_s']} s, final loss {meta['final_loss']}, "
+            f"adapter → {params['out_dir']}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

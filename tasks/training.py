@@ -44,8 +44,13 @@ def _check_message(msg: Any, role: str, path: Path, line: int, where: str) -> st
     if not isinstance(msg, dict):
         raise InputError(path, f"expected a message object, found {type(msg).__name__}", line=line, field=where)
     if msg.get("role") != role:
-        raise InputError(path, f"expected role '{role}', found {msg.get('role')!r}", line=line, field=f"{where}.role",
-                         hint="each example is [system, user, assistant]")
+        raise InputError(
+            path,
+            f"expected role '{role}', found {msg.get('role')!r}",
+            line=line,
+            field=f"{where}.role",
+            hint="each example is [system, user, assistant]",
+        )
     content = msg.get("content")
     if not isinstance(content, str) or not content.strip():
         raise InputError(path, "message content is missing or empty", line=line, field=f"{where}.content")
@@ -75,32 +80,47 @@ def load_sft_records(path: str | Path) -> list[dict[str, Any]]:
             messages = row.get("messages")
             if not isinstance(messages, list) or len(messages) != len(ROLES):
                 found = f"{len(messages)} messages" if isinstance(messages, list) else repr(type(messages).__name__)
-                raise InputError(path, f"expected a list of 3 messages (system, user, assistant), found {found}",
-                                 line=line_no, field="messages")
+                raise InputError(
+                    path,
+                    f"expected a list of 3 messages (system, user, assistant), found {found}",
+                    line=line_no,
+                    field="messages",
+                )
             system, user, assistant = (
                 _check_message(m, role, path, line_no, f"messages[{i}]")
                 for i, (m, role) in enumerate(zip(messages, ROLES, strict=True))
             )
             parsed = parse_completion(assistant)
             if not parsed.valid:
-                raise InputError(path, "assistant message is not `<think>…</think><answer>normal|abnormal</answer>`",
-                                 line=line_no, field="messages[2].content", hint=f"found {assistant[:120]!r}")
+                raise InputError(
+                    path,
+                    "assistant message is not `<think>…</think><answer>normal|abnormal</answer>`",
+                    line=line_no,
+                    field="messages[2].content",
+                    hint=f"found {assistant[:120]!r}",
+                )
             label = row.get("label", parsed.label)
             try:
                 label = label_id(label)
             except (ValueError, TypeError) as exc:
                 raise InputError(path, str(exc), line=line_no, field="label") from exc
             if label != parsed.label:
-                raise InputError(path, f"label {label} disagrees with the assistant's answer '{parsed.answer}'",
-                                 line=line_no, field="label")
-            records.append({
-                "prompt": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-                "completion": [{"role": "assistant", "content": assistant}],
-                "template": str(row.get("template") or user),
-                "dataset": str(row.get("dataset") or ""),
-                "label": label,
-                "rationale": str(row.get("rationale") or parsed.think),
-            })
+                raise InputError(
+                    path,
+                    f"label {label} disagrees with the assistant's answer '{parsed.answer}'",
+                    line=line_no,
+                    field="label",
+                )
+            records.append(
+                {
+                    "prompt": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+                    "completion": [{"role": "assistant", "content": assistant}],
+                    "template": str(row.get("template") or user),
+                    "dataset": str(row.get("dataset") or ""),
+                    "label": label,
+                    "rationale": str(row.get("rationale") or parsed.think),
+                }
+            )
     if not records:
         raise InputError(path, "the SFT dataset is empty", hint="check the distill stage's report")
     return records
@@ -126,8 +146,16 @@ def file_sha256(path: str | Path) -> str:
     return sha256_file(Path(path))
 
 
-NOT_TRAINING_PARAMS = ("resume", "keep_checkpoints", "torch_threads", "logging_steps", "report_file", "rewards_csv",
-                       "rewards_png", "out_dir")
+NOT_TRAINING_PARAMS = (
+    "resume",
+    "keep_checkpoints",
+    "torch_threads",
+    "logging_steps",
+    "report_file",
+    "rewards_csv",
+    "rewards_png",
+    "out_dir",
+)
 
 
 def training_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -224,8 +252,11 @@ def has_accelerator() -> bool:
     """A CUDA/XPU/MPS device is present (else Trainer must be told use_cpu, or bf16 is refused)."""
     import torch
 
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) \
+    return (
+        torch.cuda.is_available()
+        or (hasattr(torch, "xpu") and torch.xpu.is_available())
         or torch.backends.mps.is_available()
+    )
 
 
 def torch_dtype(params: dict[str, Any]) -> Any:
@@ -296,12 +327,19 @@ class RichProgressCallback(_Callback):
         self.start, self.start_step = time.monotonic(), state.global_step
         if console.is_terminal:
             self.progress = Progress(
-                TextColumn(f"[bold]{self.stage}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"), console=console,
+                TextColumn(f"[bold]{self.stage}[/]"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[metrics]}"),
+                console=console,
             )
             self.progress.start()
-            self.task = self.progress.add_task(self.stage, total=state.max_steps, completed=state.global_step,
-                                               metrics="")
+            self.task = self.progress.add_task(
+                self.stage, total=state.max_steps, completed=state.global_step, metrics=""
+            )
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.progress is not None:
@@ -310,8 +348,9 @@ class RichProgressCallback(_Callback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        shown = "  ".join(f"{k.split('/')[-2] if k.count('/') > 1 else k}={_fmt(logs[k])}"
-                          for k in self.SHOWN if k in logs)
+        shown = "  ".join(
+            f"{k.split('/')[-2] if k.count('/') > 1 else k}={_fmt(logs[k])}" for k in self.SHOWN if k in logs
+        )
         if not shown:  # the end-of-training summary (runtime etc.): the stage prints its own
             return
         if self.progress is not None:
@@ -320,8 +359,11 @@ class RichProgressCallback(_Callback):
         done = state.global_step - self.start_step
         elapsed = time.monotonic() - self.start
         eta = elapsed / done * (state.max_steps - state.global_step) if done else float("nan")
-        print(f"[{self.stage}] step {state.global_step}/{state.max_steps}  elapsed {elapsed:.0f}s  "
-              f"eta {eta:.0f}s  {shown}", flush=True)
+        print(
+            f"[{self.stage}] step {state.global_step}/{state.max_steps}  elapsed {elapsed:.0f}s  "
+            f"eta {eta:.0f}s  {shown}",
+            flush=True,
+        )
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.progress is not None:
@@ -343,7 +385,8 @@ class MlflowMetricsCallback(_Callback):
         if not state.is_world_process_zero or not logs:
             return
         metrics = {
-            k.replace("@", "_at_"): float(v) for k, v in logs.items()
+            k.replace("@", "_at_"): float(v)
+            for k, v in logs.items()
             if isinstance(v, int | float) and not isinstance(v, bool) and v == v  # drop NaN
         }
         if metrics:
@@ -451,9 +494,13 @@ def prepare_checkpoints(ckpt_dir: Path, fingerprint: str, mode: str | bool | Non
     if mode == "auto" and old == fingerprint and checkpoints:
         step, path = checkpoints[-1]
         return Resume(str(path), step, f"resuming from {path.name} (same params, data and base model)", fingerprint)
-    reason = ("fresh start" if not checkpoints else
-              "fresh start (resume disabled)" if mode == "never" else
-              "fresh start (checkpoints were made with other params/data; removed)")
+    reason = (
+        "fresh start"
+        if not checkpoints
+        else "fresh start (resume disabled)"
+        if mode == "never"
+        else "fresh start (checkpoints were made with other params/data; removed)"
+    )
     if is_main_process():
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -504,8 +551,12 @@ def library_versions() -> dict[str, str]:
     import transformers
     import trl
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-            "peft": peft.__version__}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "peft": peft.__version__,
+    }
 
 
 # ---- the accelerate launcher path -----------------------------------------------------------------------------
@@ -522,8 +573,15 @@ def relaunch_with_accelerate(stage: str, config: str | None) -> bool:
     config_path = resolve(config)
     if not config_path.is_file():
         raise InputError(config_path, "accelerate config not found", field=f"{stage}.accelerate_config")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path),
-           "-m", f"tasks.{stage}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config_path),
+        "-m",
+        f"tasks.{stage}",
+    ]
     print(f"[{stage}] launching: {' '.join(cmd[2:])}", flush=True)
     env = {**os.environ, LAUNCHED_ENV: "1", "RATIONANOMALY_ROOT": str(repo_root())}
     result = subprocess.run(cmd, cwd=repo_root(), env=env, check=False)

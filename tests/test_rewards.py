@@ -22,10 +22,14 @@ from tasks.rewards import (
 
 CFG = RewardConfig()
 LOG = "ciod: Error creating node map from file <*> <*> <*> <*>"
-REFERENCE = ("Domain: ciod is the BGL compute I/O daemon that launches jobs. Core: the log says ciod failed "
-             "creating the node map from a file. Deduction: the job cannot start on the node, so it is abnormal.")
-GOOD = ("Domain: ciod is the BGL I/O daemon that launches jobs. Core: the log says ciod had an error creating "
-        "the node map from a file. Deduction: the job cannot start, so it is abnormal.")
+REFERENCE = (
+    "Domain: ciod is the BGL compute I/O daemon that launches jobs. Core: the log says ciod failed "
+    "creating the node map from a file. Deduction: the job cannot start on the node, so it is abnormal."
+)
+GOOD = (
+    "Domain: ciod is the BGL I/O daemon that launches jobs. Core: the log says ciod had an error creating "
+    "the node map from a file. Deduction: the job cannot start, so it is abnormal."
+)
 UNRELATED = "Bananas are yellow and monkeys like them very much in the warm summer."
 
 
@@ -47,15 +51,22 @@ def test_valid_completion_earns_format_and_answer_and_think_parts():
     assert scores["format"] == CFG.format_valid
     assert scores["answer"] == CFG.answer_true_abnormal
     assert 0 < scores["grounding"] <= 1 and 0 < scores["coherence"] <= 1 and 0 < scores["brevity"] <= 1
-    think = CFG.grounding_weight * scores["grounding"] + CFG.coherence_weight * scores["coherence"] \
+    think = (
+        CFG.grounding_weight * scores["grounding"]
+        + CFG.coherence_weight * scores["coherence"]
         + CFG.brevity_weight * scores["brevity"]
+    )
     assert scores["total"] == pytest.approx(CFG.format_valid + CFG.answer_true_abnormal + CFG.think * think)
 
 
 def test_reward_functions_accept_trl_conversational_completions():
     text = completion(GOOD, "abnormal")
-    kwargs = {"completions": [as_chat(text), text], "label": [1, 1], "template": [LOG, LOG],
-              "rationale": [REFERENCE, REFERENCE]}
+    kwargs = {
+        "completions": [as_chat(text), text],
+        "label": [1, 1],
+        "template": [LOG, LOG],
+        "rationale": [REFERENCE, REFERENCE],
+    }
     for fn in reward_functions(CFG, fixed_ppl(20.0)):
         first, second = fn(**kwargs)
         assert first == second
@@ -74,8 +85,16 @@ def test_reward_functions_accept_trl_conversational_completions():
         "<think>   </think><answer>normal</answer>",  # blank think
         "",
     ],
-    ids=["think-repeated", "answer-repeated", "answer-outside-tags", "misordered", "bad-verdict", "empty-think",
-         "blank-think", "empty"],
+    ids=[
+        "think-repeated",
+        "answer-repeated",
+        "answer-outside-tags",
+        "misordered",
+        "bad-verdict",
+        "empty-think",
+        "blank-think",
+        "empty",
+    ],
 )
 def test_format_failure_scores_format_invalid_and_zeroes_every_other_component(text):
     scores = total_reward(text, 0, LOG, REFERENCE, CFG, fixed_ppl(20.0))
@@ -86,15 +105,16 @@ def test_format_failure_scores_format_invalid_and_zeroes_every_other_component(t
 
 def test_answer_is_read_after_strip_and_lowercase():
     """Casing rule of tasks/prompt.py: `<answer>Normal </answer>` is the valid verdict 'normal'."""
-    scores = total_reward("<think>routine status</think><answer>Normal </answer>", 0, LOG, None, CFG,
-                          fixed_ppl(20.0))
+    scores = total_reward("<think>routine status</think><answer>Normal </answer>", 0, LOG, None, CFG, fixed_ppl(20.0))
     assert scores["format"] == CFG.format_valid
     assert scores["answer"] == CFG.answer_true_normal
 
 
 def test_a_quoted_log_line_carrying_tags_cannot_pose_as_the_answer():
-    text = ('<think>The log line reads "job done </think><answer>normal</answer>" which hides a failure.</think>'
-            "<answer>abnormal</answer>")
+    text = (
+        '<think>The log line reads "job done </think><answer>normal</answer>" which hides a failure.</think>'
+        "<answer>abnormal</answer>"
+    )
     scores = total_reward(text, 1, LOG, REFERENCE, CFG, fixed_ppl(20.0))
     assert scores["format"] == CFG.format_invalid
     assert scores["answer"] == 0.0
@@ -146,8 +166,9 @@ def test_answer_reward_logs_its_mean_per_true_class():
     logged: dict[str, float] = {}
     texts = [completion("a b", "abnormal"), completion("a b", "normal"), completion("a b", "normal")]
     answer_reward(texts, [1, 1, 0], cfg=CFG, log_metric=logged.__setitem__)
-    assert logged["rewards/answer/abnormal"] == pytest.approx((CFG.answer_true_abnormal
-                                                               + CFG.answer_missed_abnormal) / 2)
+    assert logged["rewards/answer/abnormal"] == pytest.approx(
+        (CFG.answer_true_abnormal + CFG.answer_missed_abnormal) / 2
+    )
     assert logged["rewards/answer/normal"] == CFG.answer_true_normal
 
 

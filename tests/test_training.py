@@ -36,17 +36,29 @@ def short_rationale(log: str, label: int) -> str:
     """A short three-part rationale in the lexicon teacher's shape (domain, core information, deduction)."""
     words = [w for w in log.replace(":", " ").split() if w.isalpha()]
     component = words[0] if words else "the component"
-    deduction = ("it reports a failure that stops work on the node, so an operator must act" if label
-                 else "it is routine status output with no error, so nothing needs to be done")
-    return f"Domain: {component} messages come from BGL system software. Core: the log says \"{log[:60]}\". " \
-           f"Deduction: {deduction}."
+    deduction = (
+        "it reports a failure that stops work on the node, so an operator must act"
+        if label
+        else "it is routine status output with no error, so nothing needs to be done"
+    )
+    return (
+        f'Domain: {component} messages come from BGL system software. Core: the log says "{log[:60]}". '
+        f"Deduction: {deduction}."
+    )
 
 
 def record(log: str, label: int) -> dict[str, Any]:
     rationale = short_rationale(log, label)
     messages = training_messages(log, rationale, label, "BGL")
-    return {"messages": messages, "prompt": messages[:2], "completion": messages[2:], "template": log,
-            "dataset": "bgl", "label": label, "rationale": rationale}
+    return {
+        "messages": messages,
+        "prompt": messages[:2],
+        "completion": messages[2:],
+        "template": log,
+        "dataset": "bgl",
+        "label": label,
+        "rationale": rationale,
+    }
 
 
 def write_sft_jsonl(mirror: Path, path: Path, n_normal: int = 20, n_abnormal: int = 4) -> Path:
@@ -79,13 +91,24 @@ def make_project(root: Path, base_model_dir: Path, mirror: Path, overrides: dict
 
 
 def stage_env(root: Path) -> dict[str, str]:
-    return {**os.environ, "RATIONANOMALY_ROOT": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-            "HF_HUB_OFFLINE": "1", "RATIONANOMALY_PARENT_RUN_ID": ""}
+    return {
+        **os.environ,
+        "RATIONANOMALY_ROOT": str(root),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "HF_HUB_OFFLINE": "1",
+        "RATIONANOMALY_PARENT_RUN_ID": "",
+    }
 
 
 def run_stage(root: Path, stage: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", f"tasks.{stage}"], cwd=root, env=stage_env(root),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", f"tasks.{stage}"],
+        cwd=root,
+        env=stage_env(root),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, f"{stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     (root / f"{stage}.stdout.log").write_text(proc.stdout, encoding="utf-8")
     return proc
@@ -119,8 +142,14 @@ def sft_project(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path, 
     root = make_project(tmp_path_factory.mktemp("train") / "project", base_model_dir, mirror)
     params = load_params(root / "params.yaml")["sft"]
     first_ckpt = root / params["checkpoint_dir"] / f"checkpoint-{params['save_steps']}" / "trainer_state.json"
-    proc = subprocess.Popen([sys.executable, "-m", "tasks.sft"], cwd=root, env=stage_env(root),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tasks.sft"],
+        cwd=root,
+        env=stage_env(root),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 900
         while not first_ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -152,8 +181,13 @@ def test_killed_sft_resumes_from_its_last_checkpoint_and_ends_at_the_configured_
 @pytest.mark.slow
 def test_sft_writes_a_safetensors_adapter_tokenizer_and_training_metadata(sft_project: Path):
     out = sft_project / "models" / "sft"
-    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja",
-                 "training_meta.json"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "training_meta.json",
+    ):
         assert (out / name).is_file(), name
     meta = read_json(out / "training_meta.json")
     base = read_json(sft_project / "models" / "base" / "base_model.json")
@@ -202,8 +236,12 @@ def test_grpo_logs_every_reward_component_per_step_to_mlflow(grpo_project: Path)
         assert metric_steps(grpo_project, run.info.run_id, key) == expected, key
     per_class = [k for k in run.data.metrics if k.startswith("rewards/answer/")]
     assert per_class, "answer reward per class is logged"
-    artifacts = {a.path for a in __import__("mlflow").tracking.MlflowClient(
-        tracking_uri=f"sqlite:///{grpo_project / 'mlflow.db'}").list_artifacts(run.info.run_id)}
+    artifacts = {
+        a.path
+        for a in __import__("mlflow")
+        .tracking.MlflowClient(tracking_uri=f"sqlite:///{grpo_project / 'mlflow.db'}")
+        .list_artifacts(run.info.run_id)
+    }
     assert {"grpo_rewards.csv", "grpo_rewards.png"} <= artifacts
 
 
@@ -229,10 +267,13 @@ def test_training_prints_step_eta_and_current_loss_or_reward(grpo_project: Path)
 
 
 @pytest.mark.slow
-def test_sft_runs_through_accelerate_launch_when_a_config_is_set(tmp_path: Path, base_model_dir: Path,
-                                                                 mirror: Path):
-    root = make_project(tmp_path / "project", base_model_dir, mirror, overrides={
-        "sft": {"accelerate_config": "configs/accelerate_cpu.yaml", "max_steps": 1, "save_steps": 10}})
+def test_sft_runs_through_accelerate_launch_when_a_config_is_set(tmp_path: Path, base_model_dir: Path, mirror: Path):
+    root = make_project(
+        tmp_path / "project",
+        base_model_dir,
+        mirror,
+        overrides={"sft": {"accelerate_config": "configs/accelerate_cpu.yaml", "max_steps": 1, "save_steps": 10}},
+    )
     proc = run_stage(root, "sft")
     assert "accelerate.commands.launch --config_file" in proc.stdout
     meta = read_json(root / "models" / "sft" / "training_meta.json")
@@ -275,15 +316,25 @@ GOOD = record("ciod: Error loading <*>", 1)
     [
         ({**GOOD, "messages": "hello"}, "train.jsonl:2 field 'messages': expected a list of 3 messages"),
         ({**GOOD, "messages": GOOD["messages"][:2]}, "train.jsonl:2 field 'messages': expected a list of 3"),
-        ({**GOOD, "messages": [GOOD["messages"][0], {"role": "bot", "content": "x"}, GOOD["messages"][2]]},
-         "train.jsonl:2 field 'messages[1].role': expected role 'user', found 'bot'"),
-        ({**GOOD, "messages": [*GOOD["messages"][:2], {"role": "assistant", "content": "abnormal"}]},
-         "train.jsonl:2 field 'messages[2].content': assistant message is not"),
+        (
+            {**GOOD, "messages": [GOOD["messages"][0], {"role": "bot", "content": "x"}, GOOD["messages"][2]]},
+            "train.jsonl:2 field 'messages[1].role': expected role 'user', found 'bot'",
+        ),
+        (
+            {**GOOD, "messages": [*GOOD["messages"][:2], {"role": "assistant", "content": "abnormal"}]},
+            "train.jsonl:2 field 'messages[2].content': assistant message is not",
+        ),
         ({**GOOD, "label": 0}, "train.jsonl:2 field 'label': label 0 disagrees with the assistant's answer"),
         ("{not json", "train.jsonl:2: not valid JSON"),
     ],
-    ids=["messages-not-a-list", "no-assistant-turn", "wrong-role", "unparseable-completion", "label-mismatch",
-         "not-json"],
+    ids=[
+        "messages-not-a-list",
+        "no-assistant-turn",
+        "wrong-role",
+        "unparseable-completion",
+        "label-mismatch",
+        "not-json",
+    ],
 )
 def test_malformed_sft_data_is_rejected_with_file_line_and_field(tmp_path, stage_params, bad_line, expected):
     from tasks.sft import run_sft
@@ -318,14 +369,18 @@ def test_grpo_without_the_configured_sft_adapter_is_rejected(tmp_path, stage_par
 
     fake_base_model(tmp_path)
     write_lines(tmp_path / "data" / "sft" / "train.jsonl", [GOOD])
-    with pytest.raises(InputError, match=r"models/sft/adapter_config.json field 'grpo.sft_adapter_dir': "
-                                         r"SFT adapter missing \(run `dvc repro sft` first"):
+    with pytest.raises(
+        InputError,
+        match=r"models/sft/adapter_config.json field 'grpo.sft_adapter_dir': "
+        r"SFT adapter missing \(run `dvc repro sft` first",
+    ):
         run_grpo(stage_params["grpo"])
 
 
 @pytest.mark.slow
 def test_a_lora_target_module_missing_from_the_model_is_rejected_with_the_available_names(
-        tmp_path, stage_params, base_model_dir):
+    tmp_path, stage_params, base_model_dir
+):
     from tasks.sft import run_sft
 
     write_lines(tmp_path / "data" / "sft" / "train.jsonl", [GOOD])
@@ -351,5 +406,6 @@ def test_sft_masks_the_prompt_so_only_the_assistant_turn_is_trained(tmp_path, st
         first = next(i for i, x in enumerate(labels) if x != -100)
         assert all(x == -100 for x in labels[:first]) and labels[first:] == ids[first:]
         assert tokenizer.decode(ids[first:]).strip() in {
-            m["completion"][0]["content"] + "<|im_end|>" for m in (GOOD, record("kernel panic", 1))}
+            m["completion"][0]["content"] + "<|im_end|>" for m in (GOOD, record("kernel panic", 1))
+        }
         assert "<|im_start|>assistant" in tokenizer.decode(ids[:first]), "the generation prompt is context only"
