@@ -11,7 +11,8 @@ from flows.common import file_text, publish_markdown, run_stages, use_profile
 from tasks import registry
 from tasks.config import repo_root, section
 from tasks.dvc_ops import lock_hashes
-from tasks.gate import Verdict, evaluate_gate
+from tasks.evaluate import evaluate_adapter
+from tasks.gate import Verdict, evaluate_gate, same_test_data
 
 CANDIDATE_TAG = "candidate.adapter_md5"
 
@@ -25,6 +26,22 @@ def candidate_digest() -> str:
 def current_champion() -> dict[str, Any] | None:
     """The @champion's stored metrics, to compare on the same test data (retried: the registry may be remote)."""
     return registry.champion_metrics()
+
+
+@task(name="re-evaluate-champion")
+def champion_on_current_data(candidate: dict[str, Any], champion: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The champion's metrics on the candidate's test data, re-measured when its stored ones used other data.
+
+    After a data or cap change the stored F1s do not compare; rather than refuse every candidate
+    (the `champion_same_test_data` rule), evaluate the champion's adapter again, like with like.
+    """
+    if champion is None or same_test_data(candidate, champion["metrics"]):
+        return champion
+    version = champion["version"]
+    print(f"champion v{version} was measured on other test data: re-evaluating it on the current test data")
+    dest = repo_root() / ".cache" / "champion-eval" / str(version)
+    adapter = registry.download_adapter(f"{registry.model_name()}/{version}", dest)
+    return {"version": version, "metrics": evaluate_adapter(adapter, section("evaluate")), "re_evaluated": True}
 
 
 @task(name="gate")
@@ -71,7 +88,7 @@ def release_flow(profile: str | None = None) -> dict[str, Any]:
         print(result["reason"])
         return result
 
-    verdict = gate(metrics, current_champion())
+    verdict = gate(metrics, champion_on_current_data(metrics, current_champion()))
     version = register(metrics, verdict, digest)
     result.update(version=version, verdict=verdict.to_dict(), verdict_md=verdict.to_markdown())
     if not verdict.passed:

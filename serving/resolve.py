@@ -9,13 +9,12 @@ tasks.registry resolves to a local base folder with the same weights. Without th
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from tasks.config import repo_root
-from tasks.errors import InputError
+from tasks.errors import InputError, atomic_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
 BASE_REF_FILE = "base_model_ref.json"  # written by tasks.registry.register_candidate
@@ -47,9 +46,9 @@ def find_adapter_dir(root: Path) -> Path:
 def _base_dir(tags: dict[str, str], adapter_dir: Path, root: Path) -> str:
     refs = sorted(root.rglob(BASE_REF_FILE), key=lambda p: len(p.parts))
     if refs:
-        from tasks.registry import _resolve_base_model  # the registry owns the sha256 match
+        from tasks.registry import resolve_base_model  # the registry owns the sha256 match
 
-        return str(_resolve_base_model(json.loads(refs[0].read_text(encoding="utf-8"))).resolve())
+        return str(resolve_base_model(json.loads(refs[0].read_text(encoding="utf-8"))).resolve())
     for key in BASE_DIR_TAGS:
         value = tags.get(key)
         if value and Path(value).exists():
@@ -81,13 +80,9 @@ def resolve_champion(model_name: str, alias: str = "champion", dest_root: str | 
                          hint="run the release flow first (it registers and promotes a champion)") from exc
     dest = Path(dest_root or repo_root() / ".serve" / "models") / model_name / str(version.version)
     if not (dest / ".complete").exists():
-        partial = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        download_artifacts(artifact_uri=f"models:/{model_name}/{version.version}", dst_path=str(partial))
-        (partial / ".complete").write_text(json.dumps({"source": version.source}) + "\n", encoding="utf-8")
-        shutil.rmtree(dest, ignore_errors=True)
-        partial.rename(dest)
+        with atomic_dir(dest) as staging:
+            download_artifacts(artifact_uri=f"models:/{model_name}/{version.version}", dst_path=str(staging))
+            (staging / ".complete").write_text(json.dumps({"source": version.source}) + "\n", encoding="utf-8")
     adapter = find_adapter_dir(dest)
     base = _base_dir(dict(version.tags or {}), adapter, dest)
     return ModelRef(model_name, str(version.version), base, str(adapter))

@@ -13,7 +13,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,7 +29,8 @@ from serving.client import Client, Endpoint, EndpointError
 from serving.resolve import ADAPTER_CONFIG, ModelRef
 from serving.smoke import SMOKE_TEMPLATES
 from tasks.config import repo_root, section
-from tasks.errors import InputError, write_text_atomic
+from tasks.errors import InputError, atomic_dir, write_text_atomic
+from tasks.inference import lora_rank
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what --max-lora-rank accepts
@@ -137,11 +137,6 @@ def _terminate(pid: int, timeout_s: float) -> None:
 # ---------------------------------------------------------------- checks before the expensive start
 
 
-def lora_rank(adapter_dir: str | Path) -> int:
-    config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    return int(config.get("r", 8))
-
-
 def validate_adapter(adapter_dir: str | Path, base_model_dir: str | Path) -> dict[str, Any]:
     """Fail in a second, not after a one-minute start: files there, config readable, shapes fit r and base."""
     from safetensors import safe_open
@@ -200,11 +195,9 @@ def merge_adapter(ref: ModelRef, out_dir: Path) -> Path:
         raise ServeError(f"{ref.adapter_dir}: the adapter changes no weight of {ref.base_model_dir} "
                          f"({len(lora_b)} LoRA layers matched); merged it would silently serve the base model")
     merged = peft_model.merge_and_unload()
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(str(tmp), safe_serialization=True)
-    AutoTokenizer.from_pretrained(ref.base_model_dir).save_pretrained(str(tmp))
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir) as staging:
+        merged.save_pretrained(str(staging), safe_serialization=True)
+        AutoTokenizer.from_pretrained(ref.base_model_dir).save_pretrained(str(staging))
     return out_dir
 
 

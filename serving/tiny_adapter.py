@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from serving.smoke import SMOKE_SET
+from tasks.errors import atomic_dir
 from tasks.prompt import format_completion, prompt_messages
 
 
@@ -73,14 +73,11 @@ def build_tiny_adapter(
         optimizer.step()
         optimizer.zero_grad()
 
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
     meta = {"steps": steps, "rank": rank, "seed": seed, "final_loss": round(loss.item(), 4)}
-    (tmp / "tiny_adapter.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir) as staging:
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        (staging / "tiny_adapter.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
     return out_dir
 
 

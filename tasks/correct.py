@@ -13,7 +13,6 @@ different label go to a review queue for an expert: listed, never changed.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import pandas as pd
 from prefect import task
 
 from tasks.config import repo_root, section
-from tasks.errors import InputError, atomic_path
+from tasks.errors import InputError, atomic_path, read_csv_text
 from tasks.prompt import LABELS
 from tasks.review import ReviewResult, parse_label, review_folder
 from tasks.tracking import stage_run
@@ -128,17 +127,8 @@ def load_patch(path: Path) -> list[Correction]:
 def load_templates(path: Path, dataset: str) -> pd.DataFrame:
     """A template list (`log,label`; read with keep_default_na=False so 'NA' stays text)."""
     text = _decode(path)
-    try:
-        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        frame = pd.DataFrame()
-    except pd.errors.ParserError as exc:
-        raise InputError(path, f"not a valid CSV: {exc}") from exc
-    missing = [c for c in ("log", "label") if c not in frame.columns]
-    if missing and len(frame.columns):
-        raise InputError(path, f"missing column(s) {missing}; found {list(frame.columns)}", line=1, field=missing[0])
-    if frame.empty:
-        raise InputError(path, "empty template list: no templates to correct", hint="check the fetch stage output")
+    frame = read_csv_text(path, text, ("log", "label"), "empty template list: no templates to correct",
+                          hint="check the fetch stage output")
     labels = []
     for row, value in enumerate(frame["label"]):
         try:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class InputError(ValueError):
@@ -86,3 +91,23 @@ def write_text_atomic(target: str | Path, text: str) -> None:
     """Write a whole text file or nothing."""
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_csv_text(path: str | Path, text: str, columns: tuple[str, ...], empty_problem: str,
+                  hint: str | None = None) -> pd.DataFrame:
+    """A CSV as text columns ('NA' stays text), refused with the file and column named if a column is
+    missing, the CSV is malformed or it has no rows."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        frame = pd.DataFrame()
+    except pd.errors.ParserError as exc:
+        raise InputError(path, f"not a valid CSV: {exc}") from exc
+    missing = [c for c in columns if c not in frame.columns]
+    if missing and len(frame.columns):
+        raise InputError(path, f"missing column(s) {missing}; found {list(frame.columns)}", line=1, field=missing[0])
+    if frame.empty:
+        raise InputError(path, empty_problem, hint=hint)
+    return frame

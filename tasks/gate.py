@@ -101,6 +101,12 @@ def _digests(metrics: dict[str, Any] | None) -> dict[str, str]:
     return dict((metrics or {}).get("test_data", {}).get("digests", {}))
 
 
+def same_test_data(candidate: dict[str, Any], champion: dict[str, Any] | None) -> bool:
+    """True when every test set both were measured on has the same content digest."""
+    cand, champ = _digests(candidate), _digests(champion)
+    return all(cand[name] == champ[name] for name in set(cand) & set(champ))
+
+
 def _f1(block: dict[str, Any], name: str) -> float | None:
     value = block.get(name, {}).get("f1")
     return float(value) if value is not None else None

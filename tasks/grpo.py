@@ -347,6 +347,7 @@ def run_grpo(params: dict[str, Any]) -> dict[str, Any]:
             "sft_adapter_dir": sft_dir,
             "params": params,
             "versions": T.library_versions(),
+            "mlflow_run_id": mlflow.active_run().info.run_id if mlflow is not None else None,
         }
 
         def meta(digest: str) -> dict[str, Any]:

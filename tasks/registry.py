@@ -138,8 +138,6 @@ def resolve_base_model(ref: dict[str, Any]) -> Path:
                      f"looked at {', '.join(seen)}", hint="set RATIONANOMALY_BASE_MODEL to its folder")
 
 
-_resolve_base_model = resolve_base_model  # the name serving/resolve.py imported first
-
 
 class RationAnomalyModel(mlflow.pyfunc.PythonModel):
     """Log lines in (a DataFrame column `log`, optional `dataset`), verdicts with rationales out."""

@@ -200,6 +200,8 @@ def run_sft(params: dict[str, Any]) -> dict[str, Any]:
             "base_model_sha256": base_sha,
             "params": params,
             "versions": T.library_versions(),
+            # lets an auditor holding only the adapter folder find the run that made it
+            "mlflow_run_id": mlflow.active_run().info.run_id if mlflow is not None else None,
         }
         meta["adapter_sha256"] = T.publish_adapter(trainer, out_dir, lambda digest: {**meta, "adapter_sha256": digest})
         if T.is_main_process():

@@ -11,7 +11,6 @@ read whole (the pandas C parser has no field-size limit) and the longest is repo
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import pandas as pd
 from prefect import task
 
 from tasks.config import repo_root, section
-from tasks.errors import InputError, atomic_dir, write_text_atomic
+from tasks.errors import InputError, atomic_dir, read_csv_text, write_text_atomic
 from tasks.tracking import stage_run
 
 SPLIT_COLUMNS = ["dataset", "template", "label"]
@@ -101,17 +100,7 @@ def split_dataset(frame: pd.DataFrame, test_fraction: float, train_rate: float |
 def bgl_windows(path: Path, window_lines: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """BGL_2k structured lines in fixed windows: templates, per-line labels, window label (any abnormal line)."""
     text, replaced = read_text_lossy(path)
-    try:
-        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        frame = pd.DataFrame()
-    except pd.errors.ParserError as exc:
-        raise InputError(path, f"not a valid CSV: {exc}") from exc
-    missing = [c for c in ("Label", "EventTemplate") if c not in frame.columns]
-    if missing and len(frame.columns):
-        raise InputError(path, f"missing column(s) {missing}", line=1, field=missing[0])
-    if frame.empty:
-        raise InputError(path, "no log lines")
+    frame = read_csv_text(path, text, ("Label", "EventTemplate"), "no log lines")
     templates = frame["EventTemplate"].tolist()
     labels = [0 if value.strip() == "-" else 1 for value in frame["Label"]]
     windows = []

@@ -83,6 +83,29 @@ def test_champion_measured_on_other_test_data_is_not_compared_blindly() -> None:
     assert "re-evaluate" in failed.detail
 
 
+def test_release_re_evaluates_a_champion_measured_on_other_test_data(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Any) -> None:
+    """The release flow compares like with like: stale champion metrics are re-measured, current ones reused."""
+    from flows import release
+
+    evaluated: list[str] = []
+    monkeypatch.setattr(release, "repo_root", lambda: tmp_path)
+    monkeypatch.setattr(release.registry, "download_adapter", lambda ref, dest: tmp_path / ref)
+    monkeypatch.setattr(release, "evaluate_adapter",
+                        lambda adapter, params: evaluated.append(str(adapter)) or metrics(0.6, 0.6))
+    candidate = metrics(0.8, 0.8)
+    current = {"version": "3", "metrics": metrics(0.5, 0.5)}
+    assert release.champion_on_current_data.fn(candidate, current) is current
+    assert release.champion_on_current_data.fn(candidate, None) is None
+    assert evaluated == []
+
+    stale = {"version": "3", "metrics": metrics(0.5, 0.5, digests={**DIGESTS, "template_spirit": "zzz"})}
+    fresh = release.champion_on_current_data.fn(candidate, stale)
+    assert len(evaluated) == 1 and evaluated[0].endswith("/3")
+    assert fresh["re_evaluated"] and fresh["version"] == "3"
+    assert rule(evaluate_gate(candidate, fresh["metrics"], PARAMS), "champion_same_test_data").passed
+
+
 def test_missing_test_set_fails_instead_of_passing_silently() -> None:
     candidate = metrics(0.7, 0.6)
     del candidate["methods"]["rationanomaly"]["template_spirit"]
