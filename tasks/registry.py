@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 
 import mlflow.pyfunc
 from prefect.input import RunInput
+from pydantic import Field
 
 from tasks.config import repo_root, section
 from tasks.errors import InputError
@@ -460,9 +461,9 @@ def load_model(ref: str | None = None) -> Any:
 class ApprovalInput(RunInput):
     """What the approver types into the Prefect UI when the release flow pauses."""
 
-    approver: str
-    approve: bool
-    reason: str
+    approver: str = Field(min_length=1, description="Who decides (recorded on the model version)")
+    approve: bool = Field(description="Promote this version to @champion?")
+    reason: str = Field(description="Why (recorded on the model version)")
 
 
 def request_approval(verdict: Verdict, timeout_s: int = 24 * 3600) -> ApprovalInput:
@@ -477,8 +478,7 @@ def request_approval(verdict: Verdict, timeout_s: int = 24 * 3600) -> ApprovalIn
         raise RuntimeError("request_approval must be called inside a Prefect flow run (it pauses that flow)")
     description = ("Approve promotion to @champion?\n\n" + verdict.to_markdown())
     return pause_flow_run(
-        wait_for_input=ApprovalInput.with_initial_data(description=description, approver="", approve=False,
-                                                       reason=""),
+        wait_for_input=ApprovalInput.with_initial_data(description=description, approve=False, reason=""),
         timeout=timeout_s, key="approval")
 
 

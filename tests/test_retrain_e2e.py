@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from prefect_server import prefect_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 MODEL = "rationanomaly"
@@ -100,42 +101,28 @@ def test_unchanged_rerun_skips_every_stage_and_keeps_the_endpoint(e2e: Path):
 
 
 def test_scheduled_deployment_runs_through_the_prefect_api(e2e: Path, tmp_path: Path):
-    port = 4297
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_UI_ENABLED": "false",
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], cwd=e2e, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    served = None
-    try:
-        for _ in range(120):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
+    with prefect_server(e2e, tmp_path / "prefect", port=4297) as env:
         served = subprocess.Popen([sys.executable, "-m", "rationanomaly.cli", "schedule", "--profile", "smoke"],
                                   cwd=e2e, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   start_new_session=True)
-        code = (
-            "import time\nfrom prefect.deployments import run_deployment\n"
-            "from prefect.exceptions import ObjectNotFound\n"
-            "for _ in range(60):\n"
-            "    try:\n"
-            "        run = run_deployment('retrain/retrain-weekly', parameters={'profile': 'smoke'}, timeout=900)\n"
-            "        break\n"
-            "    except ObjectNotFound:\n"
-            "        time.sleep(2)\n"
-            "print(run.state.type.value)\n"
-        )
-        proc = subprocess.run([sys.executable, "-c", code], cwd=e2e, env=env, capture_output=True, text=True,
-                              timeout=1200)
-        assert proc.stdout.strip().endswith("COMPLETED"), proc.stdout[-2000:] + proc.stderr[-3000:]
-    finally:
-        for process in (served, server):
-            if process is not None:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(timeout=60)
+        try:
+            code = (
+                "import time\nfrom prefect.deployments import run_deployment\n"
+                "from prefect.exceptions import ObjectNotFound\n"
+                "for _ in range(60):\n"
+                "    try:\n"
+                "        run = run_deployment('retrain/retrain-weekly', parameters={'profile': 'smoke'}, timeout=900)\n"
+                "        break\n"
+                "    except ObjectNotFound:\n"
+                "        time.sleep(2)\n"
+                "print(run.state.type.value)\n"
+            )
+            proc = subprocess.run([sys.executable, "-c", code], cwd=e2e, env=env, capture_output=True, text=True,
+                                  timeout=1200)
+            assert proc.stdout.strip().endswith("COMPLETED"), proc.stdout[-2000:] + proc.stderr[-3000:]
+        finally:
+            os.killpg(served.pid, signal.SIGTERM)
+            served.wait(timeout=60)
 
 
 def test_failed_gate_promotes_nothing_and_leaves_the_endpoint(e2e: Path):
