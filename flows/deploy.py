@@ -9,7 +9,14 @@ from prefect import flow, task
 from flows.common import publish_markdown
 from serving.resolve import ModelRef, resolve_champion
 from serving.server import deploy
+from tasks import registry
 from tasks.config import section
+
+
+@task(name="champion-version", retries=2, retry_delay_seconds=5)
+def champion_version(model_name: str) -> str | None:
+    """The version `@champion` points at, None before any promotion (retried: the registry may be remote)."""
+    return registry.aliases(model_name).get(registry.CHAMPION)
 
 
 @task(name="resolve-champion", retries=2, retry_delay_seconds=5)
@@ -26,8 +33,18 @@ def deploy_endpoint(ref: ModelRef) -> dict[str, Any]:
 
 @flow(name="deploy", log_prints=True)
 def deploy_flow() -> dict[str, Any]:
-    """resolve @champion → deploy (a no-op when that version is already live) → endpoint artifact."""
-    ref = resolve(section("registry")["model_name"])
+    """resolve @champion → deploy (a no-op when that version is already live) → endpoint artifact.
+
+    Before any candidate has passed the gate there is no champion: nothing is served, and that is
+    not a failure of this run (the summary says so).
+    """
+    model_name = section("registry")["model_name"]
+    if champion_version(model_name) is None:
+        reason = f"no `{model_name}@champion` yet (no candidate has passed the gate): nothing to serve"
+        publish_markdown("endpoint", f"# Endpoint\n\n- none: {reason}", "The live vLLM endpoint")
+        print(reason)
+        return {"url": None, "version": None, "action": "none", "reason": reason}
+    ref = resolve(model_name)
     state = deploy_endpoint(ref)
     url = f"http://{state['host']}:{state['port']}/v1"
     publish_markdown(

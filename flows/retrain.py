@@ -69,7 +69,9 @@ def summary_markdown(
         reason = release.get("reason", "gate failed")
         lines.append(f"**Not promoted**: {reason}. Aliases and the endpoint are untouched.")
     lines += ["", "## Endpoint", ""]
-    if deploy:
+    if deploy and deploy.get("url") is None:
+        lines.append(f"- none: {deploy.get('reason')}")
+    elif deploy:
         lines.append(f"- live: {deploy.get('url')} serving version {deploy.get('version')} ({deploy.get('action')})")
     else:
         lines.append("- deploy not run")

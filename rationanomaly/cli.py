@@ -60,7 +60,8 @@ def deploy() -> None:
     """Run the deploy flow: serve the current @champion behind vLLM (no-op if already live)."""
     from flows.deploy import deploy_flow
 
-    deploy_flow()
+    if deploy_flow()["url"] is None:
+        raise typer.Exit(1)  # asked to serve, but there is no champion (the flow said why)
 
 
 @app.command()

@@ -113,6 +113,21 @@ def test_status_and_stop_without_a_server(tmp_path: Path) -> None:
     assert server.stop(params)["stopped"] is False
 
 
+def test_deploy_without_a_champion_serves_nothing_and_says_why(project: Path) -> None:
+    """Before any candidate passed the gate: the retrain run stays green, `rationanomaly deploy` exits 1."""
+    import subprocess
+    import sys
+
+    from flows.deploy import deploy_flow
+
+    result = deploy_flow()
+    assert result["url"] is None and "no `rationanomaly@champion` yet" in result["reason"]
+    assert not (project / ".serve" / "state.json").exists()
+    proc = subprocess.run([sys.executable, "-m", "rationanomaly.cli", "deploy"], cwd=project, text=True,
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 1 and "nothing to serve" in proc.stdout + proc.stderr
+
+
 def test_blue_green_ports_alternate(tmp_path: Path) -> None:
     first = free_port_pair()
     params = serve_params(tmp_path, port=first)
