@@ -180,6 +180,7 @@ class PreparedGrpo:
     dropped: int
     trainable: int
     total: int
+    repeated_abnormal: int = 0
 
 
 def prepare_grpo(params: dict[str, Any]) -> PreparedGrpo:
@@ -194,6 +195,8 @@ def prepare_grpo(params: dict[str, Any]) -> PreparedGrpo:
         print(f"[{STAGE}] warning: reward table: {note}", flush=True)
     data_file = T.resolve(params["data_file"])
     records = T.load_sft_records(data_file)
+    records, repeated = T.balance_classes(records, params.get("balance_abnormal_fraction"), int(params["seed"]),
+                                          "grpo.balance_abnormal_fraction")
     base_dir = T.require_base_model(params["base_model_dir"], f"{STAGE}.base_model_dir")
     data_sha, base_sha = T.file_sha256(data_file), T.base_model_sha256(base_dir)
     sft_dir = params.get("sft_adapter_dir")
@@ -228,7 +231,8 @@ def prepare_grpo(params: dict[str, Any]) -> PreparedGrpo:
     )
     resume = T.prepare_checkpoints(ckpt_dir, fingerprint, params.get("resume", "auto"))
     print(
-        f"[{STAGE}] {len(dataset)} prompts ({dropped} over {params['max_prompt_length']} tokens dropped); "
+        f"[{STAGE}] {len(dataset)} prompts ({repeated} repeated anomalies, "
+        f"{dropped} over {params['max_prompt_length']} tokens dropped); "
         f"{resume.reason}; {threads} torch thread(s)",
         flush=True,
     )
@@ -290,6 +294,7 @@ def prepare_grpo(params: dict[str, Any]) -> PreparedGrpo:
         dropped,
         trainable,
         total,
+        repeated,
     )
 
 
@@ -331,6 +336,7 @@ def run_grpo(params: dict[str, Any]) -> dict[str, Any]:
             "total_params": prep.total,
             "prompts": prep.prompts,
             "dropped_too_long": prep.dropped,
+            "repeated_abnormal": prep.repeated_abnormal,
             "runtime_s": round(wall, 1),
             # per component (and total reward, per-class answer, length, KL) at the first and the last step
             "first_rewards": numeric(rows[0]) if rows else {},

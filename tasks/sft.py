@@ -76,6 +76,7 @@ class PreparedSft:
     masked: int
     trainable: int
     total: int
+    repeated_abnormal: int = 0
 
 
 def prepare_sft(params: dict[str, Any]) -> PreparedSft:
@@ -85,6 +86,8 @@ def prepare_sft(params: dict[str, Any]) -> PreparedSft:
 
     data_file = T.resolve(params["data_file"])
     records = T.load_sft_records(data_file)
+    records, repeated = T.balance_classes(records, params.get("balance_abnormal_fraction"), int(params["seed"]),
+                                          "sft.balance_abnormal_fraction")
     base_dir = T.require_base_model(params["base_model_dir"], f"{STAGE}.base_model_dir")
     data_sha, base_sha = T.file_sha256(data_file), T.base_model_sha256(base_dir)
 
@@ -108,7 +111,8 @@ def prepare_sft(params: dict[str, Any]) -> PreparedSft:
     fingerprint = T.params_hash({"params": T.training_params(params), "data": data_sha, "base": base_sha})
     resume = T.prepare_checkpoints(ckpt_dir, fingerprint, params.get("resume", "auto"))
     print(
-        f"[{STAGE}] {len(dataset)} examples ({dropped} longer than {params['max_length']} tokens dropped); "
+        f"[{STAGE}] {len(dataset)} examples ({repeated} repeated anomalies, "
+        f"{dropped} longer than {params['max_length']} tokens dropped); "
         f"{resume.reason}; {threads} torch thread(s)",
         flush=True,
     )
@@ -155,6 +159,7 @@ def prepare_sft(params: dict[str, Any]) -> PreparedSft:
         masked,
         trainable,
         total,
+        repeated,
     )
 
 
@@ -189,6 +194,7 @@ def run_sft(params: dict[str, Any]) -> dict[str, Any]:
             "total_params": total,
             "examples": prep.examples,
             "dropped_too_long": prep.dropped,
+            "repeated_abnormal": prep.repeated_abnormal,
             "prompt_tokens_masked_first_example": prep.masked,
             "launcher": "accelerate" if os.environ.get(T.LAUNCHED_ENV) else "in-process",
             "first_loss": losses[0] if losses else None,

@@ -126,6 +126,30 @@ def load_sft_records(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def balance_classes(records: list[dict[str, Any]], abnormal_fraction: float | None, seed: int,
+                    field_name: str) -> tuple[list[dict[str, Any]], int]:
+    """Repeat abnormal examples (drawn with replacement, seeded) until they make up `abnormal_fraction`.
+
+    Anomalies are about a tenth of the templates; a small model trained a few CPU minutes on that
+    mix learns to answer `normal` to everything. Returns the records and how many repeats were added;
+    None, or a fraction the data already reaches, adds none.
+    """
+    if abnormal_fraction is None:
+        return records, 0
+    fraction = float(abnormal_fraction)
+    if not 0.0 <= fraction < 1.0:
+        raise InputError(PARAMS_FILE, f"must be in [0, 1), found {abnormal_fraction!r}", field=field_name)
+    abnormal = [r for r in records if r["label"] == 1]
+    if not abnormal:
+        raise InputError(PARAMS_FILE, "the data has no abnormal example to balance with", field=field_name)
+    # a + k = f (n + k)  =>  k = (f n - a) / (1 - f)
+    extra = max(0, round((fraction * len(records) - len(abnormal)) / (1.0 - fraction)))
+    from sklearn.utils import resample
+
+    repeats = resample(abnormal, replace=True, n_samples=extra, random_state=seed) if extra else []
+    return records + list(repeats), extra
+
+
 def require_base_model(path: str | Path, field_name: str) -> Path:
     """The base model folder, or an InputError naming the params field that points to it."""
     path = resolve(path)

@@ -409,3 +409,20 @@ def test_sft_masks_the_prompt_so_only_the_assistant_turn_is_trained(tmp_path, st
             m["completion"][0]["content"] + "<|im_end|>" for m in (GOOD, record("kernel panic", 1))
         }
         assert "<|im_start|>assistant" in tokenizer.decode(ids[:first]), "the generation prompt is context only"
+
+
+def test_balancing_repeats_anomalies_up_to_the_fraction_and_refuses_a_bad_one() -> None:
+    from tasks.training import balance_classes
+
+    records = [{"label": 1, "id": i} for i in range(10)] + [{"label": 0, "id": i} for i in range(10, 100)]
+    balanced, added = balance_classes(records, 0.3, seed=1, field_name="sft.balance_abnormal_fraction")
+    share = sum(r["label"] for r in balanced) / len(balanced)
+    assert added == len(balanced) - 100 > 0 and abs(share - 0.3) < 0.01
+    assert balanced[:100] == records and all(r["label"] == 1 for r in balanced[100:])
+    assert balance_classes(records, 0.3, seed=1, field_name="f")[0] == balanced  # seeded
+    assert balance_classes(records, 0.05, seed=1, field_name="f") == (records, 0)  # already above: nothing added
+    assert balance_classes(records, None, seed=1, field_name="f") == (records, 0)
+    with pytest.raises(InputError, match=r"field 'sft.balance_abnormal_fraction': must be in \[0, 1\)"):
+        balance_classes(records, 1.0, seed=1, field_name="sft.balance_abnormal_fraction")
+    with pytest.raises(InputError, match="no abnormal example"):
+        balance_classes([{"label": 0}], 0.3, seed=1, field_name="f")
