@@ -102,16 +102,14 @@ def check_model_dirs(base_model_dir: str | Path, adapter_dir: str | Path | None 
 
 
 def resolve_threads(setting: int | str | None) -> int | None:
-    """Torch threads for generation: an int; "auto" = one per core the 1-minute load average leaves idle (at
-    least 1); None = leave torch's default. Why: on a busy 2-core machine two OpenMP threads spin at every
-    barrier of the hundreds of tiny ops per decoded token; measured here (load ~6) one thread generated 5x
-    (transformers) to 10x (vLLM) faster than two.
-    """
+    """Torch threads for generation: an int; "auto" = one per idle core (tasks.config.idle_core_threads);
+    None = leave torch's default."""
     if setting is None:
         return None
     if setting == "auto":
-        cores = os.cpu_count() or 1
-        return max(1, min(cores, round(cores - os.getloadavg()[0])))
+        from tasks.config import idle_core_threads
+
+        return idle_core_threads()
     return max(1, int(setting))
 
 

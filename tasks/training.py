@@ -255,19 +255,12 @@ def seed_everything(seed: int) -> None:
 
 
 def set_torch_threads(setting: int | str | None) -> int:
-    """Intra-op threads for torch: an int, or "auto" = every core unless other work already keeps them busy.
-
-    On a shared 2-core machine two OpenMP threads competing with other processes spin at their barriers:
-    measured here under load average ~5, one thread ran a SmolLM2 forward+backward 2-4x faster than two.
-    "auto" therefore uses one thread per core left idle by the 1-minute load average (at least one).
-    """
+    """Intra-op threads for torch: an int, or "auto" = one per idle core (tasks.config.idle_core_threads)."""
     import torch
 
-    cores = os.cpu_count() or 1
-    if setting in (None, "auto"):
-        threads = max(1, min(cores, round(cores - os.getloadavg()[0])))
-    else:
-        threads = max(1, int(setting))
+    from tasks.config import idle_core_threads
+
+    threads = idle_core_threads() if setting in (None, "auto") else max(1, int(setting))
     torch.set_num_threads(threads)
     return threads
 
