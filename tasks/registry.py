@@ -139,7 +139,6 @@ def resolve_base_model(ref: dict[str, Any]) -> Path:
                      f"looked at {', '.join(seen)}", hint="set RATIONANOMALY_BASE_MODEL to its folder")
 
 
-
 class RationAnomalyModel(mlflow.pyfunc.PythonModel):
     """Log lines in (a DataFrame column `log`, optional `dataset`), verdicts with rationales out."""
 
