@@ -180,6 +180,7 @@ def test_killed_sft_resumes_from_its_last_checkpoint_and_ends_at_the_configured_
 
 @pytest.mark.slow
 def test_sft_writes_a_safetensors_adapter_tokenizer_and_training_metadata(sft_project: Path):
+    params = load_params(sft_project / "params.yaml")["sft"]
     out = sft_project / "models" / "sft"
     for name in (
         "adapter_model.safetensors",
@@ -193,7 +194,7 @@ def test_sft_writes_a_safetensors_adapter_tokenizer_and_training_metadata(sft_pr
     base = read_json(sft_project / "models" / "base" / "base_model.json")
     assert meta["base_model_sha256"] == base["weights_sha256"]
     assert meta["trainable_params"] > 0 and meta["trainable_params"] < meta["total_params"] / 50
-    assert meta["params"]["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert meta["params"]["lora"]["target_modules"] == params["lora"]["target_modules"]
     assert meta["prompt_tokens_masked_first_example"] > 100, "system+user prompt is masked from the loss"
     adapter = read_json(out / "adapter_config.json")
     assert adapter["r"] == meta["params"]["lora"]["r"]
