@@ -83,7 +83,7 @@ class Client:
         backoff_s: float = 0.5,
         backoff_max_s: float = 8.0,
         timeout_s: float = 60.0,
-        max_tokens: int = 96,
+        max_tokens: int = 160,  # a whole rationale + answer; a cut completion parses as invalid
         max_log_chars: int = 2000,
     ) -> None:
         self._endpoint = endpoint if callable(endpoint) else (lambda: endpoint)
