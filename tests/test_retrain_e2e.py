@@ -96,7 +96,7 @@ def test_unchanged_rerun_skips_every_stage_and_keeps_the_endpoint(e2e: Path):
     cli(e2e, "retrain", "--profile", "smoke")
     summary = (e2e / "reports/retrain_summary.md").read_text()
     assert "| yes |" not in summary, summary
-    assert "candidate unchanged" in summary
+    assert "candidate unchanged (already registered as version 1 and @champion)" in summary
     assert serve_state(e2e)["pid"] == pid
 
 
