@@ -83,7 +83,7 @@ def release_flow(profile: str | None = None) -> dict[str, Any]:
     digest = candidate_digest()
     known = registry.version_with_tag(CANDIDATE_TAG, digest) if digest else None
     if known is not None:
-        role = f" and @{registry.CHAMPION}" if str(registry.aliases().get(registry.CHAMPION)) == str(known) else ""
+        role = f" and @{registry.CHAMPION}" if registry.aliases().get(registry.CHAMPION) == known else ""
         result.update(version=known, reason=f"candidate unchanged (already registered as version {known}{role})",
                       verdict_md="(not re-gated: nothing new to release)")
         print(result["reason"])
