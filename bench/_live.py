@@ -40,10 +40,10 @@ def live_server(port: int = 8875, **overrides: Any) -> Iterator[dict[str, Any]]:
     from serving import server
     from serving.resolve import ModelRef
     from serving.tiny_adapter import cached_tiny_adapter
-    from tasks.config import load_params
+    from tasks.common.settings import load_settings
 
-    params = load_params(ROOT / "params.yaml")["serve"]
-    params["state_file"] = str(ROOT / params["state_file"])
+    params = load_settings(ROOT / "params.yaml").serve
+    params = params.model_copy(update={"state_file": str(ROOT / params.state_file)})
     current = server.status(params)
     if current.get("healthy") and not overrides:
         print(f"using the live server: {current['model']} v{current['version']} at {current['url']}")
@@ -52,12 +52,13 @@ def live_server(port: int = 8875, **overrides: Any) -> Iterator[dict[str, Any]]:
     base = base_model_dir()
     adapter = cached_tiny_adapter(base, ROOT / ".cache" / "test-assets")
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as folder:
-        params.update(state_file=f"{folder}/state.json", log_dir=f"{folder}/logs", merged_dir=f"{folder}/merged",
-                      port=port, smoke_min_valid_rate=0.5, **overrides)
+        params = params.model_copy(update={"state_file": f"{folder}/state.json", "log_dir": f"{folder}/logs",
+                                           "merged_dir": f"{folder}/merged", "port": port,
+                                           "smoke_min_valid_rate": 0.5, **overrides})
         print(f"starting a temporary vLLM server (base + tiny demo adapter) on port {port}…", flush=True)
         state = server.deploy(ModelRef("rationanomaly", "bench", str(base), str(adapter)), params)
         try:
-            yield {**state, "state_file": params["state_file"], "url": f"http://{state['host']}:{port}/v1"}
+            yield {**state, "state_file": params.state_file, "url": f"http://{state['host']}:{port}/v1"}
         finally:
             server.stop(params)
 

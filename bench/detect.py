@@ -30,7 +30,7 @@ def bgl_2k() -> Path:
 def main() -> None:
     from serving.client import Client, endpoint_from_state
     from serving.detect import FORMATS, Detector
-    from tasks.config import load_params
+    from tasks.common.settings import load_settings
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replays", type=int, default=50)
@@ -43,11 +43,11 @@ def main() -> None:
     total = data.count(b"\n")
     with tempfile.TemporaryDirectory(prefix="bench-detect-") as folder, live_server() as live:
         endpoint = endpoint_from_state(live["state_file"])
-        params = load_params(ROOT / "params.yaml")["detect"]
-        params.update(cache_file=f"{folder}/cache.sqlite", drain_state=f"{folder}/drain.bin")
+        params = load_settings(ROOT / "params.yaml").detect.model_copy(
+            update={"cache_file": f"{folder}/cache.sqlite", "drain_state": f"{folder}/drain.bin"})
 
         def run(**overrides: object) -> dict:
-            with Detector({**params, **overrides}, endpoint=endpoint, progress=False) as detector:
+            with Detector(params.model_copy(update=overrides), endpoint=endpoint, progress=False) as detector:
                 started = time.perf_counter()
                 summary = detector.run(io.BytesIO(data), io.StringIO())
                 summary["wall_s"] = time.perf_counter() - started
@@ -68,14 +68,15 @@ def main() -> None:
         pattern = FORMATS["bgl"][0]
         lines = text.decode("utf-8", errors="replace").splitlines()[: args.naive_lines]
         contents = [("bgl", match.group("content") if (match := pattern.match(line)) else line) for line in lines]
-        with Client(endpoint, concurrency=params["concurrency"], max_tokens=params["max_tokens"],
-                    max_log_chars=params["max_line_chars"]) as client:
+        with Client(endpoint, concurrency=params.concurrency, max_retries=params.max_retries,
+                    backoff_s=params.backoff_s, timeout_s=params.timeout_s, max_tokens=int(params.max_tokens),
+                    max_log_chars=params.max_line_chars) as client:
             started = time.perf_counter()
             client.classify(contents)
             naive_s = time.perf_counter() - started
         naive_rate = len(contents) / naive_s
         print(f"naive: {naive_rate:,.2f} lines/s measured on {len(contents)} lines at concurrency "
-              f"{params['concurrency']}; extrapolated to {total:,} lines: {total / naive_rate / 3600:,.1f} h",
+              f"{params.concurrency}; extrapolated to {total:,} lines: {total / naive_rate / 3600:,.1f} h",
               flush=True)
 
     warm_rate = total / warm["wall_s"]

@@ -34,15 +34,8 @@ def templates(n: int, seed: int) -> tuple[list[str], list[str]]:
     return frame["template"].astype(str).tolist(), frame["dataset"].astype(str).tolist()
 
 
-def base_model_dir() -> Path:
-    for candidate in (ROOT / "models" / "base", ROOT / ".cache" / "test-assets" / "base"):
-        if (candidate / "config.json").is_file():
-            return candidate
-    sys.exit("no base model: run `dvc repro base_model` (or the test suite, which converts one into .cache)")
-
-
 def main() -> None:
-    from tasks.inference import open_engine
+    from tasks.evaluation.inference import open_engine
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=200, help="templates (default 200)")
@@ -58,6 +51,8 @@ def main() -> None:
     adapter = args.adapter or (str(ROOT / "models" / "grpo") if (ROOT / "models/grpo/adapter_config.json").is_file()
                                else None)
     logs, datasets = templates(args.n, args.seed)
+    from _live import base_model_dir
+
     base = base_model_dir()
     model = f"{base.name} + {adapter}" if adapter else base.name
     print(f"{len(logs)} templates, max_new_tokens={args.max_new_tokens}, batch={args.batch_size}, "

@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tasks.workspace import copy_project  # noqa: E402
+from workspace import copy_project  # noqa: E402
 
 
 def run_retrain(project: Path) -> tuple[float, dict]:

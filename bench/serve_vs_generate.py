@@ -30,7 +30,7 @@ def prompts(n: int) -> list[str]:
 
 
 def run_vllm(live: dict, logs: list[str], new_tokens: int, concurrency: int) -> float:
-    from tasks.prompt import prompt_messages
+    from tasks.common.prompt import prompt_messages
 
     url = f"{live['url']}/chat/completions"
 
@@ -55,7 +55,7 @@ def run_transformers(base: str, adapter: str | None, logs: list[str], new_tokens
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.prompt import prompt_messages
+    from tasks.common.prompt import prompt_messages
 
     tokenizer = AutoTokenizer.from_pretrained(base, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)

@@ -23,9 +23,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _live import base_model_dir  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from tasks.config import deep_merge  # noqa: E402
+from tasks.common.settings import Settings, load_settings  # noqa: E402
 
 
 class StepTimer(TrainerCallback):
@@ -47,11 +48,9 @@ class StepTimer(TrainerCallback):
         self.cpu.append(time.process_time() - self._cpu)
 
 
-def profile_params(profile: str) -> dict[str, Any]:
-    import yaml
-
-    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    return deep_merge(raw, raw.pop("profiles")[profile])
+def profile_params(profile: str) -> Settings:
+    """The project's settings on `profile`."""
+    return load_settings(REPO / "params.yaml", profile=profile)
 
 
 def bench_data(work: Path, n: int = 64) -> Path:
@@ -61,7 +60,7 @@ def bench_data(work: Path, n: int = 64) -> Path:
         return real
     import pandas as pd
 
-    from tasks.prompt import training_messages
+    from tasks.common.prompt import training_messages
 
     mirror = Path(os.environ.get("RATIONANOMALY_MIRROR", REPO.parent / "shared" / "data"))
     frame = pd.read_csv(mirror / "logprompt" / "templates_bgl.csv", keep_default_na=False).sample(n, random_state=0)
@@ -80,17 +79,6 @@ def bench_data(work: Path, n: int = 64) -> Path:
     return path
 
 
-def base_dir() -> Path:
-    for candidate in (REPO / "models" / "base", REPO / ".cache" / "test-assets" / "base"):
-        if (candidate / "config.json").exists():
-            return candidate
-    from tasks.base_model import GGUF_SOURCE, build_base_model
-
-    target = REPO / ".cache" / "test-assets" / "base"
-    build_base_model(GGUF_SOURCE, target)
-    return target
-
-
 def median_after_warmup(times: list[float]) -> float:
     return statistics.median(times[1:] if len(times) > 1 else times)
 
@@ -107,7 +95,7 @@ def main() -> None:
         RATIONANOMALY_ROOT=str(work), MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}", HF_HUB_OFFLINE="1"
     )
     params = profile_params(args.profile)
-    data, base = bench_data(work), base_dir()
+    data, base = bench_data(work), base_model_dir()
     common = {
         "data_file": str(data),
         "base_model_dir": str(base),
@@ -120,13 +108,12 @@ def main() -> None:
     from tasks.grpo import prepare_grpo
     from tasks.sft import prepare_sft
 
-    sft = {
-        **params["sft"],
+    sft = params.sft.model_copy(update={
         **common,
         "max_steps": args.sft_steps,
         "out_dir": str(work / "sft"),
         "checkpoint_dir": str(work / "ckpt-sft"),
-    }
+    })
     prep = prepare_sft(sft)
     timer = StepTimer()
     prep.trainer.add_callback(timer)
@@ -135,14 +122,13 @@ def main() -> None:
     sft_times, sft_cpu = timer.times, median_after_warmup(timer.cpu)
     sft_step = median_after_warmup(sft_times)
 
-    grpo = {
-        **params["grpo"],
+    grpo = params.grpo.model_copy(update={
         **common,
         "max_steps": args.grpo_steps,
         "sft_adapter_dir": str(work / "sft"),
         "out_dir": str(work / "grpo"),
         "checkpoint_dir": str(work / "ckpt-grpo"),
-    }
+    })
     gprep = prepare_grpo(grpo)
     timer = StepTimer()
     gprep.trainer.add_callback(timer)
@@ -167,9 +153,9 @@ def main() -> None:
     import torch
 
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    s, g = params["sft"], params["grpo"]
+    s, g = params.sft.model_dump(), params.grpo.model_dump()
     print(
-        f"profile {args.profile}: base model {base}, data {data} ({prep.examples} SFT examples), "
+        f"profile {args.profile}: base model {base}, data {data} ({len(prep.trainer.train_dataset)} SFT examples), "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
     )
     print(f"torch threads {torch.get_num_threads()}; CPU s/step = CPU time of all threads (what a step costs)")

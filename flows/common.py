@@ -1,22 +1,60 @@
-"""Glue shared by the flows: choosing the profile, running a DVC stage as a Prefect task, publishing reports."""
+"""Glue shared by the flows: the pipeline lock, choosing the profile, running a DVC stage as a Prefect task,
+publishing reports."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.config import repo_root, set_profile
-from tasks.dvc_ops import StageResult, repro_stage
+from tasks.common.config import repo_root, set_profile
+from tasks.common.dvc_ops import StageResult, repro_stage
+from tasks.common.settings import Settings, load_settings
+
+LOCK_FILE = ".cache/pipeline.lock"
+_locks: dict[Path, FileLock] = {}  # one lock object per file in this process: re-entrant for nested flows
 
 
-def use_profile(profile: str | None) -> None:
-    """Select a params profile for this run (a DVC-tracked param, so DVC reruns what it affects)."""
+class RunInProgress(RuntimeError):
+    """Another flow holds the pipeline lock; two runs would fight over params.yaml, DVC outputs and the registry."""
+
+
+@contextmanager
+def pipeline_lock() -> Iterator[None]:
+    """Hold `.cache/pipeline.lock` while a flow changes the profile or runs DVC stages.
+
+    Re-entrant within one process (the retrain flow calls the data, train and release flows), refused at
+    once with RunInProgress when another process holds it: a second run would switch the running one's
+    profile and gate rules under it (issue 15, case 8).
+    """
+    lock_path = repo_root() / LOCK_FILE
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = _locks.setdefault(lock_path, FileLock(str(lock_path)))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout as exc:
+        raise RunInProgress(f"another pipeline run holds {lock_path} (a retrain, data, train or release flow); "
+                            "wait for it to finish: the lock frees itself when that process ends") from exc
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def start_run(profile: str | None) -> Settings:
+    """Select a params profile for this run (a DVC-tracked param, so DVC reruns what it affects) and read the
+    settings once. Call it inside `pipeline_lock()`: the profile then stays fixed until the run ends."""
     if profile and set_profile(profile):
         print(f"params.yaml: profile set to '{profile}'")
+    settings = load_settings()
+    print(f"profile: {settings.profile}")
+    return settings
 
 
 @task(name="dvc-stage", task_run_name="dvc repro {stage}", retries=0)
@@ -37,6 +75,7 @@ def run_stages(stages: list[str]) -> list[dict[str, Any]]:
 
 
 def read_json(relative: str) -> dict[str, Any]:
+    """A report under the project folder as a dict ({} when it does not exist yet)."""
     path = repo_root() / relative
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
@@ -56,9 +95,11 @@ def publish_markdown(key: str, markdown: str, description: str) -> None:
 
 
 def publish_table(key: str, rows: list[dict[str, Any]], description: str) -> None:
+    """A table artifact in the Prefect UI (one row per dict)."""
     create_table_artifact(key=key, table=rows, description=description)
 
 
 def file_text(relative: str, default: str = "") -> str:
+    """A text report under the project folder, or `default` when it does not exist yet."""
     path: Path = repo_root() / relative
     return path.read_text(encoding="utf-8") if path.exists() else default

@@ -6,10 +6,19 @@ from typing import Any
 
 from prefect import flow, task
 
-from flows.common import file_text, publish_markdown, publish_table, read_json, run_stages, stages_table, use_profile
-from tasks.config import repo_root
-from tasks.dvc_ops import lock_hashes
-from tasks.tracking import log_dataset_file, stage_run
+from flows.common import (
+    file_text,
+    pipeline_lock,
+    publish_markdown,
+    publish_table,
+    read_json,
+    run_stages,
+    stages_table,
+    start_run,
+)
+from tasks.common.config import repo_root
+from tasks.common.dvc_ops import lock_hashes
+from tasks.common.tracking import log_dataset_file, stage_run
 
 DATA_STAGES = ["fetch", "base_model", "correct", "split", "distill"]
 DATASETS = {  # path → (MLflow dataset name, context)
@@ -53,10 +62,11 @@ def publish_data_reports(results: list[dict[str, Any]]) -> None:
 @flow(name="data", log_prints=True)
 def data_flow(profile: str | None = None) -> list[dict[str, Any]]:
     """fetch → base_model → correct → split → distill (DVC skips what has not changed), then reports."""
-    use_profile(profile)
-    results = run_stages(DATA_STAGES)
-    publish_data_reports(results)
-    log_datasets()
+    with pipeline_lock():
+        start_run(profile)
+        results = run_stages(DATA_STAGES)
+        publish_data_reports(results)
+        log_datasets()
     if not any(r["ran"] for r in results):
         print("data: every stage was up to date; nothing re-ran")
     return results

@@ -9,8 +9,9 @@ from prefect import flow, task
 from flows.common import publish_markdown
 from serving.resolve import ModelRef, resolve_champion
 from serving.server import deploy
-from tasks import registry
-from tasks.config import section
+from tasks.common.config import repo_root
+from tasks.common.settings import ServeSettings, load_settings
+from tasks.release import registry
 
 
 @task(name="champion-version", retries=2, retry_delay_seconds=5)
@@ -20,15 +21,15 @@ def champion_version(model_name: str) -> str | None:
 
 
 @task(name="resolve-champion", retries=2, retry_delay_seconds=5)
-def resolve(model_name: str) -> ModelRef:
+def resolve(model_name: str, base_model_dir: str) -> ModelRef:
     """models:/<name>@champion → local base + adapter folders (retried: the registry may be remote)."""
-    return resolve_champion(model_name)
+    return resolve_champion(model_name, fallback_base_dir=repo_root() / base_model_dir)
 
 
 @task(name="deploy-endpoint")
-def deploy_endpoint(ref: ModelRef) -> dict[str, Any]:
+def deploy_endpoint(ref: ModelRef, settings: ServeSettings) -> dict[str, Any]:
     """Start the new server beside the old one; switch only if it passes; otherwise the old one keeps serving."""
-    return deploy(ref, section("serve"))
+    return deploy(ref, settings)
 
 
 @flow(name="deploy", log_prints=True)
@@ -38,14 +39,15 @@ def deploy_flow() -> dict[str, Any]:
     Before any candidate has passed the gate there is no champion: nothing is served, and that is
     not a failure of this run (the summary says so).
     """
-    model_name = section("registry")["model_name"]
+    settings = load_settings()
+    model_name = settings.registry.model_name
     if champion_version(model_name) is None:
         reason = f"no `{model_name}@champion` yet (no candidate has passed the gate): nothing to serve"
         publish_markdown("endpoint", f"# Endpoint\n\n- none: {reason}", "The live vLLM endpoint")
         print(reason)
         return {"url": None, "version": None, "action": "none", "reason": reason}
-    ref = resolve(model_name)
-    state = deploy_endpoint(ref)
+    ref = resolve(model_name, settings.base_model.out_dir)
+    state = deploy_endpoint(ref, settings.serve)
     url = f"http://{state['host']}:{state['port']}/v1"
     publish_markdown(
         "endpoint",

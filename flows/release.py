@@ -6,30 +6,56 @@ import json
 from typing import Any
 
 from prefect import flow, task
+from prefect.context import FlowRunContext
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from pydantic import Field
 
-from flows.common import file_text, publish_markdown, run_stages, use_profile
-from tasks import registry
-from tasks.config import repo_root, section
-from tasks.dvc_ops import lock_hashes
+from flows.common import file_text, pipeline_lock, publish_markdown, run_stages, start_run
+from tasks.common.config import repo_root
+from tasks.common.dvc_ops import lock_hashes
+from tasks.common.settings import Settings
 from tasks.evaluate import evaluate_adapter
-from tasks.gate import Verdict, evaluate_gate, same_test_data
+from tasks.release import registry
+from tasks.release.gate import GateVerdict, evaluate_gate, same_test_data
+from tasks.release.pyfunc import model_config
 
 CANDIDATE_TAG = "candidate.adapter_md5"
 
 
-def candidate_digest() -> str:
+class ApprovalInput(RunInput):
+    """What the approver types into the Prefect UI when the release flow pauses."""
+
+    approver: str = Field(min_length=1, description="Who decides (recorded on the model version)")
+    approve: bool = Field(description="Promote this version to @champion?")
+    reason: str = Field(description="Why (recorded on the model version)")
+
+
+def request_approval(verdict: GateVerdict, timeout_s: int = 24 * 3600) -> ApprovalInput:
+    """Pause the running flow until a person approves or rejects (Prefect UI, or `POST /api/flow_runs/<id>/resume`
+    with `{"run_input": {...}}`); returns the answer. Raises RuntimeError outside a flow run."""
+    if FlowRunContext.get() is None:
+        raise RuntimeError("request_approval must be called inside a Prefect flow run (it pauses that flow)")
+    description = "Approve promotion to @champion?\n\n" + verdict.to_markdown()
+    return pause_flow_run(
+        wait_for_input=ApprovalInput.with_initial_data(description=description, approve=False, reason=""),
+        timeout=timeout_s, key="approval")
+
+
+def candidate_digest(settings: Settings) -> str:
     """The DVC md5 of the candidate adapter: the same adapter is never registered twice."""
-    return lock_hashes().get("grpo", {}).get(section("grpo")["out_dir"], "")
+    return lock_hashes().get("grpo", {}).get(settings.grpo.out_dir, "")
 
 
 @task(name="champion-metrics", retries=2, retry_delay_seconds=5)
-def current_champion() -> dict[str, Any] | None:
+def current_champion(model_name: str) -> dict[str, Any] | None:
     """The @champion's stored metrics, to compare on the same test data (retried: the registry may be remote)."""
-    return registry.champion_metrics()
+    return registry.champion_metrics(model_name)
 
 
 @task(name="re-evaluate-champion")
-def champion_on_current_data(candidate: dict[str, Any], champion: dict[str, Any] | None) -> dict[str, Any] | None:
+def champion_on_current_data(candidate: dict[str, Any], champion: dict[str, Any] | None,
+                             settings: Settings) -> dict[str, Any] | None:
     """The champion's metrics on the candidate's test data, re-measured when its stored ones used other data.
 
     After a data or cap change the stored F1s do not compare; rather than refuse every candidate
@@ -40,57 +66,66 @@ def champion_on_current_data(candidate: dict[str, Any], champion: dict[str, Any]
     version = champion["version"]
     print(f"champion v{version} was measured on other test data: re-evaluating it on the current test data")
     dest = repo_root() / ".cache" / "champion-eval" / str(version)
-    adapter = registry.download_adapter(f"{registry.model_name()}/{version}", dest)
-    return {"version": version, "metrics": evaluate_adapter(adapter, section("evaluate")), "re_evaluated": True}
+    adapter = registry.download_adapter(f"{settings.registry.model_name}/{version}", dest)
+    return {"version": version, "metrics": evaluate_adapter(adapter, settings.evaluate), "re_evaluated": True}
 
 
 @task(name="gate")
-def gate(metrics: dict[str, Any], champion: dict[str, Any] | None) -> Verdict:
-    verdict = evaluate_gate(metrics, champion["metrics"] if champion else None,
+def gate(metrics: dict[str, Any], champion: dict[str, Any] | None, settings: Settings) -> GateVerdict:
+    """The verdict as data, published as an artifact."""
+    verdict = evaluate_gate(metrics, champion["metrics"] if champion else None, settings.gate,
                             champion_version=champion["version"] if champion else None)
     publish_markdown("gate-verdict", verdict.to_markdown(), "Every gate rule: threshold, measured, pass/fail")
     return verdict
 
 
 @task(name="register", retries=2, retry_delay_seconds=5)
-def register(metrics: dict[str, Any], verdict: Verdict, digest: str) -> str:
+def register(metrics: dict[str, Any], verdict: GateVerdict, digest: str, settings: Settings) -> str:
     """A new registry version for every evaluated candidate (@challenger when its gate passed)."""
     root = repo_root()
+    name = settings.registry.model_name
     version = registry.register_candidate(
-        root / section("grpo")["out_dir"], root / section("base_model")["out_dir"], metrics, verdict,
-        {CANDIDATE_TAG: digest},
+        root / settings.grpo.out_dir, root / settings.base_model.out_dir, metrics, verdict, {CANDIDATE_TAG: digest},
+        name=name, model_config=model_config(settings.evaluate), params=settings.model_dump(),
     )
-    card = registry.model_card_text(version)
+    card = registry.model_card_text(version, name=name)
     publish_markdown("model-card", card, f"Model card of version {version}")
     return version
 
 
 @task(name="promote")
-def promote(version: str, approver: str, reason: str) -> dict[str, Any]:
-    return registry.promote(version, approver, reason)
+def promote(version: str, approver: str, reason: str, model_name: str) -> dict[str, Any]:
+    """Move @champion to the version (and @previous to the old champion)."""
+    return registry.promote(version, approver, reason, name=model_name)
 
 
 @flow(name="release", log_prints=True)
 def release_flow(profile: str | None = None) -> dict[str, Any]:
     """evaluate (DVC) → gate against @champion → register → optional human approval → promote."""
-    use_profile(profile)
-    stages = run_stages(["evaluate"])
-    metrics = json.loads((repo_root() / section("evaluate")["metrics_file"]).read_text(encoding="utf-8"))
-    table = file_text("reports/eval/eval.md", "(no report)")
-    publish_markdown("evaluation-report", table, "Candidate beside the baselines, per dataset and level")
-    result: dict[str, Any] = {"stages": stages, "table_md": table, "promoted": False}
+    with pipeline_lock():
+        settings = start_run(profile)
+        return _release(settings)
 
-    digest = candidate_digest()
-    known = registry.version_with_tag(CANDIDATE_TAG, digest) if digest else None
+
+def _release(settings: Settings) -> dict[str, Any]:
+    name = settings.registry.model_name
+    stages = run_stages(["evaluate"])
+    metrics = json.loads((repo_root() / settings.evaluate.metrics_file).read_text(encoding="utf-8"))
+    table = file_text(f"{settings.evaluate.out_dir}/eval.md", "(no report)")
+    publish_markdown("evaluation-report", table, "Candidate beside the baselines, per dataset and level")
+    result: dict[str, Any] = {"stages": stages, "table_md": table, "promoted": False, "profile": settings.profile}
+
+    digest = candidate_digest(settings)
+    known = registry.version_with_tag(CANDIDATE_TAG, digest, name=name) if digest else None
     if known is not None:
-        role = f" and @{registry.CHAMPION}" if registry.aliases().get(registry.CHAMPION) == known else ""
+        role = f" and @{registry.CHAMPION}" if registry.aliases(name).get(registry.CHAMPION) == known else ""
         result.update(version=known, reason=f"candidate unchanged (already registered as version {known}{role})",
                       verdict_md="(not re-gated: nothing new to release)")
         print(result["reason"])
         return result
 
-    verdict = gate(metrics, champion_on_current_data(metrics, current_champion()))
-    version = register(metrics, verdict, digest)
+    verdict = gate(metrics, champion_on_current_data(metrics, current_champion(name), settings), settings)
+    version = register(metrics, verdict, digest, settings)
     result.update(version=version, verdict=verdict.to_dict(), verdict_md=verdict.to_markdown())
     if not verdict.passed:
         result["reason"] = "gate failed: " + ", ".join(rule.name for rule in verdict.failed)
@@ -98,14 +133,14 @@ def release_flow(profile: str | None = None) -> dict[str, Any]:
         return result
 
     approver, why = "gate", "all gate rules passed"
-    if section("gate").get("require_approval"):
-        answer = registry.request_approval(verdict)
+    if settings.gate.require_approval:
+        answer = request_approval(verdict)
         if not answer.approve:
-            registry.record_refusal(version, answer.approver, answer.reason)
+            registry.record_refusal(version, answer.approver, answer.reason, name=name)
             result["reason"] = f"refused by {answer.approver}: {answer.reason}"
             return result
         approver, why = answer.approver, answer.reason
-    aliases = promote(version, approver, why)
+    aliases = promote(version, approver, why, name)
     result.update(promoted=True, aliases=aliases, approver=approver)
     print(f"version {version} promoted to @champion (previous: {aliases.get('previous')})")
     return result

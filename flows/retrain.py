@@ -1,4 +1,5 @@
-"""Prefect flow `retrain`: data → train → release → deploy under one MLflow parent run, never two at once."""
+"""Prefect flow `retrain`: data → train → release → deploy under one MLflow parent run, never two at once
+(flows.common.pipeline_lock), on the profile fixed at its start."""
 
 from __future__ import annotations
 
@@ -8,38 +9,17 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from filelock import FileLock, Timeout
 from prefect import flow
 
-from flows.common import publish_markdown, stages_table, use_profile
+from flows.common import pipeline_lock, publish_markdown, stages_table, start_run
 from flows.data import data_flow
 from flows.deploy import deploy_flow
 from flows.release import release_flow
 from flows.train import train_flow
-from tasks.config import load_params, repo_root
-from tasks.dvc_ops import stale_stages
-from tasks.tracking import PARENT_RUN_ENV, setup_mlflow
-
-LOCK_FILE = ".cache/retrain.lock"
-
-
-class RunInProgress(RuntimeError):
-    """Another retrain run holds the lock; two runs would fight over DVC outputs and the registry."""
-
-
-@contextmanager
-def exclusive_run() -> Iterator[None]:
-    lock_path = repo_root() / LOCK_FILE
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(lock_path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout as exc:
-        raise RunInProgress(f"another retrain run holds {lock_path}; wait for it or remove a stale lock") from exc
-    try:
-        yield
-    finally:
-        lock.release()
+from tasks.common.config import repo_root
+from tasks.common.dvc_ops import stale_stages
+from tasks.common.files import write_text_atomic
+from tasks.common.tracking import PARENT_RUN_ENV, setup_mlflow
 
 
 @contextmanager
@@ -56,10 +36,12 @@ def parent_run(profile: str) -> Iterator[str]:
 
 
 def summary_markdown(
-    changes: dict[str, list[str]], stages: list[dict[str, Any]], release: dict[str, Any], deploy: dict[str, Any] | None
+    changes: dict[str, list[str]], stages: list[dict[str, Any]], release: dict[str, Any], deploy: dict[str, Any] | None,
+    profile: str,
 ) -> str:
     """What changed, what ran, how the candidate scored, whether it was promoted, what is live."""
-    lines = ["# Retrain summary", "", "## What changed since the last run", ""]
+    lines = ["# Retrain summary", "", f"Profile: **{profile}** (fixed for the whole run).", "",
+             "## What changed since the last run", ""]
     lines += [f"- **{stage}**: {'; '.join(why) or 'new'}" for stage, why in changes.items()] or ["- nothing"]
     lines += ["", "## Stages", "", stages_table(stages), "", "## Evaluation", "", release.get("table_md", "(none)")]
     lines += ["", "## Gate", "", release.get("verdict_md", "(no verdict)"), ""]
@@ -81,20 +63,20 @@ def summary_markdown(
 @flow(name="retrain", log_prints=True)
 def retrain_flow(profile: str | None = None, deploy: bool = True) -> dict[str, Any]:
     """data → train → release → deploy; DVC reruns only what changed; a failed gate leaves production alone."""
-    with exclusive_run():
-        use_profile(profile)
+    with pipeline_lock():
+        settings = start_run(profile)
         changes = stale_stages()
-        with parent_run(load_params()["profile"]) as run_id:
+        with parent_run(settings.profile) as run_id:
             stages = data_flow() + train_flow()
             release = release_flow()
             stages += release.get("stages", [])
             served = deploy_flow() if deploy else None
-        summary = summary_markdown(changes, stages, release, served)
+        summary = summary_markdown(changes, stages, release, served, settings.profile)
         publish_markdown("retrain-summary", summary, "What changed, what ran, the verdict and the endpoint")
-        summary_file = repo_root() / "reports" / "retrain_summary.md"
-        summary_file.write_text(summary + "\n", encoding="utf-8")
+        write_text_atomic(repo_root() / "reports" / "retrain_summary.md", summary + "\n")
         print(summary)
-        return {"parent_run_id": run_id, "changes": changes, "stages": stages, "release": release, "deploy": served}
+        return {"parent_run_id": run_id, "profile": settings.profile, "changes": changes, "stages": stages,
+                "release": release, "deploy": served}
 
 
 def serve_schedule(profile: str = "default", cron: str = "0 2 * * 0") -> None:

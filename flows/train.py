@@ -7,8 +7,8 @@ from typing import Any
 
 from prefect import flow, task
 
-from flows.common import publish_markdown, read_json, run_stages, stages_table, use_profile
-from tasks.config import repo_root
+from flows.common import pipeline_lock, publish_markdown, read_json, run_stages, stages_table, start_run
+from tasks.common.config import repo_root
 
 TRAIN_STAGES = ["sft", "grpo"]
 
@@ -32,6 +32,7 @@ def reward_summary_markdown(results: list[dict[str, Any]]) -> str:
 
 @task(name="publish-training-summary")
 def publish_training_summary(results: list[dict[str, Any]]) -> str:
+    """Publish the training summary (steps, time, rewards, reward curve) as a Prefect artifact."""
     markdown = reward_summary_markdown(results)
     publish_markdown("training-summary", markdown, "SFT and GRPO: steps, time, rewards")
     return markdown
@@ -40,9 +41,10 @@ def publish_training_summary(results: list[dict[str, Any]]) -> str:
 @flow(name="train", log_prints=True)
 def train_flow(profile: str | None = None) -> list[dict[str, Any]]:
     """sft → grpo (DVC skips what has not changed), then the training summary artifact."""
-    use_profile(profile)
-    results = run_stages(TRAIN_STAGES)
-    publish_training_summary(results)
+    with pipeline_lock():
+        start_run(profile)
+        results = run_stages(TRAIN_STAGES)
+        publish_training_summary(results)
     return results
 
 

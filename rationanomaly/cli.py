@@ -83,17 +83,19 @@ def schedule(
     serve_schedule(profile=profile, cron=cron)
 
 
-def _register_optional_commands() -> None:
-    """Attach the serving and registry commands (they live beside the code they drive)."""
-    from rationanomaly import cli_registry, cli_serving
+def _register_commands() -> None:
+    """Attach the commands defined beside the code they drive (each module imports its work lazily)."""
+    from rationanomaly import cli_data, cli_registry, cli_serving
 
+    app.command(name="review")(cli_data.review)
+    app.command(name="gate")(cli_registry.gate)
     app.command(name="serve")(cli_serving.serve)
     app.command(name="detect")(cli_serving.detect)
     app.command(name="lineage")(cli_registry.lineage)
     app.command(name="rollback")(cli_registry.rollback)
 
 
-_register_optional_commands()
+_register_commands()
 
 
 if __name__ == "__main__":

@@ -1,13 +1,11 @@
-"""`rationanomaly lineage` and `rationanomaly rollback`: plain typer command functions.
-
-The main CLI (rationanomaly.cli) registers them; the local `app` exists so they can be tested alone.
-"""
+"""`rationanomaly lineage`, `rollback` and `gate`: plain typer command functions the main CLI registers."""
 
 from __future__ import annotations
 
 import getpass
 import json
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -28,8 +26,8 @@ def lineage(
     json_: Annotated[bool, typer.Option("--json", help="Emit JSON instead of a tree")] = False,
 ) -> None:
     """Walk a model version back to its runs, params, data, corrections, base model, code and gate decision."""
-    from tasks.lineage import LineageError, lineage_by_data, render_by_data, render_lineage
-    from tasks.lineage import lineage as build_lineage
+    from tasks.release.lineage import LineageError, lineage_by_data, render_by_data, render_lineage
+    from tasks.release.lineage import lineage as build_lineage
 
     if (ref is None) == (data is None):
         raise typer.BadParameter("give either a model reference (e.g. rationanomaly@champion) or --data <hash>")
@@ -56,12 +54,13 @@ def rollback(
     actor: Annotated[str | None, typer.Option("--actor", help="Who rolls back (default: the current user)")] = None,
 ) -> None:
     """Move @champion back to @previous, recording who did it and why."""
-    from tasks.registry import RegistryError
-    from tasks.registry import rollback as do_rollback
+    from tasks.common.settings import load_settings
+    from tasks.release.registry import RegistryError
+    from tasks.release.registry import rollback as do_rollback
 
     who = actor or getpass.getuser()
     try:
-        result = do_rollback(who, reason)
+        result = do_rollback(who, reason, name=load_settings().registry.model_name)
     except RegistryError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -69,6 +68,32 @@ def rollback(
                   f"@previous → {('v' + result['previous']) if result['previous'] else 'none'}; by {who}: {reason}")
 
 
-app = typer.Typer(help="Registry commands (registered on the main CLI by rationanomaly.cli)")
-app.command("lineage")(lineage)
-app.command("rollback")(rollback)
+def gate(
+    metrics: Annotated[Path | None, typer.Option(help="metrics.json to judge (default: evaluate.metrics_file).")]
+    = None,
+    json_: Annotated[bool, typer.Option("--json", help="Emit the verdict as JSON.")] = False,
+) -> None:
+    """Judge the evaluated candidate against @champion with the `gate` rules; exit 1 when a rule fails."""
+    from tasks.common.config import repo_root
+    from tasks.common.settings import load_settings
+    from tasks.release.gate import evaluate_gate
+    from tasks.release.registry import RegistryError, champion_metrics
+
+    settings = load_settings()
+    path = metrics or repo_root() / settings.evaluate.metrics_file
+    if not path.is_file():
+        typer.echo(f"error: {path}: no metrics yet (run `rationanomaly release` or `dvc repro evaluate`)", err=True)
+        raise typer.Exit(1)
+    try:
+        champion = champion_metrics(settings.registry.model_name)
+    except RegistryError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    verdict = evaluate_gate(json.loads(path.read_text(encoding="utf-8")), champion["metrics"] if champion else None,
+                            settings.gate, champion_version=champion["version"] if champion else None)
+    if json_:
+        typer.echo(json.dumps(verdict.to_dict(), indent=2))
+    else:
+        _console().print(verdict.to_markdown())
+    if not verdict.passed:
+        raise typer.Exit(1)

@@ -1,4 +1,4 @@
-"""`rationanomaly serve` and `rationanomaly detect`: commands the main CLI attaches (a local app serves tests)."""
+"""`rationanomaly serve` and `rationanomaly detect`: plain typer command functions the main CLI registers."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-
-app = typer.Typer(help="Serve the champion behind vLLM; detect anomalies in raw logs.", no_args_is_help=True)
 
 
 def _fail(message: str) -> None:
@@ -37,32 +35,33 @@ def serve(
     """Deploy models:/<name>@champion with health and smoke checks and a blue/green switch (or --status/--stop)."""
     from serving import server
     from serving.resolve import ModelRef, resolve_champion
-    from tasks.config import load_params, repo_root
-    from tasks.errors import InputError
+    from tasks.common.config import repo_root
+    from tasks.common.errors import InputError
+    from tasks.common.settings import load_settings
 
-    params = load_params()
-    serve_params = dict(params["serve"])
+    settings = load_settings()
+    serve_settings = settings.serve
     if status:
-        state = server.status(serve_params)
+        state = server.status(serve_settings)
         _show(state)
         raise typer.Exit(0 if state.get("healthy") else 1)
     if stop:
-        state = server.stop(serve_params)
+        state = server.stop(serve_settings)
         typer.echo(f"stopped {state.get('model')} v{state.get('version')} (pid {state.get('pid')})"
                    if state.get("stopped") else "no live server")
         return
     if merged is not None:
-        serve_params["merged"] = merged
-    name = model_name or params["registry"]["model_name"]
+        serve_settings = serve_settings.model_copy(update={"merged": merged})
+    name = model_name or settings.registry.model_name
     try:
         if adapter is not None:
-            base_dir = base or repo_root() / params["base_model"]["out_dir"]
+            base_dir = base or repo_root() / settings.base_model.out_dir
             ref = ModelRef(name, version, str(Path(base_dir).resolve()), str(adapter.resolve()))
         else:
-            ref = resolve_champion(name, alias)
+            ref = resolve_champion(name, alias, fallback_base_dir=repo_root() / settings.base_model.out_dir)
         typer.echo(f"deploying {ref.name} v{ref.version} (adapter {ref.adapter_dir}); vLLM takes about a minute…",
                    err=True)
-        state = server.deploy(ref, serve_params, force=force)
+        state = server.deploy(ref, serve_settings, force=force)
     except (server.ServeError, InputError) as exc:
         _fail(f"serve failed, the previous server (if any) keeps serving: {exc}")
     _show(state)
@@ -83,16 +82,20 @@ def detect(
 ) -> None:
     """Verdicts with rationales for raw log lines; new templates only go to the model, the rest come from the cache."""
     from serving.client import EndpointError
-    from serving.detect import Detector, print_summary
-    from tasks.config import section
-    from tasks.errors import InputError
+    from serving.detect import Detector, default_endpoint, print_summary
+    from tasks.common.errors import InputError
+    from tasks.common.settings import load_settings
 
-    params = dict(section("detect"))
+    try:
+        settings = load_settings()
+    except InputError as exc:
+        _fail(f"detect stopped: {exc}")
     overrides = {"base_url": base_url, "model": model, "model_version": model_version, "window_lines": window_lines,
                  "concurrency": concurrency, "max_retries": max_retries}
-    params.update({k: v for k, v in overrides.items() if v is not None})
+    detect_settings = settings.detect.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    endpoint = default_endpoint(detect_settings, settings.serve, settings.registry.model_name)
     try:
-        with Detector(params, progress=progress) as detector:
+        with Detector(detect_settings, endpoint=endpoint, progress=progress) as detector:
             if out == "-":
                 result = detector.run(file, sys.stdout, fmt)
             else:
@@ -105,6 +108,3 @@ def detect(
     if summary is not None:
         summary.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
-
-app.command()(serve)
-app.command()(detect)

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from tasks.prompt import parse_completion, prompt_messages
+from tasks.common.prompt import parse_completion, prompt_messages
 
 ANSWER_CLOSE = "</answer>"
 
@@ -204,11 +204,3 @@ class Client:
         if error is not None:
             raise error
         return [r for r in results if r is not None]
-
-    def health(self) -> bool:
-        endpoint = self.endpoint()
-        root = endpoint.base_url.removesuffix("/v1")
-        try:
-            return self._http.get(f"{root}/health", timeout=5.0).status_code == 200
-        except httpx.HTTPError:
-            return False

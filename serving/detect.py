@@ -33,9 +33,11 @@ from drain3.masking import MaskingInstruction
 from drain3.template_miner_config import TemplateMinerConfig
 
 from serving.client import Client, Endpoint, EndpointError, Verdict, endpoint_from_state
-from tasks.config import repo_root, section
-from tasks.errors import InputError, atomic_path
-from tasks.prompt import ABNORMAL
+from tasks.common.config import resolve_path
+from tasks.common.errors import InputError
+from tasks.common.files import atomic_path
+from tasks.common.prompt import ABNORMAL
+from tasks.common.settings import DetectSettings, ServeSettings
 
 # Header layouts (LogHub's log formats); only the free-text content is mined and shown to the model.
 # The first field of BGL/Spirit/Thunderbird lines is the ground-truth alert tag: it is never sent.
@@ -112,6 +114,7 @@ class _CheckpointMiner(TemplateMiner):
 
 
 def make_miner(state_file: Path | None, sim_th: float = 0.4, depth: int = 4) -> _CheckpointMiner:
+    """A drain3 miner with the project's masks (values become `<*>`), checkpointed to `state_file` when given."""
     config = TemplateMinerConfig()
     config.drain_sim_th, config.drain_depth = sim_th, depth
     config.masking_instructions = [MaskingInstruction(pattern, "*") for pattern in MASKS]  # masks read "<*>"
@@ -146,6 +149,7 @@ class VerdictCache:
         self._memory = {t: (v, bool(ok), r) for t, v, ok, r in rows}
 
     def get(self, template: str) -> tuple[str | None, bool, str] | None:
+        """(verdict, valid, rationale) of a template for this model version, None when not asked yet."""
         return self._memory.get(template)
 
     def put(self, verdict: Verdict) -> None:
@@ -168,20 +172,21 @@ class VerdictCache:
 # ---------------------------------------------------------------- the detector
 
 
-def default_endpoint(params: dict[str, Any], serve: dict[str, Any] | None = None) -> Endpoint | Callable[[], Endpoint]:
-    """detect.base_url when set (a remote endpoint), else the live server of serve.state_file, re-read on retries."""
-    serve = serve if serve is not None else section("serve")
-    key_env = serve.get("api_key_env")
-    if params.get("base_url"):
-        return Endpoint(str(params["base_url"]).rstrip("/"), params.get("model") or section("registry")["model_name"],
-                        str(params.get("model_version") or "unknown"), os.environ.get(key_env) if key_env else None)
-    state_file = Path(serve["state_file"])
-    state_file = state_file if state_file.is_absolute() else repo_root() / state_file
+def default_endpoint(settings: DetectSettings, serve: ServeSettings, model_name: str,
+                     ) -> Endpoint | Callable[[], Endpoint]:
+    """detect.base_url when set (a remote endpoint serving `detect.model`, default the registered `model_name`),
+    else the live server of serve.state_file, re-read before every retry (follows a blue/green switch)."""
+    key_env = serve.api_key_env
+    if settings.base_url:
+        return Endpoint(settings.base_url.rstrip("/"), settings.model or model_name,
+                        settings.model_version or "unknown", os.environ.get(key_env) if key_env else None)
+    state_file = resolve_path(serve.state_file)
     return lambda: endpoint_from_state(state_file, key_env)
 
 
 @dataclass
 class DetectStats:
+    """Counters of one detect run (lines, windows, templates, requests), reported in its summary."""
     lines: int = 0
     empty_lines: int = 0
     invalid_utf8_lines: int = 0
@@ -199,32 +204,31 @@ class DetectStats:
 
 
 class Detector:
-    """Raw lines in, JSON-lines verdicts out. `params` is the `detect` section of params.yaml."""
+    """Raw lines in, JSON-lines verdicts out, configured by the `detect` settings.
 
-    def __init__(self, params: dict[str, Any] | None = None, *, client: Client | None = None,
+    `endpoint` (or a ready `client`) says where the model answers: build it with `default_endpoint`.
+    """
+
+    def __init__(self, settings: DetectSettings, *, client: Client | None = None,
                  endpoint: Endpoint | Callable[[], Endpoint] | None = None, model_version: str | None = None,
                  progress: bool = True) -> None:
-        self.params = dict(params if params is not None else section("detect"))
+        self.settings = settings
         if client is None:
-            client = Client(endpoint or default_endpoint(self.params), concurrency=self.params["concurrency"],
-                            max_retries=self.params["max_retries"], backoff_s=float(self.params["backoff_s"]),
-                            timeout_s=float(self.params["timeout_s"]), max_tokens=int(self.params["max_tokens"]),
-                            max_log_chars=int(self.params["max_line_chars"]))
+            if endpoint is None:
+                raise ValueError("Detector needs an endpoint or a client (see serving.detect.default_endpoint)")
+            client = Client(endpoint, concurrency=settings.concurrency, max_retries=settings.max_retries,
+                            backoff_s=settings.backoff_s, timeout_s=settings.timeout_s,
+                            max_tokens=int(settings.max_tokens),  # type: ignore[arg-type]  # resolved by Settings
+                            max_log_chars=settings.max_line_chars)
         self.client = client
-        self.model_version = str(model_version or self.params.get("model_version") or client.endpoint().version)
-        self.cache = VerdictCache(self._path(self.params["cache_file"]), self.model_version)
-        drain_state = self.params.get("drain_state")
-        self.miner = make_miner(self._path(drain_state) if drain_state else None,
-                                float(self.params.get("drain_sim_th", 0.4)), int(self.params.get("drain_depth", 4)))
+        self.model_version = str(model_version or settings.model_version or client.endpoint().version)
+        self.cache = VerdictCache(resolve_path(settings.cache_file), self.model_version)
+        self.miner = make_miner(resolve_path(settings.drain_state) if settings.drain_state else None,
+                                settings.drain_sim_th, settings.drain_depth)
         self.progress = progress
         self._memo: dict[str, int] = {}
-        self._memo_size = int(self.params.get("memo_size", 200_000))
+        self._memo_size = settings.memo_size
         self._emitted: dict[int, str] = {}  # cluster id → template text last written (one run)
-
-    @staticmethod
-    def _path(value: str | Path) -> Path:
-        path = Path(value)
-        return path if path.is_absolute() else repo_root() / path
 
     def close(self) -> None:
         self.miner.checkpoint()
@@ -303,7 +307,7 @@ class Detector:
             self.cache.put(verdict)
             stats.requested += 1
 
-        batch = max(1, int(self.params.get("batch_size", 64)))
+        batch = self.settings.batch_size
         try:
             for start in range(0, len(missing), batch):
                 self.client.classify(missing[start:start + batch], on_result=store)
@@ -341,7 +345,7 @@ class Detector:
         if not text.strip():
             stats.empty_lines += 1
             return None
-        max_chars = int(self.params["max_line_chars"])
+        max_chars = self.settings.max_line_chars
         if len(text) > max_chars:  # before mining: a 1 MB line must not become a 1 MB template
             text = text[:max_chars]
             stats.truncated_lines += 1
@@ -366,7 +370,7 @@ class Detector:
 
         if fmt != "auto" and fmt not in FORMATS:
             raise InputError(name, f"unknown log format {fmt!r}", hint=f"one of auto, {', '.join(FORMATS)}")
-        window_lines = int(self.params["window_lines"])
+        window_lines = self.settings.window_lines
         window: list[int] = [0, 0, 0]  # first line, lines, abnormal lines
         window_templates: Counter[int] = Counter()
         emitted = self._emitted
@@ -376,8 +380,7 @@ class Detector:
         write = out.write
         try:
             with progress:
-                chunks = self._chunks(handle, int(self.params.get("chunk_lines", 5000)),
-                                      float(self.params.get("flush_s", 1.0)))
+                chunks = self._chunks(handle, self.settings.chunk_lines, self.settings.flush_s)
                 for chunk in chunks:
                     if fmt == "auto":
                         sample = (raw.decode("utf-8", errors="replace").strip() for _, raw in chunk[:200])
@@ -441,7 +444,7 @@ class Detector:
             cached = self.cache.get(template) if template is not None else None
             if cached and cached[0] == ABNORMAL:
                 top.append({"template_id": cid, "template": template, "lines": count, "rationale": cached[2]})
-            if len(top) >= int(self.params.get("top_k", 10)):
+            if len(top) >= self.settings.top_k:
                 break
         counts = {k: v for k, v in vars(stats).items() if k != "line_counts"}
         counts["seconds"] = round(stats.seconds, 3)
@@ -469,14 +472,3 @@ def print_summary(summary: dict[str, Any], console: Any = None) -> None:
         for row in summary["top_anomalous"]:
             top.add_row(str(row["lines"]), row["template"], row["rationale"])
         console.print(top)
-
-
-def detect_file(source: str | Path, out_file: str | Path | None, params: dict[str, Any] | None = None,
-                fmt: str = "auto", **kwargs: Any) -> dict[str, Any]:
-    """Convenience: run a Detector on a file ('-' = stdin) and write records to `out_file` ('-'/None = stdout)."""
-    with Detector(params, **kwargs) as detector:
-        if out_file is None or str(out_file) == "-":
-            return detector.run(source, sys.stdout, fmt)
-        Path(out_file).parent.mkdir(parents=True, exist_ok=True)
-        with Path(out_file).open("w", encoding="utf-8") as out:
-            return detector.run(source, out, fmt)

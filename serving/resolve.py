@@ -2,7 +2,7 @@
 
 Registry convention (tasks/registry.py): a version is a pyfunc model whose artifacts hold the LoRA adapter
 folder (the one with adapter_config.json) and `base_model_ref.json` (base path + weights sha256), which
-tasks.registry resolves to a local base folder with the same weights. Without that file: the version tag
+tasks.release.registry resolves to a local base folder with the same weights. Without that file: the version tag
 `base_model_dir`, else the adapter's `base_model_name_or_path`, else params base_model.out_dir.
 """
 
@@ -13,11 +13,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.config import repo_root
-from tasks.errors import InputError, atomic_dir
+from tasks.common.config import repo_root
+from tasks.common.contracts import BASE_REF_FILE
+from tasks.common.errors import InputError
+from tasks.common.files import atomic_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
-BASE_REF_FILE = "base_model_ref.json"  # written by tasks.registry.register_candidate
 BASE_DIR_TAGS = ("base_model_dir", "base_model_path", "base_model")
 
 
@@ -31,6 +32,7 @@ class ModelRef:
     adapter_dir: str | None  # None serves the base model alone (no smoke "differs" rule)
 
     def to_dict(self) -> dict[str, Any]:
+        """As plain data."""
         return asdict(self)
 
 
@@ -43,10 +45,10 @@ def find_adapter_dir(root: Path) -> Path:
     return hits[0].parent
 
 
-def _base_dir(tags: dict[str, str], adapter_dir: Path, root: Path) -> str:
+def _base_dir(tags: dict[str, str], adapter_dir: Path, root: Path, fallback: Path) -> str:
     refs = sorted(root.rglob(BASE_REF_FILE), key=lambda p: len(p.parts))
     if refs:
-        from tasks.registry import resolve_base_model  # the registry owns the sha256 match
+        from tasks.release.pyfunc import resolve_base_model  # the registry convention owns the sha256 match
 
         return str(resolve_base_model(json.loads(refs[0].read_text(encoding="utf-8"))).resolve())
     for key in BASE_DIR_TAGS:
@@ -59,18 +61,22 @@ def _base_dir(tags: dict[str, str], adapter_dir: Path, root: Path) -> str:
     recorded = config.get("base_model_name_or_path")
     if recorded and Path(recorded).exists():
         return str(Path(recorded).resolve())
-    from tasks.config import section
-
-    return str((repo_root() / section("base_model")["out_dir"]).resolve())
+    return str(fallback.resolve())
 
 
-def resolve_champion(model_name: str, alias: str = "champion", dest_root: str | Path | None = None) -> ModelRef:
-    """Resolve `models:/<model_name>@<alias>` and download its adapter once into .serve/models/<name>/<version>."""
+def resolve_champion(model_name: str, alias: str = "champion", dest_root: str | Path | None = None, *,
+                     fallback_base_dir: Path) -> ModelRef:
+    """Resolve `models:/<model_name>@<alias>` and download its artifacts once into .serve/models/<name>/<version>.
+
+    The base model is the one `base_model_ref.json` names (same weights sha256), else a version tag, else the
+    adapter's recorded base, else `fallback_base_dir` (the project's base_model.out_dir). Raises InputError
+    when the alias does not exist or the version holds no adapter.
+    """
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
-    from tasks.tracking import setup_mlflow
+    from tasks.common.tracking import setup_mlflow
 
     setup_mlflow()
     try:
@@ -84,5 +90,5 @@ def resolve_champion(model_name: str, alias: str = "champion", dest_root: str | 
             download_artifacts(artifact_uri=f"models:/{model_name}/{version.version}", dst_path=str(staging))
             (staging / ".complete").write_text(json.dumps({"source": version.source}) + "\n", encoding="utf-8")
     adapter = find_adapter_dir(dest)
-    base = _base_dir(dict(version.tags or {}), adapter, dest)
+    base = _base_dir(dict(version.tags or {}), adapter, dest, Path(fallback_base_dir))
     return ModelRef(model_name, str(version.version), base, str(adapter))

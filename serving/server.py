@@ -28,9 +28,12 @@ import httpx
 from serving.client import Client, Endpoint, EndpointError
 from serving.resolve import ADAPTER_CONFIG, ModelRef
 from serving.smoke import SMOKE_TEMPLATES
-from tasks.config import repo_root, section
-from tasks.errors import InputError, atomic_dir, write_text_atomic
-from tasks.inference import lora_rank
+from tasks.common.config import resolve_path
+from tasks.common.contracts import ServeState
+from tasks.common.errors import InputError
+from tasks.common.files import atomic_dir, write_json_atomic
+from tasks.common.settings import ServeSettings
+from tasks.evaluation.inference import lora_rank
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what --max-lora-rank accepts
@@ -53,28 +56,24 @@ class SmokeReport:
 
     @property
     def passed(self) -> bool:
+        """True when no smoke rule failed."""
         return not self.failures
 
 
 # ---------------------------------------------------------------- params, paths, state
 
 
-def _params(params: dict[str, Any] | None) -> dict[str, Any]:
-    return dict(params if params is not None else section("serve"))
+def state_path(settings: ServeSettings) -> Path:
+    """The serve state file (`serve.state_file`, relative to the project folder)."""
+    return resolve_path(settings.state_file)
 
 
-def _path(value: str | Path) -> Path:
-    path = Path(value)
-    return path if path.is_absolute() else repo_root() / path
+def read_state(settings: ServeSettings) -> ServeState | None:
+    """The live server's record, or None when nothing was deployed (or it was stopped).
 
-
-def state_path(params: dict[str, Any] | None = None) -> Path:
-    return _path(_params(params)["state_file"])
-
-
-def read_state(params: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """The live server's record, or None when nothing was deployed (or it was stopped)."""
-    path = state_path(params)
+    Raises InputError naming the state file when it is not valid JSON.
+    """
+    path = state_path(settings)
     if not path.exists():
         return None
     try:
@@ -241,33 +240,32 @@ def smoke_test(client: Client, base_model: str | None, min_valid_rate: float, ma
 # ---------------------------------------------------------------- start, deploy, status, stop
 
 
-def _api_key(params: dict[str, Any]) -> str | None:
-    name = params.get("api_key_env")
-    return os.environ.get(name) or None if name else None
+def _api_key(settings: ServeSettings) -> str | None:
+    return os.environ.get(settings.api_key_env) or None if settings.api_key_env else None
 
 
-def _choose_port(params: dict[str, Any], live: dict[str, Any] | None) -> int:
+def _choose_port(settings: ServeSettings, live: dict[str, Any] | None) -> int:
     """Blue/green: serve.port and serve.port+1 alternate; the new server takes the one the live server is not on."""
-    first = int(params["port"])
+    first = settings.port
     port = first + 1 if live and int(live.get("port", -1)) == first else first
-    if not _port_free(params["host"], port):
-        raise ServeError(f"port {port} on {params['host']} is in use by another process; "
+    if not _port_free(settings.host, port):
+        raise ServeError(f"port {port} on {settings.host} is in use by another process; "
                          f"free it or change serve.port (the switch uses {first} and {first + 1})")
     return port
 
 
-def _command(ref: ModelRef, model_dir: str, port: int, params: dict[str, Any], lora: bool) -> list[str]:
-    cmd = [sys.executable, "-m", SERVER_MODULE, "--model", model_dir, "--host", str(params["host"]),
-           "--port", str(port), "--max-model-len", str(params["max_model_len"]), "--dtype", str(params["dtype"])]
+def _command(ref: ModelRef, model_dir: str, port: int, settings: ServeSettings, lora: bool) -> list[str]:
+    cmd = [sys.executable, "-m", SERVER_MODULE, "--model", model_dir, "--host", settings.host,
+           "--port", str(port), "--max-model-len", str(settings.max_model_len), "--dtype", settings.dtype]
     if lora:
         rank = min(r for r in LORA_RANKS if r >= lora_rank(ref.adapter_dir))
         cmd += ["--served-model-name", ref.name + BASE_SUFFIX, "--enable-lora", "--max-loras", "1",
                 "--max-lora-rank", str(rank), "--lora-modules", f"{ref.name}={ref.adapter_dir}"]
     else:
         cmd += ["--served-model-name", ref.name]
-    if params.get("enforce_eager", True):
+    if settings.enforce_eager:
         cmd.append("--enforce-eager")
-    return cmd + [str(arg) for arg in params.get("extra_args") or []]
+    return cmd + [str(arg) for arg in settings.extra_args]
 
 
 def _log_tail(path: Path, lines: int = 15) -> str:
@@ -290,66 +288,71 @@ def _wait_healthy(proc: subprocess.Popen[bytes], host: str, port: int, timeout_s
                      f"log {log}:\n{_log_tail(log)}")
 
 
-def start_server(ref: ModelRef, params: dict[str, Any], port: int) -> tuple[subprocess.Popen[bytes], Path, str]:
-    """Start vLLM detached (its own session, so it outlives this command); returns the process, log and model dir."""
-    lora = ref.adapter_dir is not None and not params.get("merged", False)
+def start_server(ref: ModelRef, settings: ServeSettings, port: int) -> tuple[subprocess.Popen[bytes], Path, str]:
+    """Start vLLM detached (its own session, so it outlives this command); returns the process, log and model dir.
+
+    Raises ServeError when merging the adapter (`serve.merged`) fails.
+    """
+    lora = ref.adapter_dir is not None and not settings.merged
     model_dir = ref.base_model_dir
-    if ref.adapter_dir is not None and params.get("merged", False):
+    if ref.adapter_dir is not None and settings.merged:
         try:
-            model_dir = str(merge_adapter(ref, _path(params["merged_dir"]) / f"{ref.name}-v{ref.version}"))
+            model_dir = str(merge_adapter(ref, resolve_path(settings.merged_dir) / f"{ref.name}-v{ref.version}"))
         except ServeError:
             raise
         except Exception as exc:  # peft/transformers raise many types for a bad adapter
             raise ServeError(f"merging {ref.adapter_dir} into {ref.base_model_dir} failed: {exc}") from exc
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    log = _path(params["log_dir"]) / f"{ref.name}-v{ref.version}-{port}-{stamp}.log"
+    log = resolve_path(settings.log_dir) / f"{ref.name}-v{ref.version}-{port}-{stamp}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(params["kvcache_space_gib"]), "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(settings.kvcache_space_gib), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-    if params.get("cpu_reserved") is not None:  # vLLM keeps 1 core for the HTTP front end by default
-        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(params["cpu_reserved"])
-    key = _api_key(params)
+    if settings.cpu_reserved is not None:  # vLLM keeps 1 core for the HTTP front end by default
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(settings.cpu_reserved)
+    key = _api_key(settings)
     if key:
         env["VLLM_API_KEY"] = key  # via env, not argv: argv is visible to every local user in `ps`
     with log.open("ab") as handle:
-        proc = subprocess.Popen(_command(ref, model_dir, port, params, lora), stdout=handle, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(_command(ref, model_dir, port, settings, lora), stdout=handle, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     return proc, log, model_dir
 
 
-def deploy(ref: ModelRef, params: dict[str, Any] | None = None, *, force: bool = False) -> dict[str, Any]:
+def deploy(ref: ModelRef, settings: ServeSettings, *, force: bool = False) -> dict[str, Any]:
     """Bring `ref` up beside the live server, check it, switch the state file, stop the old one.
 
-    Returns the new state (with `action`: deployed | already_live). Raises ServeError (old server untouched).
+    Returns the new state (with `action`: deployed | already_live). Raises ServeError or InputError
+    (old server untouched).
     """
-    params = _params(params)
-    lock_file = state_path(params).with_suffix(".lock")
+    lock_file = state_path(settings).with_suffix(".lock")
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     with lock_file.open("w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             raise ServeError(f"another deploy holds {lock_file}; wait for it to finish") from exc
-        return _deploy_locked(ref, params, force)
+        return _deploy_locked(ref, settings, force)
 
 
-def _deploy_locked(ref: ModelRef, params: dict[str, Any], force: bool) -> dict[str, Any]:
-    live = status(params)
+def _deploy_locked(ref: ModelRef, settings: ServeSettings, force: bool) -> dict[str, Any]:
+    live = status(settings)
     if (not force and live.get("healthy") and live.get("model") == ref.name
             and str(live.get("version")) == str(ref.version)):
         return {**live, "action": "already_live"}
     if ref.adapter_dir is not None:
         validate_adapter(ref.adapter_dir, ref.base_model_dir)
-    port = _choose_port(params, live if live.get("alive") else None)
-    proc, log, model_dir = start_server(ref, params, port)
+    port = _choose_port(settings, live if live.get("alive") else None)
+    proc, log, model_dir = start_server(ref, settings, port)
     try:
-        ready_s = _wait_healthy(proc, params["host"], port, float(params["health_timeout_s"]), log)
-        lora = ref.adapter_dir is not None and not params.get("merged", False)
-        endpoint = Endpoint(f"http://{params['host']}:{port}/v1", ref.name, str(ref.version), _api_key(params))
-        client = Client(endpoint, concurrency=4, max_retries=2, timeout_s=float(params["smoke_timeout_s"]))
+        ready_s = _wait_healthy(proc, settings.host, port, settings.health_timeout_s, log)
+        lora = ref.adapter_dir is not None and not settings.merged
+        endpoint = Endpoint(f"http://{settings.host}:{port}/v1", ref.name, str(ref.version), _api_key(settings))
+        budget = int(settings.smoke_max_tokens)  # type: ignore[arg-type]  # resolved by Settings (evaluate's budget)
+        client = Client(endpoint, concurrency=4, max_retries=2, backoff_s=0.5, timeout_s=settings.smoke_timeout_s,
+                        max_tokens=budget, max_log_chars=2000)
         try:
-            report = smoke_test(client, ref.name + BASE_SUFFIX if lora else None,
-                                float(params["smoke_min_valid_rate"]), int(params["smoke_max_tokens"]))
+            report = smoke_test(client, ref.name + BASE_SUFFIX if lora else None, settings.smoke_min_valid_rate,
+                                budget)
         except EndpointError as exc:
             raise ServeError(f"smoke test got no answers from {ref.name} v{ref.version} on port {port}: {exc}; "
                              f"log {log}:\n{_log_tail(log)}") from exc
@@ -359,42 +362,40 @@ def _deploy_locked(ref: ModelRef, params: dict[str, Any], force: bool) -> dict[s
             raise ServeError(f"smoke test failed for {ref.name} v{ref.version} on port {port}: "
                              + " | ".join(report.failures))
     except BaseException:
-        _terminate(proc.pid, float(params["stop_timeout_s"]))
+        _terminate(proc.pid, settings.stop_timeout_s)
         raise
-    state = {
+    state: ServeState = {
         "model": ref.name, "version": str(ref.version), "served_model": ref.name,
-        "base_served_model": ref.name + BASE_SUFFIX if lora else None, "host": params["host"], "port": port,
+        "base_served_model": ref.name + BASE_SUFFIX if lora else None, "host": settings.host, "port": port,
         "pid": proc.pid, "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "ready_s": round(ready_s, 1),
         "base": ref.base_model_dir, "adapter": ref.adapter_dir, "merged": not lora and ref.adapter_dir is not None,
-        "model_dir": model_dir, "log": str(log), "api_key_env": params.get("api_key_env"),
+        "model_dir": model_dir, "log": str(log), "api_key_env": settings.api_key_env,
         "smoke": asdict(report) | {"passed": report.passed},
     }
-    write_text_atomic(state_path(params), json.dumps(state, indent=2) + "\n")
+    write_json_atomic(state_path(settings), state)
     if live.get("alive") and live.get("pid") != proc.pid:
-        _terminate(int(live["pid"]), float(params["stop_timeout_s"]))
+        _terminate(int(live["pid"]), settings.stop_timeout_s)
     return {**state, "action": "deployed", "previous": {k: live.get(k) for k in ("model", "version", "port", "pid")}}
 
 
-def status(params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The state file plus what is true now: is the process alive, does /health answer."""
-    params = _params(params)
-    state = read_state(params)
+def status(settings: ServeSettings) -> dict[str, Any]:
+    """The state file plus what is true now: is the process alive (`alive`), does /health answer (`healthy`)."""
+    state = read_state(settings)
     if state is None:
-        return {"alive": False, "healthy": False, "state_file": str(state_path(params))}
+        return {"alive": False, "healthy": False, "state_file": str(state_path(settings))}
     pid, port = int(state["pid"]), int(state["port"])
     alive = _pid_alive(pid) and _is_our_server(pid, port)
     healthy = alive and _healthy(state["host"], port)
     return {**state, "alive": alive, "healthy": healthy, "url": f"http://{state['host']}:{port}/v1",
-            "state_file": str(state_path(params))}
+            "state_file": str(state_path(settings))}
 
 
-def stop(params: dict[str, Any] | None = None) -> dict[str, Any]:
+def stop(settings: ServeSettings) -> dict[str, Any]:
     """Stop the live server and clear the state file; a no-op when nothing runs."""
-    params = _params(params)
-    current = status(params)
+    current = status(settings)
     if current.get("alive"):
-        _terminate(int(current["pid"]), float(params["stop_timeout_s"]))
-    path = state_path(params)
+        _terminate(int(current["pid"]), settings.stop_timeout_s)
+    path = state_path(settings)
     if path.exists():
         path.unlink()
     return {**current, "stopped": bool(current.get("alive"))}

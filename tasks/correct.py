@@ -4,7 +4,7 @@ Corrections come in the paper's `anomaly_patch.json` format (`input` = template,
 original label, `rectified` = the expert's label). A correction matches a template exactly after
 `strip()`; only a correction with no exact match is tried on a normalised form (lowercase, no
 punctuation or whitespace, every `<*>` kept), and only when that form names exactly one template:
-one correction never changes two templates. Resolved multi-annotator reviews (tasks.review) are
+one correction never changes two templates. Resolved multi-annotator reviews (tasks.data.review) are
 applied after the patch, as later expert decisions. Templates that are near-twins of a corrected
 template (same text once placeholders, punctuation, whitespace and case are ignored) but carry a
 different label go to a review queue for an expert: listed, never changed.
@@ -12,7 +12,6 @@ different label go to a review queue for an expert: listed, never changed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -20,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from prefect import task
 
-from tasks.config import repo_root, section
-from tasks.errors import InputError, atomic_path, read_csv_text
-from tasks.prompt import LABELS
-from tasks.review import ReviewResult, parse_label, review_folder
-from tasks.tracking import stage_run
+from tasks.common.config import repo_root
+from tasks.common.errors import InputError
+from tasks.common.files import atomic_path, read_csv_text, sha256_file
+from tasks.common.prompt import LABELS
+from tasks.common.settings import CorrectSettings, load_settings
+from tasks.common.tracking import stage_run
+from tasks.data.review import ReviewResult, parse_label, review_folder
 
 PLACEHOLDER = "<*>"
 KINDS = ("none", "exact", "normalized", "review")
@@ -44,6 +44,7 @@ def loose_key(text: str) -> str:
 
 
 def direction(before: int, after: int) -> str:
+    """'normal_to_abnormal', 'abnormal_to_normal' or 'unchanged' for a label change (0/1 labels)."""
     return "unchanged" if before == after else f"{LABELS[before]}_to_{LABELS[after]}"
 
 
@@ -121,6 +122,7 @@ def parse_corrections(records: list[tuple[Any, int | None]], file: str | Path, s
 
 
 def load_patch(path: Path) -> list[Correction]:
+    """The expert corrections of an anomaly_patch.json file; InputError names the record and field."""
     return parse_corrections(read_json_records(path), path, "patch")
 
 
@@ -144,6 +146,7 @@ def load_templates(path: Path, dataset: str) -> pd.DataFrame:
 
 @dataclass
 class CorrectionResult:
+    """The corrected templates, the correction report, the review queue and the review resolution."""
     templates: pd.DataFrame  # dataset, template, label_original, label, correction
     report: dict[str, Any]
     queue: pd.DataFrame
@@ -276,7 +279,7 @@ def correct_templates(patch_file: Path, template_files: dict[str, Path], review_
         by_dataset[str(dataset)] = {"templates": len(part), "corrected": int((part["correction"] != "none").sum()),
                                     **{k: int(kinds.get(k, 0)) for k in KINDS[1:]}, **_directions(part)}
     report: dict[str, Any] = {
-        "patch_file": str(patch_file.name), "patch_sha256": hashlib.sha256(patch_file.read_bytes()).hexdigest(),
+        "patch_file": str(patch_file.name), "patch_sha256": sha256_file(patch_file),
         **patch_stats,
         "by_direction": _directions(frame), "by_dataset": by_dataset,
         "abnormal_before": _counts(frame, "label_original"), "abnormal_after": _counts(frame, "label"),
@@ -352,43 +355,36 @@ def write_outputs(result: CorrectionResult, paths: dict[str, Path]) -> None:
         resolution.write_text(json.dumps(result.resolution, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-OUTPUT_DEFAULTS = {"report_md": "reports/correction.md", "review_queue_file": "reports/review_queue.csv",
-                   "resolution_file": "reports/review_resolution.json"}
+OUTPUTS = ("out_file", "report_file", "report_md", "review_queue_file", "resolution_file")
 
 
-def run(params: dict[str, Any]) -> CorrectionResult:
-    """The stage from its params section (paths relative to the repo root)."""
+def run(settings: CorrectSettings) -> CorrectionResult:
+    """The stage (paths relative to the repo root): corrected templates, report, review queue and resolution,
+    all written or none. Raises InputError naming the file, line and field of bad input."""
     root = repo_root()
-    review_dir = params.get("review_dir")
     result = correct_templates(
-        root / params["patch_file"], {name: root / path for name, path in params["template_files"].items()},
-        root / review_dir if review_dir else None, str(params.get("senior_reviewer", "senior")),
+        root / settings.patch_file, {name: root / path for name, path in settings.template_files.items()},
+        root / settings.review_dir if settings.review_dir else None, settings.senior_reviewer,
     )
-    names = {**OUTPUT_DEFAULTS, **params}
-    write_outputs(result, {key: root / names[key] for key in ("out_file", "report_file", *OUTPUT_DEFAULTS)})
+    write_outputs(result, {key: root / getattr(settings, key) for key in OUTPUTS})
     return result
 
 
-@task(name="correct")
-def correct_task(params: dict[str, Any]) -> dict[str, Any]:
-    return run(params).report
-
-
 def main() -> None:
-    params = section("correct")
-    report = run(params).report
+    settings = load_settings().correct
+    report = run(settings).report
     after = ", ".join(f"{k} {v['abnormal']}/{v['total']}" for k, v in report["abnormal_after"].items())
     with stage_run("correct"):
         import mlflow
 
-        mlflow.log_params({"patch_sha256": report["patch_sha256"], "senior_reviewer": params.get("senior_reviewer")})
+        mlflow.log_params({"patch_sha256": report["patch_sha256"], "senior_reviewer": settings.senior_reviewer})
         metrics = {"matched_exact": report["matched_exact"], "matched_normalized": report["matched_normalized"],
                    "unmatched": len(report["unmatched"]), "review_queue_size": report["review_queue_size"],
                    **{f"abnormal_after_{k}": v["abnormal"] for k, v in report["abnormal_after"].items()}}
         if report["kappa"] is not None:
             metrics["kappa"] = report["kappa"]
         mlflow.log_metrics({**metrics, **report["by_direction"]})
-        mlflow.log_artifact(str(repo_root() / params.get("report_md", OUTPUT_DEFAULTS["report_md"])))
+        mlflow.log_artifact(str(repo_root() / settings.report_md))
     print(f"correct: {report['matched_exact']} exact, {report['matched_normalized']} normalised, "
           f"{len(report['unmatched'])} unmatched; abnormal after: {after}; review queue {report['review_queue_size']}")
 

@@ -1,6 +1,6 @@
 """distill stage: a CoT rationale for every training template, conditioned on its corrected label.
 
-The teacher (tasks.teachers: `lexicon` offline, or any OpenAI-compatible endpoint) writes a
+The teacher (tasks.data.teachers: `lexicon` offline, or any OpenAI-compatible endpoint) writes a
 completion per template; each is validated with `tasks.prompt.parse_completion` (format, and an
 answer equal to the label) or rejected and counted. Accepted ones become chat examples built by
 `tasks.prompt.training_messages`, so the SFT data has exactly the format serving expects.
@@ -17,32 +17,23 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from prefect import task
 from rich.progress import Progress
 
-from tasks.config import repo_root, section
-from tasks.errors import InputError, atomic_path, write_text_atomic
-from tasks.prompt import label_name, parse_completion, training_messages
-from tasks.teachers import Teacher, make_teacher
-from tasks.tracking import stage_run
+from tasks.common.config import repo_root
+from tasks.common.errors import InputError
+from tasks.common.files import atomic_path, read_labelled_templates, write_text_atomic
+from tasks.common.prompt import label_name, parse_completion, training_messages
+from tasks.common.settings import DistillSettings, load_settings
+from tasks.common.tracking import stage_run
+from tasks.data.teachers import Teacher, make_teacher
 
 REQUIRED_COLUMNS = ("dataset", "template", "label")
 
 
 def load_train(path: Path) -> pd.DataFrame:
-    try:
-        frame = pd.read_parquet(path)
-    except FileNotFoundError as exc:
-        raise InputError(path, "training templates not found", hint="run the split stage first") from exc
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-    if missing:
-        raise InputError(path, f"missing column(s) {missing}", field=missing[0])
-    if frame.empty:
-        raise InputError(path, "no training templates")
-    bad = frame.index[~frame["label"].isin([0, 1])]
-    if len(bad):
-        raise InputError(path, f"label {frame.at[bad[0], 'label']} is not 0/1 (row {bad[0]})", field="label")
-    return frame
+    """The training templates (dataset, template, label 0/1); InputError names the file, row and field."""
+    return read_labelled_templates(path, REQUIRED_COLUMNS, missing_hint="run the split stage first",
+                                   what="training templates")
 
 
 def _ask(teacher: Teacher) -> Callable[[tuple[str, int, str]], str | Exception]:
@@ -131,22 +122,17 @@ def distill(train_file: Path, out_file: Path, report_file: Path, teacher: Teache
     return report
 
 
-def run(params: dict[str, Any]) -> dict[str, Any]:
-    """The stage from its params section (paths relative to the repo root)."""
+def run(settings: DistillSettings) -> dict[str, Any]:
+    """The stage (paths relative to the repo root); returns the distillation report. Raises InputError for
+    bad training data or teacher settings (before any request), RuntimeError when no rationale is accepted."""
     root = repo_root()
-    teacher = make_teacher(params, root)  # checks the teacher's settings before any work
-    return distill(root / params.get("train_file", "data/split/train.parquet"), root / params["out_file"],
-                   root / params["report_file"], teacher)
-
-
-@task(name="distill")
-def distill_task(params: dict[str, Any]) -> dict[str, Any]:
-    return run(params)
+    teacher = make_teacher(settings, root)  # checks the teacher's settings before any work
+    return distill(root / settings.train_file, root / settings.out_file, root / settings.report_file, teacher)
 
 
 def main() -> None:
-    params = section("distill")
-    report = run(params)
+    settings = load_settings().distill
+    report = run(settings)
     with stage_run("distill", teacher=report["teacher"]):
         import mlflow
 

@@ -11,7 +11,6 @@ leaves the previous `data/raw` untouched. `data/raw/MANIFEST.json` records where
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -22,13 +21,14 @@ from typing import Any, ClassVar
 
 import httpx
 import yaml
-from prefect import task
 from rich.progress import track
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
-from tasks.config import repo_root, section
-from tasks.errors import InputError, atomic_dir
-from tasks.tracking import stage_run
+from tasks.common.config import repo_root
+from tasks.common.errors import InputError
+from tasks.common.files import atomic_dir, sha256_bytes
+from tasks.common.settings import FetchSettings, load_settings
+from tasks.common.tracking import stage_run
 
 MIRROR_ENV = "RATIONANOMALY_MIRROR"
 MANIFEST = "MANIFEST.json"
@@ -38,15 +38,12 @@ CONVERTERS = ("xlsx", "pkl")
 
 @dataclass(frozen=True)
 class Source:
+    """One raw input of sources.yaml: where it lives in data/raw, its public URL, sha256 and licence."""
     name: str
     url: str
     sha256: str
     licence: str
     converted_from: str | None = None
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def load_sources(path: Path) -> list[Source]:
@@ -180,33 +177,30 @@ def fetch_sources(sources_file: Path, raw_dir: Path, mirror: Path | None = None,
 
 
 def mirror_from_env() -> Path | None:
+    """The local data mirror named by RATIONANOMALY_MIRROR (None when unset)."""
     value = os.environ.get(MIRROR_ENV, "").strip()
     return Path(value).expanduser().resolve() if value else None
 
 
-def run(params: dict[str, Any]) -> dict[str, Any]:
-    """The stage from its params section (paths relative to the repo root)."""
+def run(settings: FetchSettings) -> dict[str, Any]:
+    """The stage (paths relative to the repo root); returns the manifest. Raises InputError on a bad sources
+    file, a missing or unreachable source, or a sha256 mismatch (naming the file and both hashes)."""
     root = repo_root()
-    return fetch_sources(root / params["sources_file"], root / params["raw_dir"], mirror_from_env(),
-                         float(params.get("download_timeout_s", 60)))
-
-
-@task(name="fetch")
-def fetch_task(params: dict[str, Any]) -> dict[str, Any]:
-    return run(params)
+    return fetch_sources(root / settings.sources_file, root / settings.raw_dir, mirror_from_env(),
+                         settings.download_timeout_s)
 
 
 def main() -> None:
-    params = section("fetch")
-    manifest = run(params)
+    settings = load_settings().fetch
+    manifest = run(settings)
     origins = sorted({entry["origin"] for entry in manifest["files"]})
     with stage_run("fetch") as active:
         import mlflow
 
-        mlflow.log_params({"sources_file": params["sources_file"], "origin": ",".join(origins)})
+        mlflow.log_params({"sources_file": settings.sources_file, "origin": ",".join(origins)})
         mlflow.log_metric("files", len(manifest["files"]))
         mlflow.log_dict(manifest, "manifest.json")
-    print(f"fetch: {len(manifest['files'])} files verified into {params['raw_dir']} "
+    print(f"fetch: {len(manifest['files'])} files verified into {settings.raw_dir} "
           f"(origin: {', '.join(origins)}; MLflow run {active.info.run_id})")
 
 

@@ -21,12 +21,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
-from tasks import training as T
-from tasks.config import section
-from tasks.errors import InputError, atomic_path
-from tasks.rewards import COMPONENTS, RewardConfig, perplexity_scorer, reward_functions, reward_weights
+from tasks.common.config import resolve_path
+from tasks.common.errors import InputError
+from tasks.common.files import atomic_path, sha256_json, write_json_atomic
+from tasks.common.settings import GrpoSettings, load_settings
+from tasks.training.callbacks import install_callbacks
+from tasks.training.checkpoints import prepare_checkpoints, publish_adapter
+from tasks.training.launch import is_main_process, relaunch_with_accelerate, stage_tracking
+from tasks.training.model import (
+    adapter_digest,
+    base_model_sha256,
+    count_parameters,
+    library_versions,
+    lora_config,
+    require_base_model,
+    set_torch_threads,
+    torch_dtype,
+)
+from tasks.training.records import load_sft_records
+from tasks.training.rewards import COMPONENTS, metric_name, perplexity_scorer, reward_functions, reward_weights
+from tasks.training.stage import Prepared, load_tokenizer, log_run_start, read_inputs, trainer_arguments
 
 STAGE = "grpo"
 CSV_COLUMNS = (
@@ -41,7 +55,7 @@ CSV_COLUMNS = (
 )
 _LOG_KEYS = {
     "reward": "reward",
-    **{c: f"rewards/{c}_reward/mean" for c in COMPONENTS},
+    **{c: metric_name(c) for c in COMPONENTS},
     "answer_abnormal": "rewards/answer/abnormal",
     "answer_normal": "rewards/answer/normal",
     "format_valid_rate": "format_valid_rate",
@@ -51,8 +65,8 @@ _LOG_KEYS = {
 
 
 def require_sft_adapter(adapter_dir: str | Path, base_sha: str | None) -> Path:
-    """The SFT adapter folder, checked to exist and to belong to this base model."""
-    path = T.resolve(adapter_dir)
+    """The SFT adapter folder, checked to exist and to belong to this base model (else InputError)."""
+    path = resolve_path(adapter_dir)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (path / name).is_file():
             raise InputError(
@@ -164,111 +178,75 @@ def _trainer_class() -> Any:
 
 
 @dataclass
-class PreparedGrpo:
-    """Everything checked and built before the first training step."""
+class PreparedGrpo(Prepared):
+    """What the grpo stage built before its first step, plus the SFT adapter it continues from."""
 
-    trainer: Any
-    records: list[dict[str, Any]]
-    data_file: Path
-    data_sha: str
-    base_sha: str | None
-    sft_digest: str | None
-    out_dir: Path
-    ckpt_dir: Path
-    resume: T.Resume
-    prompts: int
-    dropped: int
-    trainable: int
-    total: int
-    repeated_abnormal: int = 0
+    sft_digest: str | None = None  # tensor digest of the SFT adapter (None: a fresh LoRA)
 
 
-def prepare_grpo(params: dict[str, Any]) -> PreparedGrpo:
-    """Check the inputs (rewards, data, base model, SFT adapter), build the trainer, pick the checkpoint to resume."""
+def prepare_grpo(settings: GrpoSettings) -> PreparedGrpo:
+    """Check the inputs (rewards, data, base model, SFT adapter), build the trainer, pick the checkpoint to resume.
+
+    Raises InputError (naming file and field) for bad data, a missing base model or SFT adapter, or prompts
+    all longer than `max_prompt_length`; RuntimeError when nothing would be trained.
+    """
     from peft import PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from trl import GRPOConfig
 
     # --- cheap checks first: reward table, data, base model, SFT adapter, LoRA ---
-    cfg = RewardConfig.from_params(params["rewards"])
+    cfg = settings.rewards
     for note in cfg.warnings():
         print(f"[{STAGE}] warning: reward table: {note}", flush=True)
-    data_file = T.resolve(params["data_file"])
-    records = T.load_sft_records(data_file)
-    records, repeated = T.balance_classes(records, params.get("balance_abnormal_fraction"), int(params["seed"]),
-                                          "grpo.balance_abnormal_fraction")
-    base_dir = T.require_base_model(params["base_model_dir"], f"{STAGE}.base_model_dir")
-    data_sha, base_sha = T.file_sha256(data_file), T.base_model_sha256(base_dir)
-    sft_dir = params.get("sft_adapter_dir")
-    sft_path = require_sft_adapter(sft_dir, base_sha) if sft_dir else None
-    sft_digest = T.adapter_digest(sft_path) if sft_path else None
-    out_dir, ckpt_dir = T.resolve(params["out_dir"]), T.resolve(params["checkpoint_dir"])
+    inputs = read_inputs(settings, STAGE)
+    sft_path = require_sft_adapter(settings.sft_adapter_dir, inputs.base_sha) if settings.sft_adapter_dir else None
+    sft_digest = adapter_digest(sft_path) if sft_path else None
+    out_dir, ckpt_dir = resolve_path(settings.out_dir), resolve_path(settings.checkpoint_dir)
 
-    T.seed_everything(int(params["seed"]))
-    threads = T.set_torch_threads(params.get("torch_threads", "auto"))
-    tokenizer = AutoTokenizer.from_pretrained(str(sft_path or base_dir))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    dataset, dropped = build_dataset(records, tokenizer, int(params["max_prompt_length"]))
+    threads = set_torch_threads(settings.torch_threads)
+    tokenizer = load_tokenizer(sft_path or inputs.base_dir, left_padding=True)
+    dataset, dropped = build_dataset(inputs.records, tokenizer, settings.max_prompt_length)
     if len(dataset) == 0:
         raise InputError(
-            data_file,
-            f"every prompt is longer than max_prompt_length={params['max_prompt_length']}",
+            inputs.data_file,
+            f"every prompt is longer than max_prompt_length={settings.max_prompt_length}",
             field=f"{STAGE}.max_prompt_length",
         )
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=T.torch_dtype(params))
+    model = AutoModelForCausalLM.from_pretrained(str(inputs.base_dir), dtype=torch_dtype(settings.bf16))
     if sft_path:
         model = PeftModel.from_pretrained(model, str(sft_path), is_trainable=True)
     else:
-        model = get_peft_model(model, T.lora_config(params["lora"], model, STAGE))
-    trainable, total = T.count_parameters(model)
+        model = get_peft_model(model, lora_config(settings.lora, model, STAGE))
+    trainable, total = count_parameters(model)
     if trainable == 0:
         raise RuntimeError(f"{sft_path}: adapter loaded frozen (0 trainable parameters); GRPO would train nothing")
 
-    fingerprint = T.params_hash(
-        {"params": T.training_params(params), "data": data_sha, "base": base_sha, "sft": sft_digest}
-    )
-    resume = T.prepare_checkpoints(ckpt_dir, fingerprint, params.get("resume", "auto"))
+    fingerprint = sha256_json({"params": settings.training_fingerprint_params(), "data": inputs.data_sha,
+                               "base": inputs.base_sha, "sft": sft_digest})
+    resume = prepare_checkpoints(ckpt_dir, fingerprint, settings.resume)
     print(
-        f"[{STAGE}] {len(dataset)} prompts ({repeated} repeated anomalies, "
-        f"{dropped} over {params['max_prompt_length']} tokens dropped); "
+        f"[{STAGE}] {len(dataset)} prompts ({inputs.repeated_abnormal} repeated anomalies, "
+        f"{dropped} over {settings.max_prompt_length} tokens dropped); "
         f"{resume.reason}; {threads} torch thread(s)",
         flush=True,
     )
 
     scorer = perplexity_scorer(
-        str(T.resolve(cfg.coherence_model) if cfg.coherence_model else base_dir), cfg.coherence_batch_size
+        str(resolve_path(cfg.coherence_model) if cfg.coherence_model else inputs.base_dir), cfg.coherence_batch_size
     )
     config = GRPOConfig(
-        output_dir=str(ckpt_dir),
-        max_steps=int(params["max_steps"]),
-        per_device_train_batch_size=int(params["per_device_train_batch_size"]),
-        gradient_accumulation_steps=int(params.get("gradient_accumulation_steps", 1)),
-        num_generations=int(params["num_generations"]),
-        max_completion_length=int(params["max_completion_length"]),
-        learning_rate=float(params["learning_rate"]),
-        lr_scheduler_type=str(params.get("lr_scheduler_type", "constant")),
-        beta=float(params["beta"]),
-        temperature=float(params["temperature"]),
-        top_p=float(params.get("top_p", 1.0)),
-        scale_rewards=str(params.get("scale_rewards", "batch")),
-        loss_type=str(params.get("loss_type", "dapo")),
+        **trainer_arguments(settings, ckpt_dir),
+        num_generations=settings.num_generations,
+        max_completion_length=settings.max_completion_length,
+        beta=settings.beta,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        scale_rewards=settings.scale_rewards,
+        loss_type=settings.loss_type,
         reward_weights=reward_weights(cfg),
-        logging_steps=int(params["logging_steps"]),
-        save_strategy="steps",
-        save_steps=int(params["save_steps"]),
-        save_total_limit=2,
-        seed=int(params["seed"]),
-        data_seed=int(params["seed"]),
-        bf16=bool(params.get("bf16", False)),
-        use_cpu=not T.has_accelerator(),
-        use_vllm=bool(params.get("use_vllm", False)),
-        vllm_mode=str(params.get("vllm_mode", "colocate")),
+        use_vllm=settings.use_vllm,
+        vllm_mode=settings.vllm_mode,
         log_completions=False,
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
     )
     trainer = _trainer_class()(
         model=model,
@@ -280,44 +258,20 @@ def prepare_grpo(params: dict[str, Any]) -> PreparedGrpo:
     trained_names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     if not any(".default." in n for n in trained_names):
         raise RuntimeError("no parameter of the 'default' adapter is trainable; GRPO would train nothing")
-    return PreparedGrpo(
-        trainer,
-        records,
-        data_file,
-        data_sha,
-        base_sha,
-        sft_digest,
-        out_dir,
-        ckpt_dir,
-        resume,
-        len(dataset),
-        dropped,
-        trainable,
-        total,
-        repeated,
-    )
+    return PreparedGrpo(trainer, inputs, out_dir, ckpt_dir, resume, dropped, trainable, total, sft_digest)
 
 
-def run_grpo(params: dict[str, Any]) -> dict[str, Any]:
-    """Train GRPO from `params` (the `grpo` section); returns the metrics written to reports/grpo.json."""
-    prep = prepare_grpo(params)
+def run(settings: GrpoSettings) -> dict[str, Any]:
+    """Train GRPO; returns the report written to reports/grpo.json (rewards per component, first and last
+    steps). Raises what `prepare_grpo` raises, and RuntimeError when the adapter did not change."""
+    prep = prepare_grpo(settings)
     trainer, resume, out_dir, ckpt_dir = prep.trainer, prep.resume, prep.out_dir, prep.ckpt_dir
-    data_sha, base_sha, sft_digest, trainable = prep.data_sha, prep.base_sha, prep.sft_digest, prep.trainable
-    sft_dir = params.get("sft_adapter_dir")
+    data_sha, base_sha = prep.inputs.data_sha, prep.inputs.base_sha
+    sft_digest, trainable = prep.sft_digest, prep.trainable
 
-    with T.stage_tracking(STAGE) as mlflow:
-        T.install_callbacks(trainer, STAGE, mlflow)
-        if mlflow is not None:
-            mlflow.log_params(T.flatten(params))
-            mlflow.set_tags(
-                {
-                    "data_sha256": data_sha,
-                    "base_model_sha256": str(base_sha),
-                    "sft_adapter_sha256": str(sft_digest),
-                    "resumed_from_step": str(resume.step),
-                }
-            )
-            T.log_training_data(prep.data_file)
+    with stage_tracking(STAGE) as mlflow:
+        install_callbacks(trainer, STAGE, mlflow)
+        log_run_start(mlflow, settings, prep, sft_adapter_sha256=str(sft_digest))
         started, cpu_started = time.monotonic(), time.process_time()
         trainer.train(resume_from_checkpoint=resume.checkpoint)
         wall, cpu = time.monotonic() - started, time.process_time() - cpu_started
@@ -334,9 +288,9 @@ def run_grpo(params: dict[str, Any]) -> dict[str, Any]:
             "resumed_from_step": resume.step,
             "trainable_params": trainable,
             "total_params": prep.total,
-            "prompts": prep.prompts,
+            "prompts": len(trainer.train_dataset),
             "dropped_too_long": prep.dropped,
-            "repeated_abnormal": prep.repeated_abnormal,
+            "repeated_abnormal": prep.inputs.repeated_abnormal,
             "runtime_s": round(wall, 1),
             # per component (and total reward, per-class answer, length, KL) at the first and the last step
             "first_rewards": numeric(rows[0]) if rows else {},
@@ -346,13 +300,13 @@ def run_grpo(params: dict[str, Any]) -> dict[str, Any]:
             "sft_adapter_sha256": sft_digest,
         }
         base_meta = {
-            "data_file": str(params["data_file"]),
+            "data_file": settings.data_file,
             "data_sha256": data_sha,
-            "base_model_dir": str(params["base_model_dir"]),
+            "base_model_dir": settings.base_model_dir,
             "base_model_sha256": base_sha,
-            "sft_adapter_dir": sft_dir,
-            "params": params,
-            "versions": T.library_versions(),
+            "sft_adapter_dir": settings.sft_adapter_dir,
+            "params": settings.model_dump(),
+            "versions": library_versions(),
             "mlflow_run_id": mlflow.active_run().info.run_id if mlflow is not None else None,
         }
 
@@ -365,37 +319,31 @@ def run_grpo(params: dict[str, Any]) -> dict[str, Any]:
                 )
             return {**report, "adapter_sha256": digest, **base_meta}
 
-        report["adapter_sha256"] = T.publish_adapter(trainer, out_dir, meta)
-        if T.is_main_process():
-            csv_path, png_path = T.resolve(params["rewards_csv"]), T.resolve(params["rewards_png"])
+        report["adapter_sha256"] = publish_adapter(trainer, out_dir, meta)
+        if is_main_process():
+            csv_path, png_path = resolve_path(settings.rewards_csv), resolve_path(settings.rewards_png)
             write_curve(rows, csv_path, png_path)
-            T.write_json(T.resolve(params["report_file"]), report)
+            write_json_atomic(resolve_path(settings.report_file), report)
             if mlflow is not None:
                 mlflow.log_metrics({"wall_time_s": wall, "trainable_params": trainable, "steps": steps})
                 for path in (csv_path, png_path, out_dir / "training_meta.json"):
                     mlflow.log_artifact(str(path))
-            if not params.get("keep_checkpoints", False):
+            if not settings.keep_checkpoints:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
     return report
 
 
-@task(name="grpo")
-def grpo_task(params: dict[str, Any]) -> dict[str, Any]:
-    """Prefect wrapper (flows normally run the stage through DVC; this is for direct composition)."""
-    return run_grpo(params)
-
-
 def main() -> None:
-    params = section(STAGE)
+    settings = load_settings().grpo
     # Fail on bad input here, before any process is launched.
-    T.load_sft_records(T.resolve(params["data_file"]))
-    base_dir = T.require_base_model(params["base_model_dir"], f"{STAGE}.base_model_dir")
-    if params.get("sft_adapter_dir"):
-        require_sft_adapter(params["sft_adapter_dir"], T.base_model_sha256(base_dir))
-    if T.relaunch_with_accelerate(STAGE, params.get("accelerate_config")):
+    load_sft_records(resolve_path(settings.data_file))
+    base_dir = require_base_model(settings.base_model_dir, f"{STAGE}.base_model_dir")
+    if settings.sft_adapter_dir:
+        require_sft_adapter(settings.sft_adapter_dir, base_model_sha256(base_dir))
+    if relaunch_with_accelerate(STAGE, settings.accelerate_config):
         return
-    report = run_grpo(params)
-    if T.is_main_process():
+    report = run(settings)
+    if is_main_process():
         final = report["final_window_mean"]
         print(
             f"[{STAGE}] done: {report['steps']} steps in {report['wall_time_s']} s; final reward "

@@ -17,13 +17,25 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from prefect import task
-
-from tasks import training as T
-from tasks.config import section
+from tasks.common.config import resolve_path
+from tasks.common.errors import InputError
+from tasks.common.files import sha256_json, write_json_atomic
+from tasks.common.settings import SftSettings, load_settings
+from tasks.training.callbacks import install_callbacks
+from tasks.training.checkpoints import prepare_checkpoints, publish_adapter
+from tasks.training.launch import LAUNCHED_ENV, is_main_process, relaunch_with_accelerate, stage_tracking
+from tasks.training.model import (
+    count_parameters,
+    library_versions,
+    lora_config,
+    require_base_model,
+    set_torch_threads,
+    torch_dtype,
+)
+from tasks.training.records import load_sft_records
+from tasks.training.stage import Prepared, load_tokenizer, log_run_start, read_inputs, trainer_arguments
 
 STAGE = "sft"
 
@@ -60,122 +72,71 @@ def check_prompt_masked(trainer: Any, tokenizer: Any) -> int:
 
 
 @dataclass
-class PreparedSft:
-    """Everything checked and built before the first training step."""
+class PreparedSft(Prepared):
+    """What the sft stage built before its first step, plus its own counts."""
 
-    trainer: Any
-    records: list[dict[str, Any]]
-    data_file: Path
-    data_sha: str
-    base_sha: str | None
-    out_dir: Path
-    ckpt_dir: Path
-    resume: T.Resume
-    examples: int
-    dropped: int
-    masked: int
-    trainable: int
-    total: int
-    repeated_abnormal: int = 0
+    masked: int = 0  # prompt tokens masked out of the loss in the first example
 
 
-def prepare_sft(params: dict[str, Any]) -> PreparedSft:
-    """Check the inputs (data, base model, LoRA targets), build the trainer and pick the checkpoint to resume."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def prepare_sft(settings: SftSettings) -> PreparedSft:
+    """Check the inputs (data, base model, LoRA targets), build the trainer and pick the checkpoint to resume.
+
+    Raises InputError (naming file and field) for bad data, a missing base model, LoRA targets that do not
+    exist, or data that is all longer than `max_length`; RuntimeError when the prompt would be trained on.
+    """
+    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    data_file = T.resolve(params["data_file"])
-    records = T.load_sft_records(data_file)
-    records, repeated = T.balance_classes(records, params.get("balance_abnormal_fraction"), int(params["seed"]),
-                                          "sft.balance_abnormal_fraction")
-    base_dir = T.require_base_model(params["base_model_dir"], f"{STAGE}.base_model_dir")
-    data_sha, base_sha = T.file_sha256(data_file), T.base_model_sha256(base_dir)
-
-    T.seed_everything(int(params["seed"]))
-    threads = T.set_torch_threads(params.get("torch_threads", "auto"))
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dataset, dropped = build_dataset(records, tokenizer, int(params["max_length"]))
+    inputs = read_inputs(settings, STAGE)
+    threads = set_torch_threads(settings.torch_threads)
+    tokenizer = load_tokenizer(inputs.base_dir)
+    dataset, dropped = build_dataset(inputs.records, tokenizer, settings.max_length)
     if len(dataset) == 0:
-        raise T.InputError(
-            data_file,
-            f"every example is longer than max_length={params['max_length']} tokens",
+        raise InputError(
+            inputs.data_file,
+            f"every example is longer than max_length={settings.max_length} tokens",
             field="sft.max_length",
             hint="raise sft.max_length or shorten the rationales",
         )
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=T.torch_dtype(params))
-    lora = T.lora_config(params["lora"], model, STAGE)
+    model = AutoModelForCausalLM.from_pretrained(str(inputs.base_dir), dtype=torch_dtype(settings.bf16))
+    lora = lora_config(settings.lora, model, STAGE)
 
-    ckpt_dir = T.resolve(params["checkpoint_dir"])
-    fingerprint = T.params_hash({"params": T.training_params(params), "data": data_sha, "base": base_sha})
-    resume = T.prepare_checkpoints(ckpt_dir, fingerprint, params.get("resume", "auto"))
+    ckpt_dir = resolve_path(settings.checkpoint_dir)
+    fingerprint = sha256_json({"params": settings.training_fingerprint_params(), "data": inputs.data_sha,
+                               "base": inputs.base_sha})
+    resume = prepare_checkpoints(ckpt_dir, fingerprint, settings.resume)
     print(
-        f"[{STAGE}] {len(dataset)} examples ({repeated} repeated anomalies, "
-        f"{dropped} longer than {params['max_length']} tokens dropped); "
+        f"[{STAGE}] {len(dataset)} examples ({inputs.repeated_abnormal} repeated anomalies, "
+        f"{dropped} longer than {settings.max_length} tokens dropped); "
         f"{resume.reason}; {threads} torch thread(s)",
         flush=True,
     )
 
     config = SFTConfig(
-        output_dir=str(ckpt_dir),
-        max_steps=int(params["max_steps"]),
-        per_device_train_batch_size=int(params["per_device_train_batch_size"]),
-        gradient_accumulation_steps=int(params["gradient_accumulation_steps"]),
-        learning_rate=float(params["learning_rate"]),
-        lr_scheduler_type=str(params.get("lr_scheduler_type", "linear")),
-        warmup_steps=int(params.get("warmup_steps", 0)),
-        max_length=int(params["max_length"]),
+        **trainer_arguments(settings, ckpt_dir),
+        warmup_steps=settings.warmup_steps,
+        max_length=settings.max_length,
         completion_only_loss=True,
         packing=False,
-        logging_steps=int(params["logging_steps"]),
-        save_strategy="steps",
-        save_steps=int(params["save_steps"]),
-        save_total_limit=2,
-        seed=int(params["seed"]),
-        data_seed=int(params["seed"]),
-        bf16=bool(params.get("bf16", False)),
-        use_cpu=not T.has_accelerator(),
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     masked = check_prompt_masked(trainer, tokenizer)
-    trainable, total = T.count_parameters(trainer.model)
+    trainable, total = count_parameters(trainer.model)
     if trainable == 0:
         raise RuntimeError("the LoRA adapter has no trainable parameters; training would change nothing")
-    return PreparedSft(
-        trainer,
-        records,
-        data_file,
-        data_sha,
-        base_sha,
-        T.resolve(params["out_dir"]),
-        ckpt_dir,
-        resume,
-        len(dataset),
-        dropped,
-        masked,
-        trainable,
-        total,
-        repeated,
-    )
+    return PreparedSft(trainer, inputs, resolve_path(settings.out_dir), ckpt_dir, resume, dropped, trainable, total,
+                       masked)
 
 
-def run_sft(params: dict[str, Any]) -> dict[str, Any]:
-    """Train the SFT adapter from `params` (the `sft` section); returns the metrics written to reports/sft.json."""
-    prep = prepare_sft(params)
+def run(settings: SftSettings) -> dict[str, Any]:
+    """Train the SFT adapter; returns the metadata written to training_meta.json (reports/sft.json is its
+    summary). Raises what `prepare_sft` raises, before the first step."""
+    prep = prepare_sft(settings)
     trainer, resume, out_dir = prep.trainer, prep.resume, prep.out_dir
-    trainable, total, data_sha, base_sha = prep.trainable, prep.total, prep.data_sha, prep.base_sha
-    with T.stage_tracking(STAGE) as mlflow:
-        T.install_callbacks(trainer, STAGE, mlflow)
-        if mlflow is not None:
-            mlflow.log_params(T.flatten(params))
-            mlflow.set_tags(
-                {"data_sha256": data_sha, "base_model_sha256": str(base_sha), "resumed_from_step": str(resume.step)}
-            )
-            T.log_training_data(prep.data_file)
+    trainable, total, data_sha, base_sha = prep.trainable, prep.total, prep.inputs.data_sha, prep.inputs.base_sha
+    with stage_tracking(STAGE) as mlflow:
+        install_callbacks(trainer, STAGE, mlflow)
+        log_run_start(mlflow, settings, prep)
         started, cpu_started = time.monotonic(), time.process_time()
         result = trainer.train(resume_from_checkpoint=resume.checkpoint)
         runtime, cpu = time.monotonic() - started, time.process_time() - cpu_started
@@ -192,27 +153,27 @@ def run_sft(params: dict[str, Any]) -> dict[str, Any]:
             "resumed_from_step": resume.step,
             "trainable_params": trainable,
             "total_params": total,
-            "examples": prep.examples,
+            "examples": len(trainer.train_dataset),
             "dropped_too_long": prep.dropped,
-            "repeated_abnormal": prep.repeated_abnormal,
+            "repeated_abnormal": prep.inputs.repeated_abnormal,
             "prompt_tokens_masked_first_example": prep.masked,
-            "launcher": "accelerate" if os.environ.get(T.LAUNCHED_ENV) else "in-process",
+            "launcher": "accelerate" if os.environ.get(LAUNCHED_ENV) else "in-process",
             "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None,
             "train_loss": float(result.training_loss) if result.training_loss is not None else None,
-            "data_file": str(params["data_file"]),
+            "data_file": settings.data_file,
             "data_sha256": data_sha,
-            "base_model_dir": str(params["base_model_dir"]),
+            "base_model_dir": settings.base_model_dir,
             "base_model_sha256": base_sha,
-            "params": params,
-            "versions": T.library_versions(),
+            "params": settings.model_dump(),
+            "versions": library_versions(),
             # lets an auditor holding only the adapter folder find the run that made it
             "mlflow_run_id": mlflow.active_run().info.run_id if mlflow is not None else None,
         }
-        meta["adapter_sha256"] = T.publish_adapter(trainer, out_dir, lambda digest: {**meta, "adapter_sha256": digest})
-        if T.is_main_process():
+        meta["adapter_sha256"] = publish_adapter(trainer, out_dir, lambda digest: {**meta, "adapter_sha256": digest})
+        if is_main_process():
             report = {k: v for k, v in meta.items() if k not in ("params", "versions")}
-            T.write_json(T.resolve(params["report_file"]), report)
+            write_json_atomic(resolve_path(settings.report_file), report)
             if mlflow is not None:
                 mlflow.log_metrics(
                     {
@@ -220,33 +181,27 @@ def run_sft(params: dict[str, Any]) -> dict[str, Any]:
                         "trainable_params": trainable,
                         "total_params": total,
                         "steps": steps,
-                        "examples": prep.examples,
+                        "examples": len(trainer.train_dataset),
                     }
                 )
                 mlflow.log_artifact(str(out_dir / "training_meta.json"))
-            if not params.get("keep_checkpoints", False):
+            if not settings.keep_checkpoints:
                 shutil.rmtree(prep.ckpt_dir, ignore_errors=True)
     return meta
 
 
-@task(name="sft")
-def sft_task(params: dict[str, Any]) -> dict[str, Any]:
-    """Prefect wrapper (flows normally run the stage through DVC; this is for direct composition)."""
-    return run_sft(params)
-
-
 def main() -> None:
-    params = section(STAGE)
+    settings = load_settings().sft
     # Fail on bad input here, before any process is launched.
-    T.load_sft_records(T.resolve(params["data_file"]))
-    T.require_base_model(params["base_model_dir"], f"{STAGE}.base_model_dir")
-    if T.relaunch_with_accelerate(STAGE, params.get("accelerate_config")):
+    load_sft_records(resolve_path(settings.data_file))
+    require_base_model(settings.base_model_dir, f"{STAGE}.base_model_dir")
+    if relaunch_with_accelerate(STAGE, settings.accelerate_config):
         return
-    meta = run_sft(params)
-    if T.is_main_process():
+    meta = run(settings)
+    if is_main_process():
         print(
             f"[{STAGE}] done: {meta['steps']} steps in {meta['runtime_s']} s, final loss {meta['final_loss']}, "
-            f"adapter → {params['out_dir']}",
+            f"adapter → {settings.out_dir}",
             flush=True,
         )
 

@@ -17,11 +17,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from prefect import task
 
-from tasks.config import repo_root, section
-from tasks.errors import InputError, atomic_dir, read_csv_text, write_text_atomic
-from tasks.tracking import stage_run
+from tasks.common.config import repo_root
+from tasks.common.errors import InputError
+from tasks.common.files import (
+    atomic_dir,
+    iter_json_lines,
+    read_csv_text,
+    read_labelled_templates,
+    write_text_atomic,
+)
+from tasks.common.settings import SplitSettings, load_settings
+from tasks.common.tracking import stage_run
 
 SPLIT_COLUMNS = ["dataset", "template", "label"]
 
@@ -37,32 +44,14 @@ def read_text_lossy(path: Path) -> tuple[str, int]:
 
 
 def longest_line(text: str) -> int:
+    """Characters in the longest line of `text` (reported, so an unexpected giant line is seen)."""
     return max((len(line) for line in text.splitlines()), default=0)
 
 
-def check_params(params: dict[str, Any]) -> None:
-    fraction, rate = params.get("test_fraction", 0.4), params.get("train_anomaly_rate")
-    if not 0 < float(fraction) < 1:
-        raise InputError("params.yaml", f"test_fraction {fraction} must be between 0 and 1",
-                         field="split.test_fraction")
-    if rate is not None and not 0 < float(rate) < 1:
-        raise InputError("params.yaml", f"train_anomaly_rate {rate} must be between 0 and 1 (or null)",
-                         field="split.train_anomaly_rate")
-    if int(params.get("window_lines", 100)) < 1:
-        raise InputError("params.yaml", "window_lines must be at least 1", field="split.window_lines")
-
-
 def load_templates(path: Path) -> pd.DataFrame:
-    try:
-        frame = pd.read_parquet(path)
-    except FileNotFoundError as exc:
-        raise InputError(path, "corrected templates not found", hint="run the correct stage first") from exc
-    missing = [c for c in SPLIT_COLUMNS if c not in frame.columns]
-    if missing:
-        raise InputError(path, f"missing column(s) {missing}", field=missing[0])
-    if frame.empty:
-        raise InputError(path, "empty template list")
-    return frame
+    """The corrected templates (dataset, template, label 0/1); InputError names the file, row and field."""
+    return read_labelled_templates(path, tuple(SPLIT_COLUMNS), missing_hint="run the correct stage first",
+                                   what="corrected templates")
 
 
 def split_dataset(frame: pd.DataFrame, test_fraction: float, train_rate: float | None, seed: int,
@@ -118,13 +107,7 @@ def hdfs_sessions(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """HDFS block sessions from JSON lines `{block_id, templates, label}`, each line checked."""
     text, replaced = read_text_lossy(path)
     sessions = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(path, f"not valid JSON: {exc.msg} (column {exc.colno})", line=number) from exc
+    for number, record in iter_json_lines(path, text):
         for key, kind in (("block_id", str), ("templates", list), ("label", int)):
             if not isinstance(record.get(key) if isinstance(record, dict) else None, kind):
                 raise InputError(path, f"expected {kind.__name__} '{key}'", line=number, field=key)
@@ -155,12 +138,12 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def split_all(templates_file: Path, bgl_structured: Path, hdfs_test: Path, out_dir: Path, report_file: Path,
-              seed: int = 42, test_fraction: float = 0.4, train_anomaly_rate: float | None = 0.15,
-              window_lines: int = 100) -> dict[str, Any]:
-    """Template split + session test sets + leakage, written all-or-nothing into `out_dir`; returns the report."""
-    check_params({"test_fraction": test_fraction, "train_anomaly_rate": train_anomaly_rate,
-                  "window_lines": window_lines})
+def split_all(templates_file: Path, bgl_structured: Path, hdfs_test: Path, out_dir: Path, report_file: Path, *,
+              seed: int, test_fraction: float, train_anomaly_rate: float | None, window_lines: int) -> dict[str, Any]:
+    """Template split + session test sets + leakage, written all-or-nothing into `out_dir`; returns the report.
+
+    Raises InputError naming the file, line and field of bad input; nothing is written then.
+    """
     frame = load_templates(templates_file)
     windows, bgl_stats = bgl_windows(bgl_structured, window_lines)
     sessions, hdfs_stats = hdfs_sessions(hdfs_test)
@@ -191,31 +174,26 @@ def split_all(templates_file: Path, bgl_structured: Path, hdfs_test: Path, out_d
     return report
 
 
-def run(params: dict[str, Any]) -> dict[str, Any]:
-    """The stage from its params section (paths relative to the repo root)."""
-    check_params(params)
+def run(settings: SplitSettings) -> dict[str, Any]:
+    """The stage (paths relative to the repo root); returns the split report. Raises InputError naming the
+    file, line and field of bad input."""
     root = repo_root()
-    rate = params.get("train_anomaly_rate")
     return split_all(
-        root / params.get("templates_file", "data/corrected/templates.parquet"), root / params["bgl_structured"],
-        root / params["hdfs_test"], root / params["out_dir"], root / params.get("report_file", "reports/split.json"),
-        seed=int(params["seed"]), test_fraction=float(params["test_fraction"]),
-        train_anomaly_rate=None if rate is None else float(rate), window_lines=int(params["window_lines"]),
+        root / settings.templates_file, root / settings.bgl_structured, root / settings.hdfs_test,
+        root / settings.out_dir, root / settings.report_file, seed=settings.seed,
+        test_fraction=settings.test_fraction, train_anomaly_rate=settings.train_anomaly_rate,
+        window_lines=settings.window_lines,
     )
 
 
-@task(name="split")
-def split_task(params: dict[str, Any]) -> dict[str, Any]:
-    return run(params)
-
-
 def main() -> None:
-    params = section("split")
-    report = run(params)
+    settings = load_settings().split
+    report = run(settings)
     with stage_run("split"):
         import mlflow
 
-        mlflow.log_params({k: params[k] for k in ("seed", "test_fraction", "train_anomaly_rate", "window_lines")})
+        mlflow.log_params({k: getattr(settings, k) for k in ("seed", "test_fraction", "train_anomaly_rate",
+                                                                  "window_lines")})
         metrics = {f"{d}_{k}": v for d, s in report["templates"].items() for k, v in s.items()}
         metrics.update({f"leakage_{name}_in_train": v["in_train"] for name, v in report["leakage"].items()})
         metrics.update(bgl2k_windows=report["sessions"]["bgl2k"]["windows"],

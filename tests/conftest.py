@@ -7,8 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from tasks.workspace import copy_project
+from workspace import copy_project
 
 REPO = Path(__file__).resolve().parents[1]
 # As the CLI does: no telemetry, patience for the temporary Prefect server on a busy machine, no hub downloads.

@@ -13,14 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from workspace import copy_project
 
-from tasks.gate import evaluate_gate
-from tasks.workspace import copy_project
+from tasks.common.settings import GateSettings, load_settings
+from tasks.release.gate import evaluate_gate
 
 REPO = Path(__file__).resolve().parents[1]
-GATE = {"min_f1": {"template_bgl": 0.3, "template_spirit": 0.3}, "min_recall_abnormal": 0.3,
-        "max_format_invalid_rate": 0.2, "champion_margin": 0.0, "max_regression_per_dataset": 0.05,
-        "require_approval": False}
+GATE = GateSettings(min_f1={"template_bgl": 0.3, "template_spirit": 0.3}, min_recall_abnormal=0.3,
+                    max_format_invalid_rate=0.2, champion_margin=0.0, max_regression_per_dataset=0.05,
+                    require_approval=False)
 MD5 = {"raw": "1f3870be274f6c49b3e31a0c6728957f.dir", "corrections": "6f8db599de986fab7a21625b7916589c",
        "reviews": "0c7a5b4b0cf9a8dbb4c5b2e6a1b4c3d2.dir", "corrected": "9e107d9d372bb6826bd81d3542a419d6",
        "split": "e4d909c290d0fb1ca068ffaddf22cbd0.dir", "distilled": "d41d8cd98f00b204e9800998ecf8427e"}
@@ -91,7 +92,7 @@ def training_run(stage: str, **tags: str) -> str:
     """A real MLflow run for a training stage, as sft/grpo log them."""
     import mlflow
 
-    from tasks.tracking import stage_run
+    from tasks.common.tracking import stage_run
 
     with stage_run(stage, data_sha256="feedbeef", base_model_sha256="cafe", **tags) as run:
         mlflow.log_params({"max_steps": 6, "learning_rate": 5e-4})
@@ -135,15 +136,24 @@ def candidate_metrics(bgl: float, spirit: float, *, hdfs: float = 0.5, valid: fl
 def release(world: World, name: str, metrics: dict[str, Any], approver: str = "alice",
             reason: str = "beats the champion") -> tuple[str, Any]:
     """gate → register → promote (when the gate passed), as the release flow does."""
-    from tasks.registry import champion_metrics, promote, register_candidate
+    from tasks.release.registry import champion_metrics, promote, register_candidate
 
     champion = champion_metrics(name)
     verdict = evaluate_gate(metrics, champion["metrics"] if champion else None, GATE,
                             champion_version=champion["version"] if champion else None)
-    version = register_candidate(world.grpo, world.base, metrics, verdict, name=name, root=world.root)
+    version = register_candidate(world.grpo, world.base, metrics, verdict, **register_kwargs(world, name))
     if verdict.passed:
         promote(version, approver, reason, name=name)
     return version, verdict
+
+
+def register_kwargs(world: World, name: str) -> dict[str, Any]:
+    """What the release flow passes to register_candidate besides the candidate: name, pyfunc config, params."""
+    from tasks.release.pyfunc import model_config
+
+    settings = load_settings(world.root / "params.yaml")
+    return {"name": name, "model_config": model_config(settings.evaluate), "params": settings.model_dump(),
+            "root": world.root}
 
 
 def env_for(root: Path) -> dict[str, str]:

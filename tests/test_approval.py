@@ -21,12 +21,12 @@ pytestmark = pytest.mark.slow
 PAUSING_FLOW = """
 import json
 from prefect import flow
-from tasks.gate import Rule, Verdict
-from tasks.registry import request_approval
+from flows.release import request_approval
+from tasks.release.gate import GateVerdict, Rule
 
 @flow(name="approval-probe")
 def probe():
-    verdict = Verdict(rules=[Rule("min_f1.template_bgl", 0.5, 0.8, True)], require_approval=True)
+    verdict = GateVerdict(rules=[Rule("min_f1.template_bgl", 0.5, 0.8, True)], require_approval=True)
     answer = request_approval(verdict, timeout_s=600)
     print("ANSWER " + json.dumps({"approver": answer.approver, "approve": answer.approve, "reason": answer.reason}))
 

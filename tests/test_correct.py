@@ -9,8 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tasks.common.errors import InputError
+from tasks.common.settings import CorrectSettings, load_settings
 from tasks.correct import correct_templates, load_patch, load_templates, normalize, run
-from tasks.errors import InputError
 from tasks.fetch import fetch_sources
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,11 +153,9 @@ def stage_root(tmp_path: Path, mirror: Path, monkeypatch: pytest.MonkeyPatch) ->
     return tmp_path
 
 
-def stage_params(root: Path) -> dict:
-    import yaml
-
-    params = yaml.safe_load((REPO / "params.yaml").read_text())["correct"]
-    return {**params, "review_dir": "reviews"}
+def stage_params(root: Path) -> CorrectSettings:
+    """The shipped `correct` settings, with the review folder under the test's project root."""
+    return load_settings(REPO / "params.yaml").correct.model_copy(update={"review_dir": "reviews"})
 
 
 def test_stage_writes_every_output_and_applies_resolved_reviews(stage_root: Path):
@@ -167,27 +166,27 @@ def test_stage_writes_every_output_and_applies_resolved_reviews(stage_root: Path
     write(stage_root / "reviews/ann.csv", "template,label\nmount: RPC: Timed out,abnormal\nnode 0 totalpages: 524275,"
                                            "abnormal\n")
     result = run(params)
-    report = json.loads((stage_root / params["report_file"]).read_text())
+    report = json.loads((stage_root / params.report_file).read_text())
     assert report["matched_exact"] == 224 and report["review"]["resolved_by"] == {"senior": 1, "unanimous": 1}
     assert report["review"]["kappa_method"] == "cohen" and report["kappa"] == report["review"]["kappa"]
-    frame = pd.read_parquet(stage_root / params["out_file"]).set_index("template")
+    frame = pd.read_parquet(stage_root / params.out_file).set_index("template")
     assert frame.loc["mount: RPC: Timed out", "label"] == 1
     assert frame.loc["mount: RPC: Timed out", "correction"] == "review"
     assert report["abnormal_after"]["spirit"]["abnormal"] == 173
-    resolution = json.loads((stage_root / params["resolution_file"]).read_text())
+    resolution = json.loads((stage_root / params.resolution_file).read_text())
     assert [r["input"] for r in resolution] == [r["input"] for r in result.resolution]
-    assert "## Multi-annotator review" in (stage_root / params["report_md"]).read_text()
-    queue = pd.read_csv(stage_root / params["review_queue_file"], keep_default_na=False)
+    assert "## Multi-annotator review" in (stage_root / params.report_md).read_text()
+    queue = pd.read_csv(stage_root / params.review_queue_file, keep_default_na=False)
     assert "mount: RPC: Timed out" not in set(queue["template"]), "resolved by review: no longer a near-twin"
 
 
 def test_failed_run_leaves_the_last_good_outputs_untouched(stage_root: Path):
     params = stage_params(stage_root)
     run(params)
-    outputs = [stage_root / params[k] for k in ("out_file", "report_file", "report_md", "review_queue_file",
+    outputs = [stage_root / getattr(params, k) for k in ("out_file", "report_file", "report_md", "review_queue_file",
                                                 "resolution_file")]
     before = digest(outputs)
-    patch = stage_root / params["patch_file"]
+    patch = stage_root / params.patch_file
     patch.write_text(patch.read_text().replace('"rectified": "abnormal"', '"rectified": "abnormall"', 1))
     with pytest.raises(InputError, match="unknown label value 'abnormall'"):
         run(params)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tasks.dvc_ops import repro_stage, stale_stages
+from tasks.common.dvc_ops import repro_stage, stale_stages
 
 DATA_STAGES = ["fetch", "correct", "split", "distill"]
 

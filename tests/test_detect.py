@@ -17,7 +17,7 @@ import pytest
 
 from serving.client import Client, Endpoint, EndpointError
 from serving.detect import Detector, detect_format, make_miner
-from tasks.config import load_params
+from tasks.common.settings import DetectSettings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 ABNORMAL_WORDS = re.compile(r"\berror\b|fail|fatal|\bexception\b|abort|severed", re.IGNORECASE)
@@ -138,12 +138,12 @@ def chat_server() -> Any:
             server.stop()
 
 
-def detect_params(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
-    params = load_params(REPO / "params.yaml")["detect"]
-    params.update(cache_file=str(tmp_path / "cache.sqlite"), drain_state=str(tmp_path / "drain.bin"),
-                  backoff_s=0.01, max_retries=3, timeout_s=10, concurrency=1)
-    params.update(overrides)
-    return params
+def detect_params(tmp_path: Path, **overrides: Any) -> DetectSettings:
+    """The shipped `detect` settings with a private cache and drain state, fast retries, and `overrides`."""
+    shipped = load_settings(REPO / "params.yaml").detect
+    return shipped.model_copy(update={"cache_file": str(tmp_path / "cache.sqlite"),
+                                      "drain_state": str(tmp_path / "drain.bin"), "backoff_s": 0.01,
+                                      "max_retries": 3, "timeout_s": 10, "concurrency": 1, **overrides})
 
 
 def run_detect(tmp_path: Path, url: str, data: bytes, version: str = "1", **overrides: Any
@@ -383,7 +383,7 @@ def test_cli_detect_writes_json_lines_and_exits_non_zero_when_the_endpoint_is_do
 ) -> None:
     from typer.testing import CliRunner
 
-    from rationanomaly.cli_serving import app
+    from rationanomaly.cli import app
 
     monkeypatch.setenv("RATIONANOMALY_ROOT", str(tmp_path))
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())

@@ -13,12 +13,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tasks.common.errors import InputError
+from tasks.common.prompt import CATEGORIES, parse_completion, training_messages
+from tasks.common.settings import DistillSettings, load_settings
 from tasks.correct import correct_templates
+from tasks.data.teachers import LexiconTeacher, OpenAITeacher, lexicon_rationale, make_teacher
 from tasks.distill import distill
-from tasks.errors import InputError
-from tasks.prompt import CATEGORIES, parse_completion, training_messages
 from tasks.split import split_all
-from tasks.teachers import LexiconTeacher, OpenAITeacher, lexicon_rationale, make_teacher
 
 LOGS = [
     ("bgl", "instruction cache parity error corrected", 0),
@@ -65,8 +66,11 @@ def train_file(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
                                {"bgl": mirror / "logprompt/templates_bgl.csv",
                                 "spirit": mirror / "logprompt/templates_spirit.csv"})
     result.templates.to_parquet(folder / "templates.parquet", index=False)
+    shipped = load_settings(Path(__file__).resolve().parents[1] / "params.yaml").split
     split_all(folder / "templates.parquet", mirror / "loghub/BGL/BGL_2k.log_structured.csv",
-              mirror / "hdfs_sessions/session_test.jsonl", folder / "split", folder / "split.json")
+              mirror / "hdfs_sessions/session_test.jsonl", folder / "split", folder / "split.json",
+              seed=shipped.seed, test_fraction=shipped.test_fraction,
+              train_anomaly_rate=shipped.train_anomaly_rate, window_lines=shipped.window_lines)
     return folder / "split/train.parquet"
 
 
@@ -164,11 +168,14 @@ def small_train(path: Path) -> Path:
     return path
 
 
-def openai_params(server: ChatServer, cache: Path) -> dict:
-    return {"teacher": "openai", "max_log_chars": 2000,
-            "openai": {"base_url": server.base_url, "model": "teacher-test", "api_key_env": "TEACHER_TEST_KEY",
-                       "cache_dir": str(cache), "max_retries": 2, "timeout_s": 10, "temperature": 0.0,
-                       "concurrency": 2}}
+def openai_params(server: ChatServer, cache: Path) -> DistillSettings:
+    """The shipped `distill` settings pointed at the fake chat server, with its own cache."""
+    shipped = load_settings(Path(__file__).resolve().parents[1] / "params.yaml").distill
+    teacher = shipped.openai.model_copy(update={"base_url": server.base_url, "model": "teacher-test",
+                                                "api_key_env": "TEACHER_TEST_KEY", "cache_dir": str(cache),
+                                                "max_retries": 2, "timeout_s": 10, "temperature": 0.0,
+                                                "concurrency": 2})
+    return shipped.model_copy(update={"teacher": "openai", "openai": teacher})
 
 
 def test_openai_teacher_rejects_disagreeing_labels_and_caches_every_answer(chat_server: ChatServer, tmp_path: Path):
@@ -197,8 +204,10 @@ def test_openai_teacher_rejects_disagreeing_labels_and_caches_every_answer(chat_
 
 def test_openai_teacher_needs_its_key_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("TEACHER_TEST_KEY", raising=False)
-    params = {"teacher": "openai", "openai": {"base_url": "http://127.0.0.1:9/v1", "model": "m",
-                                              "api_key_env": "TEACHER_TEST_KEY", "cache_dir": str(tmp_path)}}
+    shipped = load_settings(Path(__file__).resolve().parents[1] / "params.yaml").distill
+    params = shipped.model_copy(update={"teacher": "openai", "openai": shipped.openai.model_copy(
+        update={"base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": "TEACHER_TEST_KEY",
+                "cache_dir": str(tmp_path)})})
     with pytest.raises(InputError, match=r"'distill\.openai\.api_key_env': environment variable TEACHER_TEST_KEY"):
         make_teacher(params, tmp_path)
 
@@ -207,7 +216,7 @@ def test_unreachable_endpoint_rejects_and_counts_instead_of_writing_half_a_datas
                                                                                     monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("TEACHER_TEST_KEY", "sk-test")
     teacher = OpenAITeacher("http://127.0.0.1:9/v1", "m", "TEACHER_TEST_KEY", tmp_path / "cache", max_retries=0,
-                            timeout_s=2, concurrency=1)
+                            timeout_s=2, temperature=0.2, concurrency=1, max_log_chars=2000)
     (tmp_path / "sft.jsonl").write_text("previous good output\n")
     with pytest.raises(RuntimeError, match=r"no acceptable rationale .*request_failed': 5"):
         distill(small_train(tmp_path / "train.parquet"), tmp_path / "sft.jsonl", tmp_path / "d.json", teacher)
@@ -219,6 +228,6 @@ def test_bad_training_file_fails_before_distilling_and_keeps_the_last_output(tmp
     distill(small_train(tmp_path / "train.parquet"), out, tmp_path / "d.json", LexiconTeacher())
     before = out.read_bytes()
     pd.DataFrame({"dataset": ["bgl"], "template": ["x"], "label": [3]}).to_parquet(tmp_path / "bad.parquet")
-    with pytest.raises(InputError, match=r"bad\.parquet field 'label': label 3 is not 0/1"):
+    with pytest.raises(InputError, match=r"bad\.parquet:\d+ field 'label': label 3 is not 0/1"):
         distill(tmp_path / "bad.parquet", out, tmp_path / "d.json", LexiconTeacher())
     assert out.read_bytes() == before

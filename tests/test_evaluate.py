@@ -8,7 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.errors import InputError
+from tasks.common.config import load_params
+from tasks.common.errors import InputError
+from tasks.common.settings import EvaluateSettings, load_settings, validate_settings
 from tasks.evaluate import METHODS, run
 
 BGL_STRUCTURED = "loghub/BGL/BGL_2k.log_structured.csv"
@@ -54,12 +56,16 @@ def eval_root(tmp_path: Path, mirror: Path, monkeypatch: pytest.MonkeyPatch) -> 
     return root
 
 
-def params(**overrides: object) -> dict:
-    base = {"out_dir": "reports/eval", "metrics_file": "reports/metrics.json", "split_dir": "data/split",
-            "base_model_dir": "models/base", "sft_dir": "models/sft", "candidate_dir": "models/grpo",
-            "max_templates_per_dataset": None, "batch_size": 16, "max_new_tokens": 8, "engine": "transformers",
-            "dtype": "bfloat16", "seed": 42, "baselines": ["keywords", "tfidf_lr", "zero_shot", "sft_only"]}
-    return {**base, **overrides}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def params(**overrides: object) -> EvaluateSettings:
+    """The shipped `evaluate` settings, uncapped, 8 answer tokens on transformers, with `overrides`."""
+    shipped = load_settings(REPO / "params.yaml").evaluate
+    base = {"max_templates_per_dataset": None, "max_sessions_per_dataset": None, "batch_size": 16,
+            "max_new_tokens": 8, "engine": "transformers", "dtype": "bfloat16", "torch_threads": None,
+            "baselines": ["keywords", "tfidf_lr", "zero_shot", "sft_only"]}
+    return shipped.model_copy(update={**base, **overrides})
 
 
 def folders_that_look_like_models(root: Path) -> None:
@@ -85,8 +91,10 @@ def test_missing_adapter_and_unknown_baseline_are_named(eval_root: Path, base_mo
     (eval_root / "models" / "base").symlink_to(base_model_dir)
     with pytest.raises(InputError, match=r"models/sft: not a LoRA adapter folder"):
         run(params(), eval_root)
-    with pytest.raises(InputError, match="unknown baseline"):
-        run(params(baselines=["keywords", "magic"]), eval_root)
+    raw = load_params(REPO / "params.yaml")
+    raw["evaluate"]["baselines"] = ["keywords", "magic"]
+    with pytest.raises(InputError, match=r"field 'evaluate.baselines.1': .*found 'magic'"):
+        validate_settings(raw)
 
 
 def test_a_failed_run_leaves_the_last_good_report(eval_root: Path) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks.errors import InputError
+from tasks.common.errors import InputError
 from tasks.fetch import MANIFEST, fetch_sources, load_sources
 
 REPO = Path(__file__).resolve().parents[1]

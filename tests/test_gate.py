@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tasks.gate import Verdict, evaluate_gate
+from tasks.common.settings import GateSettings, load_settings
+from tasks.release.gate import GateVerdict, evaluate_gate
 
-PARAMS = {"min_f1": {"template_bgl": 0.5, "template_spirit": 0.5}, "min_recall_abnormal": 0.4,
-          "max_format_invalid_rate": 0.2, "champion_margin": 0.01, "max_regression_per_dataset": 0.05,
-          "require_approval": False}
+PARAMS = GateSettings(min_f1={"template_bgl": 0.5, "template_spirit": 0.5}, min_recall_abnormal=0.4,
+                      max_format_invalid_rate=0.2, champion_margin=0.01, max_regression_per_dataset=0.05,
+                      require_approval=False)
 DIGESTS = {"template_bgl": "aaa", "template_spirit": "bbb", "session_bgl2k": "ccc", "session_hdfs": "ddd"}
 
 
@@ -28,7 +30,7 @@ def metrics(bgl: float, spirit: float, *, recall: float = 0.8, valid: float = 0.
             "test_data": {"digests": dict(digests or DIGESTS)}}
 
 
-def rule(verdict: Verdict, name: str) -> Any:
+def rule(verdict: GateVerdict, name: str) -> Any:
     return next(r for r in verdict.rules if r.name == name)
 
 
@@ -93,14 +95,15 @@ def test_release_re_evaluates_a_champion_measured_on_other_test_data(monkeypatch
     monkeypatch.setattr(release.registry, "download_adapter", lambda ref, dest: tmp_path / ref)
     monkeypatch.setattr(release, "evaluate_adapter",
                         lambda adapter, params: evaluated.append(str(adapter)) or metrics(0.6, 0.6))
+    settings = load_settings(Path(__file__).resolve().parents[1] / "params.yaml")
     candidate = metrics(0.8, 0.8)
     current = {"version": "3", "metrics": metrics(0.5, 0.5)}
-    assert release.champion_on_current_data.fn(candidate, current) is current
-    assert release.champion_on_current_data.fn(candidate, None) is None
+    assert release.champion_on_current_data.fn(candidate, current, settings) is current
+    assert release.champion_on_current_data.fn(candidate, None, settings) is None
     assert evaluated == []
 
     stale = {"version": "3", "metrics": metrics(0.5, 0.5, digests={**DIGESTS, "template_spirit": "zzz"})}
-    fresh = release.champion_on_current_data.fn(candidate, stale)
+    fresh = release.champion_on_current_data.fn(candidate, stale, settings)
     assert len(evaluated) == 1 and evaluated[0].endswith("/3")
     assert fresh["re_evaluated"] and fresh["version"] == "3"
     assert rule(evaluate_gate(candidate, fresh["metrics"], PARAMS), "champion_same_test_data").passed
@@ -115,9 +118,9 @@ def test_missing_test_set_fails_instead_of_passing_silently() -> None:
 
 
 def test_verdict_serialises_and_renders_every_rule() -> None:
-    verdict = evaluate_gate(metrics(0.7, 0.3), metrics(0.6, 0.6), {**PARAMS, "require_approval": True},
-                            champion_version="1")
-    again = Verdict.from_dict(copy.deepcopy(verdict.to_dict()))
+    verdict = evaluate_gate(metrics(0.7, 0.3), metrics(0.6, 0.6),
+                            PARAMS.model_copy(update={"require_approval": True}), champion_version="1")
+    again = GateVerdict.from_dict(copy.deepcopy(verdict.to_dict()))
     assert again.to_dict() == verdict.to_dict()
     assert again.passed is False and again.require_approval is True
     text = verdict.to_markdown()

@@ -10,8 +10,8 @@ import pytest
 from registry_world import MD5, World, build_world, candidate_metrics, env_for, make_adapter, release
 from typer.testing import CliRunner
 
-from rationanomaly.cli_registry import app
-from tasks.lineage import LineageError, lineage, lineage_by_data, parse_ref
+from rationanomaly.cli import app
+from tasks.release.lineage import LineageError, lineage, lineage_by_data, parse_ref
 
 BGL_SHA = "bdd8c62f45ce953f7f5b27b54c5c1c812c6fbc3ca7018e1234f2a33e72d9f6de"  # templates_bgl.csv in sources.yaml
 

@@ -9,17 +9,10 @@ import pandas as pd
 import pytest
 from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score
 
-from tasks.baselines import FAILURE_WORDS, fit_tfidf_lr, keyword_hits, keyword_predict, tfidf_lr_predict
-from tasks.evaluate import (
-    EvalData,
-    MethodResult,
-    binary_metrics,
-    cap_sessions,
-    cap_stratified,
-    score,
-    unseen_only,
-)
-from tasks.inference import cut_at_stop, to_prediction
+from tasks.evaluation.baselines import FAILURE_WORDS, fit_tfidf_lr, keyword_hits, keyword_predict, tfidf_lr_predict
+from tasks.evaluation.inference import cut_at_stop, to_prediction
+from tasks.evaluation.metrics import MethodResult, binary_metrics, score
+from tasks.evaluation.testdata import EvalData, cap_sessions, cap_stratified, unseen_only
 
 Y_TRUE = [1, 1, 1, 0, 0, 0, 0, 1, 0, 0]
 Y_PRED = [1, 0, 1, 0, 1, 0, 0, 1, 0, 1]

@@ -1,6 +1,6 @@
 """The prompt/answer format owner: what training writes is exactly what evaluation and serving read."""
 
-from tasks.prompt import (
+from tasks.common.prompt import (
     format_completion,
     label_id,
     label_name,

@@ -8,10 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from registry_world import World, build_world, candidate_metrics, env_for, make_adapter, release
+from registry_world import World, build_world, candidate_metrics, env_for, make_adapter, register_kwargs, release
 
-from tasks import registry
-from tasks.gate import evaluate_gate
+from tasks.common.settings import GateSettings
+from tasks.release import registry
+from tasks.release.gate import evaluate_gate
+
+NO_RULES = GateSettings(min_f1={}, min_recall_abnormal=None, max_format_invalid_rate=None, champion_margin=0.0,
+                        max_regression_per_dataset=None, require_approval=False)
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +110,8 @@ def test_approval_is_recorded_and_a_refusal_moves_nothing(world: World) -> None:
     assert (tags["approved_by"], tags["approval_reason"]) == ("carol", "reviewed the report")
     assert tags["promoted_at"]
     metrics = candidate_metrics(0.7, 0.6)
-    verdict = evaluate_gate(metrics, registry.champion_metrics("approval")["metrics"], {"min_f1": {}})
-    v2 = registry.register_candidate(world.grpo, world.base, metrics, verdict, name="approval", root=world.root)
+    verdict = evaluate_gate(metrics, registry.champion_metrics("approval")["metrics"], NO_RULES)
+    v2 = registry.register_candidate(world.grpo, world.base, metrics, verdict, **register_kwargs(world, "approval"))
     registry.record_refusal(v2, "dave", "wants a larger test set", name="approval")
     assert registry.aliases("approval")["champion"] == v1
     tags = versions("approval")[v2]
@@ -138,12 +142,12 @@ def test_unreachable_registry_fails_with_a_clear_message_and_registers_nothing(w
                                                                                 monkeypatch: pytest.MonkeyPatch,
                                                                                 tmp_path: Path) -> None:
     metrics = candidate_metrics(0.6, 0.5)
-    verdict = evaluate_gate(metrics, None, {"min_f1": {}})
+    verdict = evaluate_gate(metrics, None, NO_RULES)
     for uri, needle in (("http://127.0.0.1:9", "ConnectError"),
                         (f"sqlite:///{tmp_path}/no/such/folder/mlflow.db", "does not exist")):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         with pytest.raises(registry.RegistryUnavailable) as raised:
-            registry.register_candidate(world.grpo, world.base, metrics, verdict, name="down", root=world.root)
+            registry.register_candidate(world.grpo, world.base, metrics, verdict, **register_kwargs(world, "down"))
         assert uri in str(raised.value) and needle in str(raised.value) and "MLFLOW_TRACKING_URI" in str(raised.value)
         with pytest.raises(registry.RegistryUnavailable):
             registry.promote("1", "alice", "x", name="down")
@@ -153,10 +157,10 @@ def test_unreachable_registry_fails_with_a_clear_message_and_registers_nothing(w
 
 def test_a_registration_that_fails_half_way_is_tagged_failed(world: World) -> None:
     metrics = candidate_metrics(0.6, 0.5)
-    verdict = evaluate_gate(metrics, None, {"min_f1": {}})
+    verdict = evaluate_gate(metrics, None, NO_RULES)
     with pytest.raises(registry.RegistryError, match="tagged `failed`"):  # a tag over MLflow's 100k limit
         registry.register_candidate(world.grpo, world.base, metrics, verdict, {"note": "x" * 100_001},
-                                    name="halfway", root=world.root)
+                                    **register_kwargs(world, "halfway"))
     (version, tags), = versions("halfway").items()
     assert tags["registration"] == "failed" and "maximum length" in tags["failed"]
     assert registry.aliases("halfway") == {}
@@ -176,10 +180,12 @@ def test_a_registration_that_died_is_tagged_failed_by_the_next_one(world: World)
 
 
 def test_request_approval_outside_a_flow_says_so(world: World) -> None:
-    verdict = evaluate_gate(candidate_metrics(0.6, 0.5), None, {"min_f1": {}})
+    from flows.release import ApprovalInput, request_approval
+
+    verdict = evaluate_gate(candidate_metrics(0.6, 0.5), None, NO_RULES)
     with pytest.raises(RuntimeError, match="inside a Prefect flow"):
-        registry.request_approval(verdict)
-    assert set(registry.ApprovalInput.model_fields) >= {"approver", "approve", "reason"}
+        request_approval(verdict)
+    assert set(ApprovalInput.model_fields) >= {"approver", "approve", "reason"}
 
 
 @pytest.mark.slow
@@ -198,9 +204,9 @@ def test_champion_loads_back_through_the_models_uri_and_classifies(world: World)
 
 def test_release_flow_lookups_find_the_card_and_an_already_registered_candidate(world: World) -> None:
     metrics = candidate_metrics(0.6, 0.5)
-    verdict = evaluate_gate(metrics, None, {"min_f1": {}})
+    verdict = evaluate_gate(metrics, None, NO_RULES)
     version = registry.register_candidate(world.grpo, world.base, metrics, verdict, {"candidate.adapter_md5": "abc"},
-                                          name="lookups", root=world.root)
+                                          **register_kwargs(world, "lookups"))
     assert registry.version_with_tag("candidate.adapter_md5", "abc", name="lookups") == version
     assert registry.version_with_tag("candidate.adapter_md5", "other", name="lookups") is None
     assert registry.model_card_text(version, name="lookups").startswith("# Model card: lookups")

@@ -57,7 +57,7 @@ def serve_state(project: Path) -> dict:
 
 def ask_endpoint(state: dict) -> str:
     """One chat request to the live endpoint; returns the completion text."""
-    from tasks.prompt import prompt_messages
+    from tasks.common.prompt import prompt_messages
 
     response = httpx.post(
         f"http://{state['host']}:{state['port']}/v1/chat/completions", timeout=120,

@@ -9,9 +9,9 @@ import pytest
 from sklearn.metrics import cohen_kappa_score
 from statsmodels.stats.inter_rater import aggregate_raters, fleiss_kappa
 
+from tasks.common.errors import InputError
 from tasks.correct import parse_corrections
-from tasks.errors import InputError
-from tasks.review import INSTRUCTION, agreement, load_reviews, resolve_reviews, review_folder
+from tasks.data.review import INSTRUCTION, agreement, load_reviews, resolve_reviews, review_folder
 
 
 def write_reviews(folder: Path, files: dict[str, str]) -> Path:

@@ -1,12 +1,15 @@
-"""GRPO reward components on hand-written completions (tasks/rewards.py)."""
+"""GRPO reward components on hand-written completions (tasks/training/rewards.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from tasks.rewards import (
+from tasks.common.config import load_params
+from tasks.common.settings import load_settings, validate_settings
+from tasks.training.rewards import (
     COMPONENTS,
-    RewardConfig,
     answer_reward,
     brevity_reward,
     brevity_score,
@@ -20,7 +23,8 @@ from tasks.rewards import (
     total_reward,
 )
 
-CFG = RewardConfig()
+PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
+CFG = load_settings(PARAMS_FILE).grpo.rewards  # the shipped reward table
 LOG = "ciod: Error creating node map from file <*> <*> <*> <*>"
 REFERENCE = (
     "Domain: ciod is the BGL compute I/O daemon that launches jobs. Core: the log says ciod failed "
@@ -144,14 +148,16 @@ def test_breaking_the_format_never_beats_a_valid_wrong_answer():
 
 
 def test_a_table_that_rewards_breaking_the_format_is_reported():
-    assert any("dodges" in w for w in RewardConfig(format_invalid=0.0).warnings())
+    assert any("dodges" in w for w in CFG.model_copy(update={"format_invalid": 0.0}).warnings())
 
 
 def test_an_unknown_reward_key_is_rejected_naming_the_field():
-    from tasks.errors import InputError
+    from tasks.common.errors import InputError
 
-    with pytest.raises(InputError, match=r"field 'grpo.rewards': unknown reward keys \['answer_wieght'\]"):
-        RewardConfig.from_params({"answer_wieght": 2.0})
+    params = load_params(PARAMS_FILE)
+    params["grpo"]["rewards"]["answer_wieght"] = 2.0
+    with pytest.raises(InputError, match=r"params.yaml field 'grpo.rewards.answer_wieght': unknown key"):
+        validate_settings(params)
 
 
 def test_think_parts_count_only_when_the_answer_is_right():
@@ -200,7 +206,7 @@ def test_coherence_falls_as_perplexity_rises():
 
 @pytest.mark.slow
 def test_the_frozen_lm_finds_a_fluent_rationale_more_coherent_than_word_salad(base_model_dir):
-    from tasks.rewards import perplexity_scorer
+    from tasks.training.rewards import perplexity_scorer
 
     scorer = perplexity_scorer(str(base_model_dir), 4)
     salad = "node the Deduction ciod map it from abnormal daemon creating is so file job launches the BGL"

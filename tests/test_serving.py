@@ -29,8 +29,8 @@ from serving.client import Client, EndpointError, endpoint_from_state
 from serving.detect import Detector
 from serving.resolve import ModelRef
 from serving.smoke import SMOKE_SET
-from tasks.config import load_params
-from tasks.errors import InputError
+from tasks.common.errors import InputError
+from tasks.common.settings import ServeSettings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_CACHE = REPO / ".cache" / "test-assets"
@@ -59,12 +59,11 @@ def small_base(tmp_path: Path) -> Path:
     return base
 
 
-def serve_params(tmp_path: Path, port: int = 0, **overrides: Any) -> dict[str, Any]:
-    params = load_params(REPO / "params.yaml")["serve"]
-    params.update(state_file=str(tmp_path / "state.json"), log_dir=str(tmp_path / "logs"), port=port,
-                  merged_dir=str(tmp_path / "merged"))
-    params.update(overrides)
-    return params
+def serve_params(tmp_path: Path, port: int = 1, **overrides: Any) -> ServeSettings:
+    """The shipped `serve` settings with a private state file, logs and merge folder, on `port`."""
+    shipped = load_settings(REPO / "params.yaml").serve
+    return shipped.model_copy(update={"state_file": str(tmp_path / "state.json"), "log_dir": str(tmp_path / "logs"),
+                                      "port": port, "merged_dir": str(tmp_path / "merged"), **overrides})
 
 
 # ---------------------------------------------------------------- fast: checks before any start
@@ -97,13 +96,13 @@ def test_a_sound_adapter_passes_the_file_checks(tmp_path: Path, small_base: Path
 def test_deploying_a_corrupt_adapter_starts_nothing_and_leaves_the_state_file(tmp_path: Path,
                                                                                small_base: Path) -> None:
     params = serve_params(tmp_path, port=free_port_pair())
-    state = {"model": "m", "version": "1", "host": "127.0.0.1", "port": params["port"], "pid": 1}
-    Path(params["state_file"]).write_text(json.dumps(state))
+    state = {"model": "m", "version": "1", "host": "127.0.0.1", "port": params.port, "pid": 1}
+    Path(params.state_file).write_text(json.dumps(state))
     adapter = write_adapter(tmp_path / "adapter")
     (adapter / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(InputError):
         server.deploy(ModelRef("m", "2", str(small_base), str(adapter)), params)
-    assert json.loads(Path(params["state_file"]).read_text()) == state
+    assert json.loads(Path(params.state_file).read_text()) == state
     assert not (tmp_path / "logs").exists()  # no server was started
 
 
@@ -141,7 +140,7 @@ def test_the_champion_resolves_to_local_adapter_and_base_folders(tmp_path: Path,
     from mlflow import MlflowClient
 
     from serving.resolve import resolve_champion
-    from tasks.tracking import setup_mlflow
+    from tasks.common.tracking import setup_mlflow
 
     monkeypatch.setenv("RATIONANOMALY_ROOT", str(tmp_path))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -150,7 +149,8 @@ def test_the_champion_resolves_to_local_adapter_and_base_folders(tmp_path: Path,
     ref_file.write_text(json.dumps({"path": str(small_base), "weights_sha256": "abc"}))
     adapter = write_adapter(tmp_path / "adapter")
     mlflow = setup_mlflow()
-    with mlflow.start_run() as run:  # the layout tasks.registry logs: model/artifacts/{adapter,base_model_ref.json}
+    # the layout tasks.release.registry logs: model/artifacts/{adapter,base_model_ref.json}
+    with mlflow.start_run() as run:
         mlflow.log_artifacts(str(adapter), "model/artifacts/adapter")
         mlflow.log_artifact(str(ref_file), "model/artifacts")
     client = MlflowClient()
@@ -159,12 +159,12 @@ def test_the_champion_resolves_to_local_adapter_and_base_folders(tmp_path: Path,
         version = client.create_model_version("rationanomaly", f"runs:/{run.info.run_id}/model", run.info.run_id)
     client.set_registered_model_alias("rationanomaly", "champion", version.version)
 
-    ref = resolve_champion("rationanomaly")
+    ref = resolve_champion("rationanomaly", fallback_base_dir=small_base)
     assert ref.version == "2" and ref.base_model_dir == str(small_base.resolve())
     assert Path(ref.adapter_dir) == tmp_path / ".serve/models/rationanomaly/2/artifacts/adapter"
     assert server.validate_adapter(ref.adapter_dir, ref.base_model_dir)["rank"] == 8
     with pytest.raises(InputError, match="no such registered model version"):
-        resolve_champion("rationanomaly", alias="nobody")
+        resolve_champion("rationanomaly", alias="nobody", fallback_base_dir=small_base)
 
 
 def test_cli_serve_status_without_a_server_exits_1_and_a_corrupt_adapter_is_refused(
@@ -172,7 +172,7 @@ def test_cli_serve_status_without_a_server_exits_1_and_a_corrupt_adapter_is_refu
 ) -> None:
     from typer.testing import CliRunner
 
-    from rationanomaly.cli_serving import app
+    from rationanomaly.cli import app
 
     monkeypatch.setenv("RATIONANOMALY_ROOT", str(tmp_path))
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
@@ -237,20 +237,20 @@ def ask(state_file: str, template: str = "instruction cache parity error correct
 @pytest.mark.slow
 def test_deploy_passes_health_and_smoke_and_records_the_live_server(live: dict[str, Any]) -> None:
     state, params = live["state"], live["params"]
-    assert state["action"] == "deployed" and state["port"] == params["port"]
+    assert state["action"] == "deployed" and state["port"] == params.port
     smoke = state["smoke"]
     assert smoke["passed"] and smoke["valid_rate"] >= 0.75 and smoke["differs"] >= 1
     assert len(smoke["rows"]) == len(SMOKE_SET)
     now = server.status(params)
     assert now["alive"] and now["healthy"] and now["version"] == "1" and now["pid"] == state["pid"]
-    recorded = json.loads(Path(params["state_file"]).read_text())
+    recorded = json.loads(Path(params.state_file).read_text())
     assert {"model", "version", "port", "pid", "started_at", "base", "adapter"} <= recorded.keys()
     print(f"\nvLLM ready in {state['ready_s']} s; smoke valid rate {smoke['valid_rate']:.2f}")
 
 
 @pytest.mark.slow
 def test_32_concurrent_clients_get_answers_with_zero_errors(live: dict[str, Any]) -> None:
-    state_file = live["params"]["state_file"]
+    state_file = live["params"].state_file
     templates = [template for _, template, _, _ in SMOKE_SET] * 4
 
     def one_client(template: str) -> float:
@@ -285,7 +285,7 @@ def test_a_corrupt_candidate_is_refused_and_the_live_server_keeps_answering(live
     with pytest.raises(InputError, match="truncated or corrupt"):
         server.deploy(ModelRef("rationanomaly", "2", live["ref"].base_model_dir, str(broken)), live["params"])
     assert server.status(live["params"])["version"] == "1"
-    assert "<think>" in ask(live["params"]["state_file"])
+    assert "<think>" in ask(live["params"].state_file)
 
 
 @pytest.mark.slow
@@ -304,8 +304,8 @@ def test_an_adapter_that_changes_nothing_fails_the_smoke_test_and_the_old_server
         server.deploy(ModelRef("rationanomaly", "2", live["ref"].base_model_dir, str(inert)), params)
     now = server.status(params)
     assert now["healthy"] and now["version"] == "1" and now["pid"] == live["state"]["pid"]
-    assert server._port_free(params["host"], params["port"] + 1)  # the candidate was stopped
-    assert "<think>" in ask(params["state_file"])
+    assert server._port_free(params.host, params.port + 1)  # the candidate was stopped
+    assert "<think>" in ask(params.state_file)
 
 
 @pytest.mark.slow
@@ -318,7 +318,7 @@ def test_a_new_deploy_switches_blue_green_and_stops_the_old_server(live: dict[st
     assert not server._pid_alive(old["pid"])
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://{params['host']}:{old['port']}/health", timeout=5)
-    assert "<think>" in ask(params["state_file"])
+    assert "<think>" in ask(params.state_file)
 
 
 @pytest.mark.slow
@@ -329,12 +329,12 @@ def test_killing_the_server_mid_stream_is_reported_and_detection_resumes_after_a
     words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo",
              "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango"]
     data = "".join(f"{w} daemon reported status {i} on node {i * 7}\n" for i, w in enumerate(words)).encode()
-    detect = load_params(REPO / "params.yaml")["detect"]
-    detect.update(cache_file=str(tmp_path / "cache.sqlite"), drain_state=str(tmp_path / "drain.bin"),
-                  concurrency=2, max_retries=3, backoff_s=0.2, max_tokens=32, timeout_s=60)
+    detect = load_settings(REPO / "params.yaml").detect.model_copy(update={
+        "cache_file": str(tmp_path / "cache.sqlite"), "drain_state": str(tmp_path / "drain.bin"), "concurrency": 2,
+        "max_retries": 3, "backoff_s": 0.2, "max_tokens": 32, "timeout_s": 60})
 
     def run() -> dict[str, Any]:
-        with Detector(detect, endpoint=lambda: endpoint_from_state(params["state_file"]), progress=False) as det:
+        with Detector(detect, endpoint=lambda: endpoint_from_state(params.state_file), progress=False) as det:
             return det.run(io.BytesIO(data), io.StringIO())
 
     failure: list[BaseException] = []

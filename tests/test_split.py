@@ -9,8 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tasks.common.config import load_params
+from tasks.common.errors import InputError
+from tasks.common.settings import load_settings, validate_settings
 from tasks.correct import correct_templates
-from tasks.errors import InputError
 from tasks.split import split_all
 
 BGL_STRUCTURED = "loghub/BGL/BGL_2k.log_structured.csv"
@@ -28,8 +30,13 @@ def corrected(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+SHIPPED = load_settings(Path(__file__).resolve().parents[1] / "params.yaml").split
+
+
 def do_split(corrected: Path, out: Path, bgl: Path, hdfs: Path, **kwargs) -> dict:
-    return split_all(corrected, bgl, hdfs, out / "split", out / "split.json", **kwargs)
+    """split_all with the shipped `split` settings, except what `kwargs` overrides."""
+    knobs = {k: getattr(SHIPPED, k) for k in ("seed", "test_fraction", "train_anomaly_rate", "window_lines")}
+    return split_all(corrected, bgl, hdfs, out / "split", out / "split.json", **{**knobs, **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -143,5 +150,7 @@ def test_a_failed_split_leaves_the_last_good_outputs_untouched(corrected: Path, 
 
 
 def test_bad_split_params_are_named(corrected: Path, mirror: Path, tmp_path: Path):
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    params["split"]["train_anomaly_rate"] = 1.5
     with pytest.raises(InputError, match=r"field 'split\.train_anomaly_rate'"):
-        do_split(corrected, tmp_path, mirror / BGL_STRUCTURED, mirror / HDFS_TEST, train_anomaly_rate=1.5)
+        validate_settings(params)

@@ -21,10 +21,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from tasks.config import load_params, set_profile
-from tasks.errors import InputError
-from tasks.prompt import training_messages
-from tasks.rewards import COMPONENTS, metric_name
+from tasks.common.config import load_params, set_profile
+from tasks.common.errors import InputError
+from tasks.common.prompt import training_messages
+from tasks.common.settings import load_settings, validate_settings
+from tasks.training.rewards import COMPONENTS, metric_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,7 +141,7 @@ def metric_steps(root: Path, run_id: str, key: str) -> list[int]:
 def sft_project(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path, mirror: Path) -> Path:
     """SFT on the smoke profile, killed after its first checkpoint, then rerun to the end."""
     root = make_project(tmp_path_factory.mktemp("train") / "project", base_model_dir, mirror)
-    params = load_params(root / "params.yaml")["sft"]
+    params = load_params(root / "params.yaml")["sft"]  # plain data: the values as written
     first_ckpt = root / params["checkpoint_dir"] / f"checkpoint-{params['save_steps']}" / "trainer_state.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "tasks.sft"],
@@ -218,7 +219,7 @@ def test_sft_run_is_tracked_in_mlflow_with_params_loss_per_step_and_dataset(sft_
 
 @pytest.mark.slow
 def test_grpo_trains_the_sft_adapter_so_its_tensors_change(grpo_project: Path):
-    from tasks.training import adapter_digest
+    from tasks.training.model import adapter_digest
 
     sft, grpo = grpo_project / "models" / "sft", grpo_project / "models" / "grpo"
     assert adapter_digest(grpo) != adapter_digest(sft)
@@ -285,14 +286,14 @@ def test_sft_runs_through_accelerate_launch_when_a_config_is_set(tmp_path: Path,
 
 
 @pytest.fixture
-def stage_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, Any]]:
+def stage_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """The smoke-profile sft/grpo params with every path inside tmp_path."""
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     set_profile("smoke", tmp_path / "params.yaml")
     monkeypatch.setenv("RATIONANOMALY_ROOT", str(tmp_path))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    params = load_params(tmp_path / "params.yaml")
-    return {"sft": params["sft"], "grpo": params["grpo"]}
+    settings = load_settings(tmp_path / "params.yaml")
+    return {"sft": settings.sft, "grpo": settings.grpo}
 
 
 def fake_base_model(root: Path) -> Path:
@@ -338,7 +339,7 @@ GOOD = record("ciod: Error loading <*>", 1)
     ],
 )
 def test_malformed_sft_data_is_rejected_with_file_line_and_field(tmp_path, stage_params, bad_line, expected):
-    from tasks.sft import run_sft
+    from tasks.sft import run as run_sft
 
     fake_base_model(tmp_path)
     write_lines(tmp_path / "data" / "sft" / "train.jsonl", [GOOD, bad_line, GOOD])
@@ -349,7 +350,7 @@ def test_malformed_sft_data_is_rejected_with_file_line_and_field(tmp_path, stage
 
 
 def test_an_empty_sft_dataset_is_rejected(tmp_path, stage_params):
-    from tasks.sft import run_sft
+    from tasks.sft import run as run_sft
 
     fake_base_model(tmp_path)
     write_lines(tmp_path / "data" / "sft" / "train.jsonl", ["", "  "])
@@ -358,7 +359,7 @@ def test_an_empty_sft_dataset_is_rejected(tmp_path, stage_params):
 
 
 def test_a_missing_base_model_path_is_rejected_naming_the_param(tmp_path, stage_params):
-    from tasks.sft import run_sft
+    from tasks.sft import run as run_sft
 
     write_lines(tmp_path / "data" / "sft" / "train.jsonl", [GOOD])
     with pytest.raises(InputError, match=r"models/base field 'sft.base_model_dir': base model folder does not exist"):
@@ -366,7 +367,7 @@ def test_a_missing_base_model_path_is_rejected_naming_the_param(tmp_path, stage_
 
 
 def test_grpo_without_the_configured_sft_adapter_is_rejected(tmp_path, stage_params):
-    from tasks.grpo import run_grpo
+    from tasks.grpo import run as run_grpo
 
     fake_base_model(tmp_path)
     write_lines(tmp_path / "data" / "sft" / "train.jsonl", [GOOD])
@@ -382,11 +383,12 @@ def test_grpo_without_the_configured_sft_adapter_is_rejected(tmp_path, stage_par
 def test_a_lora_target_module_missing_from_the_model_is_rejected_with_the_available_names(
     tmp_path, stage_params, base_model_dir
 ):
-    from tasks.sft import run_sft
+    from tasks.sft import run as run_sft
 
     write_lines(tmp_path / "data" / "sft" / "train.jsonl", [GOOD])
-    params = {**stage_params["sft"], "base_model_dir": str(base_model_dir)}
-    params["lora"] = {**params["lora"], "target_modules": ["q_proj", "query_key_value"]}
+    sft = stage_params["sft"]
+    params = sft.model_copy(update={"base_model_dir": str(base_model_dir), "lora": sft.lora.model_copy(
+        update={"target_modules": ["q_proj", "query_key_value"]})})
     with pytest.raises(InputError) as err:
         run_sft(params)
     message = str(err.value)
@@ -400,7 +402,7 @@ def test_sft_masks_the_prompt_so_only_the_assistant_turn_is_trained(tmp_path, st
     from tasks.sft import prepare_sft
 
     write_lines(tmp_path / "data" / "sft" / "train.jsonl", [GOOD, record("kernel panic", 1)])
-    prep = prepare_sft({**stage_params["sft"], "base_model_dir": str(base_model_dir)})
+    prep = prepare_sft(stage_params["sft"].model_copy(update={"base_model_dir": str(base_model_dir)}))
     tokenizer = prep.trainer.processing_class
     for example in prep.trainer.train_dataset:
         labels, ids = example["labels"], example["input_ids"]
@@ -413,7 +415,7 @@ def test_sft_masks_the_prompt_so_only_the_assistant_turn_is_trained(tmp_path, st
 
 
 def test_balancing_repeats_anomalies_up_to_the_fraction_and_refuses_a_bad_one() -> None:
-    from tasks.training import balance_classes
+    from tasks.training.records import balance_classes
 
     records = [{"label": 1, "id": i} for i in range(10)] + [{"label": 0, "id": i} for i in range(10, 100)]
     balanced, added = balance_classes(records, 0.3, seed=1, field_name="sft.balance_abnormal_fraction")
@@ -423,7 +425,9 @@ def test_balancing_repeats_anomalies_up_to_the_fraction_and_refuses_a_bad_one() 
     assert balance_classes(records, 0.3, seed=1, field_name="f")[0] == balanced  # seeded
     assert balance_classes(records, 0.05, seed=1, field_name="f") == (records, 0)  # already above: nothing added
     assert balance_classes(records, None, seed=1, field_name="f") == (records, 0)
-    with pytest.raises(InputError, match=r"field 'sft.balance_abnormal_fraction': must be in \[0, 1\)"):
-        balance_classes(records, 1.0, seed=1, field_name="sft.balance_abnormal_fraction")
+    raw = load_params(REPO / "params.yaml")
+    raw["sft"]["balance_abnormal_fraction"] = 1.0
+    with pytest.raises(InputError, match=r"field 'sft.balance_abnormal_fraction': .*less than 1"):
+        validate_settings(raw)
     with pytest.raises(InputError, match="no abnormal example"):
         balance_classes([{"label": 0}], 0.3, seed=1, field_name="f")

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tasks.config import set_profile
+from tasks.common.config import set_profile
 
 _GIT_ENV = {"GIT_AUTHOR_NAME": "rationanomaly", "GIT_AUTHOR_EMAIL": "ci@localhost",
             "GIT_COMMITTER_NAME": "rationanomaly", "GIT_COMMITTER_EMAIL": "ci@localhost"}

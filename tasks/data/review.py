@@ -18,12 +18,11 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
-
-from tasks.errors import InputError, write_text_atomic
-from tasks.prompt import CATEGORIES, LABELS, label_name
+from tasks.common.errors import InputError
+from tasks.common.files import write_text_atomic
+from tasks.common.prompt import CATEGORIES, LABELS, label_name
 
 # The instruction string of every record in the paper's anomaly_patch.json.
 INSTRUCTION = "Classify the given log entries into normal and abnormal categories."
@@ -56,6 +55,7 @@ class ReviewResult:
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
+        """Counts, agreement (kappa and its method) and notes, for printing and the report."""
         by = Counter(r["resolved_by"] for r in self.records)
         return {
             "annotators": self.annotators, "senior": self.senior, "senior_present": self.senior in self.annotators,
@@ -75,6 +75,7 @@ def parse_label(value: str) -> int:
 
 
 def parse_category(value: str) -> str | None:
+    """A Table 1 category name (case-insensitive), None when empty; ValueError for anything else."""
     text = " ".join(value.strip().lower().split())
     if not text:
         return None
@@ -213,33 +214,3 @@ def review_folder(review_dir: Path, senior: str,
     """Resolve a review folder; None when it holds no review CSV."""
     annotations = load_reviews(review_dir)
     return resolve_reviews(annotations, senior, original_labels) if annotations else None
-
-
-def main(
-    review_dir: Annotated[Path | None, typer.Argument(help="folder of <annotator>.csv files")] = None,
-    senior: Annotated[str | None, typer.Option(help="senior reviewer who breaks ties")] = None,
-    out: Annotated[Path | None, typer.Option(help="write the resolution here (anomaly_patch.json format)")] = None,
-) -> None:
-    """Resolve a review folder and print agreement (defaults: params.yaml `correct` section)."""
-    from tasks.config import repo_root, section
-    from tasks.correct import load_templates
-
-    params, root = section("correct"), repo_root()
-    folder = review_dir or root / params["review_dir"]
-    originals: dict[str, int] = {}
-    for name, path in params["template_files"].items():  # fills each record's `label` once data/raw is fetched
-        if (root / path).exists():
-            frame = load_templates(root / path, name)
-            originals.update(zip(frame["template"].str.strip(), frame["label_original"], strict=True))
-    result = review_folder(folder, senior or params["senior_reviewer"], originals)
-    if result is None:
-        print(f"{folder}: no review files")
-        return
-    print(json.dumps(result.summary(), indent=2))
-    if out:
-        write_text_atomic(out, json.dumps(result.records, indent=2, ensure_ascii=False) + "\n")
-        print(f"resolution written to {out}")
-
-
-if __name__ == "__main__":
-    typer.run(main)

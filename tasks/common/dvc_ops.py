@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.config import repo_root
+from tasks.common.config import repo_root
 
 
 class StageFailed(RuntimeError):
@@ -20,12 +20,14 @@ class StageFailed(RuntimeError):
 
 @dataclass
 class StageResult:
+    """What one `dvc repro <stage>` did: whether it ran, how long (s), and why (dvc status lines)."""
     stage: str
     ran: bool
     seconds: float
     changes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """As plain data (Prefect results and artifacts)."""
         return asdict(self)
 
 

@@ -1,7 +1,7 @@
 """Batched classification of log templates by the base model, or the base model plus a LoRA adapter.
 
 One front (`open_engine(...).classify(...)`) over two engines, so evaluation, benchmarks and the registry's
-pyfunc model run the exact prompt that training used (tasks.prompt + the tokenizer's chat template):
+pyfunc model run the exact prompt that training used (tasks.common.prompt + the tokenizer's chat template):
 
 - `vllm`: vLLM's offline engine, in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`: a spawned engine core
   would re-import the caller's __main__, which breaks under pytest, Prefect and `python -m`). A LoRA adapter
@@ -24,12 +24,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import InputError
-from tasks.prompt import parse_completion, prompt_messages
+from tasks.common.config import resolve_threads
+from tasks.common.errors import InputError
+from tasks.common.prompt import parse_completion, prompt_messages
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 @dataclass(frozen=True)
 class Prediction:
-    """One template's answer: the raw completion and what tasks.prompt reads in it."""
+    """One template's answer: the raw completion and what tasks.common.prompt reads in it."""
 
     template: str
     dataset: str
@@ -65,16 +66,18 @@ class InferenceRun:
 
     @property
     def templates_per_s(self) -> float:
+        """Templates classified per second of generation (0 when no time was measured)."""
         return len(self.predictions) / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> dict[str, Any]:
+        """Engine, model, counts and timings as plain data."""
         return {"engine": self.engine, "model": self.model, "templates": len(self.predictions),
                 "seconds": round(self.seconds, 2), "load_seconds": round(self.load_seconds, 2),
                 "templates_per_s": round(self.templates_per_s, 3), "notes": self.notes}
 
 
 def to_prediction(template: str, dataset: str, completion: str | None) -> Prediction:
-    """Read a completion with tasks.prompt; never raises, whatever the model wrote."""
+    """Read a completion with tasks.common.prompt; never raises, whatever the model wrote."""
     text = completion if isinstance(completion, str) else ""
     parsed = parse_completion(text)
     rationale = parsed.think if parsed.valid else ""
@@ -101,24 +104,14 @@ def check_model_dirs(base_model_dir: str | Path, adapter_dir: str | Path | None 
                              hint="train it first (`dvc repro sft` / `dvc repro grpo`)")
 
 
-def resolve_threads(setting: int | str | None) -> int | None:
-    """Torch threads for generation: an int; "auto" = one per idle core (tasks.config.idle_core_threads);
-    None = leave torch's default."""
-    if setting is None:
-        return None
-    if setting == "auto":
-        from tasks.config import idle_core_threads
-
-        return idle_core_threads()
-    return max(1, int(setting))
-
-
 def vllm_available() -> bool:
+    """vLLM is importable in this environment (found without importing it)."""
     return importlib.util.find_spec("vllm") is not None
 
 
 class Engine:
-    """Builds the prompts (chat template over tasks.prompt messages) and reads the answers; subclasses generate."""
+    """Builds the prompts (chat template over tasks.common.prompt messages) and reads the answers;
+    subclasses generate."""
 
     name = "base"
 
@@ -146,6 +139,8 @@ class Engine:
         self.max_prompt_tokens = max(32, self.max_model_len - self.max_new_tokens)
 
     def prompt_ids(self, templates: Sequence[str], datasets: Sequence[str]) -> list[list[int]]:
+        """Token ids of each chat prompt (the tokenizer's chat template with the generation prompt), keeping the
+        end of an over-long prompt."""
         texts = [self.tokenizer.apply_chat_template(prompt_messages(t, d), add_generation_prompt=True, tokenize=False)
                  for t, d in zip(templates, datasets, strict=True)]
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -153,6 +148,7 @@ class Engine:
         return [ids[-self.max_prompt_tokens:] for ids in encoded]
 
     def generate(self, prompts: list[list[int]], adapter_dir: Path | None) -> list[str]:
+        """One completion per prompt (cut after `</answer>`), with the adapter merged when one is given."""
         raise NotImplementedError
 
     def classify(self, templates: Sequence[str], datasets: Sequence[str] | str = "system log",
@@ -397,7 +393,3 @@ def open_engine(base_model_dir: str | Path, engine: str = "auto", *, batch_size:
 def lora_rank(adapter_dir: str | Path) -> int:
     """The adapter's LoRA rank, read from its config."""
     return int(json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("r", 8))
-
-
-def prediction_rows(run: InferenceRun) -> list[dict[str, Any]]:
-    return [asdict(p) for p in run.predictions]

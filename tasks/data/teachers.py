@@ -15,7 +15,6 @@ validates it with `tasks.prompt.parse_completion` and rejects and counts what do
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,13 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from tasks.errors import InputError, write_text_atomic
-from tasks.prompt import CATEGORIES, format_completion, label_name, sanitize_log, user_prompt
+from tasks.common.errors import InputError
+from tasks.common.settings import DistillSettings
+from tasks.common.files import sha256_bytes, write_text_atomic
+from tasks.common.prompt import CATEGORIES, format_completion, label_name, sanitize_log, user_prompt
 
 SYSTEM_ERROR, NETWORK, HARDWARE, SOFTWARE = CATEGORIES
 
 
 class Teacher(Protocol):
+    """Writes a rationale for a (log, label, dataset) in the answer format: `completion` returns the text."""
     name: str
     concurrency: int
 
@@ -270,6 +272,7 @@ class LexiconTeacher:
     concurrency = 1
 
     def completion(self, log: str, label: int, dataset: str) -> str:
+        """The grounded lexicon rationale and the label as a completion (deterministic, offline)."""
         return format_completion(lexicon_rationale(log, label, dataset), label)
 
 
@@ -287,9 +290,8 @@ class OpenAITeacher:
 
     name = "openai"
 
-    def __init__(self, base_url: str, model: str, api_key_env: str, cache_dir: str | Path, max_retries: int = 5,
-                 timeout_s: float = 60, temperature: float = 0.2, concurrency: int = 4,
-                 max_log_chars: int = 2000) -> None:
+    def __init__(self, base_url: str, model: str, api_key_env: str, cache_dir: str | Path, *, max_retries: int,
+                 timeout_s: float, temperature: float, concurrency: int, max_log_chars: int) -> None:
         from openai import OpenAI
 
         key = os.environ.get(api_key_env, "")
@@ -310,10 +312,12 @@ class OpenAITeacher:
         return [{"role": "system", "content": TEACHER_SYSTEM}, {"role": "user", "content": user}]
 
     def cache_key(self, messages: list[dict[str, str]]) -> str:
+        """sha256 of the request (model, messages, temperature): the on-disk cache key."""
         request = {"model": self.model, "temperature": self.temperature, "messages": messages}
-        return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+        return sha256_bytes(json.dumps(request, sort_keys=True, ensure_ascii=False).encode())
 
     def completion(self, log: str, label: int, dataset: str) -> str:
+        """The endpoint's completion for one log, from the cache when asked before; raises after the retries."""
         messages = self.messages(log, label, dataset)
         path = self.cache_dir / f"{self.cache_key(messages)}.json"
         if path.exists():
@@ -330,18 +334,16 @@ class OpenAITeacher:
         return text
 
     def stats(self) -> dict[str, Any]:
+        """Requests sent and cache hits so far (for the distill report)."""
         return {"model": self.model, "requests": self.requests, "cache_hits": self.cache_hits}
 
 
-def make_teacher(params: dict[str, Any], root: Path) -> Teacher:
-    """The teacher named by `distill.teacher` in params.yaml."""
-    name = params.get("teacher", "lexicon")
-    if name == "lexicon":
+def make_teacher(settings: DistillSettings, root: Path) -> Teacher:
+    """The teacher named by `distill.teacher`; raises InputError (before any request) when the openai teacher's
+    API key is not set."""
+    if settings.teacher == "lexicon":
         return LexiconTeacher()
-    if name == "openai":
-        opts = dict(params.get("openai") or {})
-        cache_dir = Path(opts.pop("cache_dir", ".cache/teacher"))
-        return OpenAITeacher(cache_dir=cache_dir if cache_dir.is_absolute() else root / cache_dir,
-                             max_log_chars=int(params.get("max_log_chars", 2000)), **opts)
-    raise InputError("params.yaml", f"unknown teacher {name!r}; expected 'lexicon' or 'openai'",
-                     field="distill.teacher")
+    opts = settings.openai.model_dump()
+    cache_dir = Path(opts.pop("cache_dir"))
+    return OpenAITeacher(cache_dir=cache_dir if cache_dir.is_absolute() else root / cache_dir,
+                         max_log_chars=settings.max_log_chars, **opts)

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tasks.config import repo_root
+from tasks.common.config import repo_root
 
 EXPERIMENT = "rationanomaly"
 PARENT_RUN_ENV = "RATIONANOMALY_PARENT_RUN_ID"
@@ -61,3 +61,17 @@ def log_dataset_file(path: str | Path, name: str, context: str, digest: str | No
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(frame, source=str(path), name=name, digest=digest)
         mlflow.log_input(dataset, context=context)
+
+
+def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested settings as MLflow params (`lora.r`: '8'; lists as JSON); values cut to MLflow's 6000-char limit."""
+    import json
+
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_params(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list | tuple) else str(value)[:6000]
+    return flat

@@ -60,6 +60,7 @@ def sanitize_log(log: str, max_chars: int = 2000) -> str:
 
 
 def user_prompt(log: str, dataset: str = "system log", max_chars: int = 2000) -> str:
+    """The user turn for one log: the log text (sanitized, at most `max_chars`) and the question."""
     return USER_TEMPLATE.format(dataset=dataset, log=sanitize_log(log, max_chars))
 
 

@@ -17,13 +17,16 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tasks.config import section
+from tasks.common.contracts import CANDIDATE
+from tasks.common.formatting import fmt_number
+from tasks.common.settings import GateSettings
 
 COMPARED_SETS = ("template_bgl", "template_spirit", "session_bgl2k", "session_hdfs")
 
 
 @dataclass(frozen=True)
 class Rule:
+    """One gate rule: its threshold, the measured value, pass/fail and a detail for a person."""
     name: str
     threshold: float | str | None
     measured: float | str | None
@@ -32,57 +35,60 @@ class Rule:
 
 
 @dataclass
-class Verdict:
+class GateVerdict:
+    """The promotion decision as data: every rule, the champion it was compared with, whether approval is required."""
     rules: list[Rule]
-    candidate: str = "rationanomaly"
+    candidate: str = CANDIDATE
     champion_version: str | None = None
     require_approval: bool = False
     params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
+        """True when every rule passed."""
         return all(rule.passed for rule in self.rules)
 
     @property
     def failed(self) -> list[Rule]:
+        """The rules that failed, in order."""
         return [rule for rule in self.rules if not rule.passed]
 
     def to_dict(self) -> dict[str, Any]:
+        """As plain data (stored as a registry version tag and an MLflow artifact)."""
         return {"passed": self.passed, "candidate": self.candidate, "champion_version": self.champion_version,
                 "require_approval": self.require_approval, "failed": [r.name for r in self.failed],
                 "rules": [asdict(r) for r in self.rules], "params": self.params}
 
     def to_json(self) -> str:
+        """`to_dict` as canonical JSON."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Verdict:
-        return cls(rules=[Rule(**r) for r in data.get("rules", [])], candidate=data.get("candidate", "rationanomaly"),
+    def from_dict(cls, data: dict[str, Any]) -> GateVerdict:
+        """The verdict back from `to_dict`'s output."""
+        return cls(rules=[Rule(**r) for r in data.get("rules", [])], candidate=data.get("candidate", CANDIDATE),
                    champion_version=data.get("champion_version"),
                    require_approval=bool(data.get("require_approval", False)), params=data.get("params", {}))
 
     def summary(self) -> str:
+        """One line: PASSED, or every failed rule with its measured value and threshold."""
         if self.passed:
             return "PASSED: every rule holds"
-        return "FAILED: " + "; ".join(f"{r.name} measured {_fmt(r.measured)} vs threshold {_fmt(r.threshold)}"
-                                      + (f" ({r.detail})" if r.detail else "") for r in self.failed)
+        return "FAILED: " + "; ".join(f"{r.name} measured {fmt_number(r.measured, 4)} vs threshold "
+                                      f"{fmt_number(r.threshold, 4)}" + (f" ({r.detail})" if r.detail else "")
+                                      for r in self.failed)
 
     def to_markdown(self) -> str:
+        """A Markdown table of every rule for the Prefect artifact and the model card."""
         champion = f"champion v{self.champion_version}" if self.champion_version else "no champion yet"
         lines = [f"# Gate: {'PASSED' if self.passed else 'FAILED'}", "",
                  f"Candidate **{self.candidate}** against {champion}."
                  + (" Human approval is required before promotion." if self.require_approval else ""), "",
                  "| rule | threshold | measured | result | detail |", "|---|---|---|---|---|"]
         for r in self.rules:
-            lines.append(f"| {r.name} | {_fmt(r.threshold)} | {_fmt(r.measured)} | "
+            lines.append(f"| {r.name} | {fmt_number(r.threshold, 4)} | {fmt_number(r.measured, 4)} | "
                          f"{'pass' if r.passed else '**FAIL**'} | {r.detail} |")
         return "\n".join(lines) + "\n"
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "—"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def method_block(metrics: dict[str, Any] | None, method: str | None = None) -> dict[str, Any] | None:
@@ -90,7 +96,7 @@ def method_block(metrics: dict[str, Any] | None, method: str | None = None) -> d
     if metrics is None:
         return None
     if "methods" in metrics:
-        method = method or metrics.get("candidate", "rationanomaly")
+        method = method or metrics.get("candidate", CANDIDATE)
         if method not in metrics["methods"]:
             raise KeyError(f"metrics have no method {method!r}; found {sorted(metrics['methods'])}")
         return metrics["methods"][method]
@@ -112,10 +118,14 @@ def _f1(block: dict[str, Any], name: str) -> float | None:
     return float(value) if value is not None else None
 
 
-def evaluate_gate(candidate: dict[str, Any], champion: dict[str, Any] | None, params: dict[str, Any] | None = None,
-                  *, champion_version: str | None = None, candidate_name: str | None = None) -> Verdict:
-    """The verdict for `candidate` (metrics.json or a method block) against `champion` (same shape, or None)."""
-    params = params if params is not None else section("gate")
+def evaluate_gate(candidate: dict[str, Any], champion: dict[str, Any] | None, settings: GateSettings,
+                  *, champion_version: str | None = None, candidate_name: str | None = None) -> GateVerdict:
+    """The verdict for `candidate` (metrics.json or a method block) against `champion` (same shape, or None).
+
+    Every rule of `settings` becomes a `Rule` with threshold, measured value and pass/fail; nothing raises
+    for a missing test set (that rule fails and says so).
+    """
+    params = settings.model_dump()
     cand = method_block(candidate, candidate_name) or {}
     champ = method_block(champion)
     rules: list[Rule] = []
@@ -173,22 +183,6 @@ def evaluate_gate(candidate: dict[str, Any], champion: dict[str, Any] | None, pa
                 drop = round(before - now, 6)
                 rules.append(Rule(f"max_regression.{name}", limit, drop, drop <= limit,
                                   f"F1 {before:.4f} → {now:.4f}"))
-    return Verdict(rules=rules, candidate=candidate_name or (candidate or {}).get("candidate", "rationanomaly"),
+    return GateVerdict(rules=rules, candidate=candidate_name or (candidate or {}).get("candidate", CANDIDATE),
                    champion_version=champion_version, require_approval=bool(params.get("require_approval", False)),
                    params=dict(params))
-
-
-def main() -> None:
-    """Print the verdict for reports/metrics.json against the registry's champion."""
-    from tasks.config import repo_root
-    from tasks.registry import champion_metrics
-
-    metrics = json.loads((repo_root() / section("evaluate").get("metrics_file", "reports/metrics.json")).read_text())
-    champion = champion_metrics()
-    verdict = evaluate_gate(metrics, champion["metrics"] if champion else None,
-                            champion_version=champion["version"] if champion else None)
-    print(verdict.to_markdown())
-
-
-if __name__ == "__main__":
-    main()

@@ -10,7 +10,6 @@ source URL and sha256 → corrections → base model → code commit → gate ve
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import subprocess
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from tasks.config import load_params, repo_root
+from tasks.common.config import repo_root
+from tasks.common.files import sha256_file, sha256_json
 
 LINEAGE_FILE = "lineage.json"
 # dvc.lock entries recorded per version: tag name → (stage, path, deps|outs)
@@ -30,7 +30,6 @@ DVC_DATA = {
     "split": ("split", "data/split", "outs"),
     "distilled": ("distill", "data/sft/train.jsonl", "outs"),
 }
-TRAINING_STAGES = ("sft", "grpo")
 
 
 class LineageError(LookupError):
@@ -67,9 +66,13 @@ def source_manifest(root: Path) -> list[dict[str, Any]]:
     return [{k: row.get(k) for k in keys} for row in rows if isinstance(row, dict)]
 
 
-def correction_summary(root: Path, lock: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """How many expert corrections were applied, the corrections file's hash, and the review-queue size."""
-    params = load_params(root / "params.yaml").get("correct", {})
+def correction_summary(root: Path, correct: dict[str, Any], lock: dict[str, dict[str, Any]] | None = None,
+                       ) -> dict[str, Any]:
+    """How many expert corrections were applied, the corrections file's hash, and the review-queue size.
+
+    `correct` is the `correct` section of the effective params (its report, queue and patch paths).
+    """
+    params = correct
     report_file = root / params.get("report_file", "reports/correction.json")
     report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else {}
     queue_file = root / params.get("review_queue_file", "reports/review_queue.csv")
@@ -89,22 +92,10 @@ def correction_summary(root: Path, lock: dict[str, dict[str, Any]] | None = None
         "unmatched": len(report.get("unmatched", []) or []) if report else None,
         "by_direction": report.get("by_direction"),
         "file": str(patch.relative_to(root)) if patch.is_relative_to(root) else str(patch),
-        "file_sha256": sha256_of(patch) if patch.is_file() else None,
+        "file_sha256": sha256_file(patch) if patch.is_file() else None,
         "file_md5": lock.get("corrections", {}).get("md5"),
         "review_queue_size": queue_size,
     }
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def params_sha256(params: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def git_state(root: Path) -> dict[str, Any]:
@@ -140,7 +131,7 @@ def find_training_run(stage: str, info: dict[str, Any]) -> str | None:
         return str(info["run_id"])
     if not info.get("data_sha256"):
         return None
-    from tasks.tracking import setup_mlflow
+    from tasks.common.tracking import setup_mlflow
 
     mlflow = setup_mlflow()
     query = f"tags.stage = '{stage}' and tags.data_sha256 = '{info['data_sha256']}'"
@@ -153,11 +144,15 @@ def find_training_run(stage: str, info: dict[str, Any]) -> str | None:
 
 def collect_lineage(root: Path | None = None, *, adapter_dir: Path, base_model_dir: Path,
                     metrics: dict[str, Any] | None = None, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything the registry stores about where a candidate came from (JSON-serialisable)."""
+    """Everything the registry stores about where a candidate came from (JSON-serialisable).
+
+    `params` are the effective params the candidate was made with (`Settings.model_dump()`); None records
+    no params (only their absence). Never raises for a missing run: the lookup error is recorded instead.
+    """
     from tasks.base_model import read_base_model_meta
 
     root = root or repo_root()
-    params = params if params is not None else load_params(root / "params.yaml")
+    params = params or {}
     lock = dvc_lock_hashes(root)
     sources = source_manifest(root)
     data = [{"name": name, **entry, **({"sources": sources} if name == "raw" else {})}
@@ -177,8 +172,8 @@ def collect_lineage(root: Path | None = None, *, adapter_dir: Path, base_model_d
     base_meta = read_base_model_meta(base_model_dir)
     return {
         "data": data,
-        "corrections": correction_summary(root, lock),
-        "params": {"sha256": params_sha256(params), "profile": params.get("profile"),
+        "corrections": correction_summary(root, params.get("correct", {}), lock),
+        "params": {"sha256": sha256_json(params), "profile": params.get("profile"),
                    "values": {k: params.get(k) for k in ("split", "distill", "sft", "grpo", "evaluate", "gate")}},
         "base_model": {"dir": str(base_model_dir), "source": base_meta.get("source"),
                        "sha256": base_meta.get("weights_sha256"), "gguf_sha256": base_meta.get("gguf_sha256")},
@@ -231,7 +226,7 @@ def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
 def _client() -> Any:
     from mlflow import MlflowClient
 
-    from tasks.tracking import setup_mlflow, tracking_uri
+    from tasks.common.tracking import setup_mlflow, tracking_uri
 
     setup_mlflow()
     return MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
@@ -241,7 +236,7 @@ def resolve_version(client: Any, ref: str) -> Any:
     """The ModelVersion a reference names, or a LineageError saying what exists."""
     from mlflow.exceptions import MlflowException
 
-    from tasks.tracking import tracking_uri
+    from tasks.common.tracking import tracking_uri
 
     name, alias, version = parse_ref(ref)
     try:
@@ -335,7 +330,7 @@ def _norm_hash(value: str) -> str:
 def lineage_by_data(data_hash: str, model_name: str | None = None) -> list[dict[str, Any]]:
     """Every registered version trained on data with this hash (a dvc.lock md5 or a source file's sha256;
     a prefix of at least 6 characters is enough)."""
-    from tasks.tracking import tracking_uri
+    from tasks.common.tracking import tracking_uri
 
     wanted = _norm_hash(data_hash)
     if len(wanted) < 6:
@@ -424,6 +419,7 @@ def render_lineage(chain: dict[str, Any]) -> Any:
 
 
 def render_by_data(data_hash: str, hits: list[dict[str, Any]]) -> Any:
+    """A rich table of the versions trained on data with this hash."""
     from rich.table import Table
 
     table = Table(title=f"Model versions trained on data {data_hash}")

@@ -6,7 +6,8 @@
 - `promote`: `@previous` ← old `@champion`, `@champion` ← the version; refused (no alias moves) unless the
   version's gate passed.
 - `rollback`: `@champion` ← `@previous`, recording who and why.
-- `request_approval`: Prefect `pause_flow_run(wait_for_input=ApprovalInput)` inside a flow.
+
+Every function takes the registered model's name (`registry.model_name` in params.yaml) from its caller.
 
 A registration that fails half-way tags the version `failed`; one that died without a chance to do so is
 found (no `registration` tag) and tagged `failed` by the next registration.
@@ -19,23 +20,21 @@ import os
 import shutil
 import tempfile
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import mlflow.pyfunc
-from prefect.input import RunInput
-from pydantic import Field
 
-from tasks.config import repo_root, section
-from tasks.errors import InputError
-from tasks.gate import Verdict
-from tasks.lineage import LINEAGE_FILE, collect_lineage, lineage_tags
+from tasks.common.config import repo_root
+from tasks.common.contracts import BASE_REF_FILE, CANDIDATE, Metrics
+from tasks.common.errors import InputError
+from tasks.release.gate import GateVerdict
+from tasks.release.lineage import LINEAGE_FILE, collect_lineage, lineage_tags
+from tasks.release.model_card import model_card
+from tasks.release.pyfunc import RationAnomalyModel, pyfunc_requirements, pyfunc_signature
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
-BASE_REF_FILE = "base_model_ref.json"
 CARD_FILE = "model_card.md"
 METRICS_FILE = "metrics.json"
 
@@ -45,19 +44,15 @@ class RegistryError(RuntimeError):
 
 
 class RegistryUnavailable(RegistryError):
-    pass
+    """The tracking/registry store cannot be reached or written."""
 
 
 class PromotionRefused(RegistryError):
-    pass
+    """The version may not become @champion (incomplete registration or failed gate); no alias moved."""
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def model_name(name: str | None = None) -> str:
-    return name or str(section("registry")["model_name"])
 
 
 # ---- connection -----------------------------------------------------------------------------------------------
@@ -65,7 +60,7 @@ def model_name(name: str | None = None) -> str:
 
 def check_registry(uri: str | None = None, timeout_s: float = 5.0) -> str:
     """Fail fast, with the URI and a hint, when the registry cannot be reached; returns the URI."""
-    from tasks.tracking import tracking_uri
+    from tasks.common.tracking import tracking_uri
 
     uri = uri or tracking_uri()
     parsed = urlparse(uri)
@@ -96,9 +91,10 @@ def check_registry(uri: str | None = None, timeout_s: float = 5.0) -> str:
 
 
 def client(uri: str | None = None) -> Any:
+    """An MlflowClient on `uri` (default: the project's tracking store) for tracking and registry."""
     from mlflow import MlflowClient
 
-    from tasks.tracking import tracking_uri
+    from tasks.common.tracking import tracking_uri
 
     uri = uri or tracking_uri()
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -113,120 +109,9 @@ def _aliases(c: Any, name: str) -> dict[str, str]:
         return {}
 
 
-def aliases(name: str | None = None) -> dict[str, str]:
+def aliases(name: str) -> dict[str, str]:
     """alias → version of the registered model ({} when it does not exist yet)."""
-    return _aliases(client(), model_name(name))
-
-
-# ---- the pyfunc model -----------------------------------------------------------------------------------------
-
-
-def resolve_base_model(ref: dict[str, Any]) -> Path:
-    """The base model folder a version refers to: RATIONANOMALY_BASE_MODEL, the recorded path, or models/base;
-    the first whose base_model.json records the same weights sha256."""
-    candidates = [os.environ.get("RATIONANOMALY_BASE_MODEL"), ref.get("path"), str(repo_root() / "models" / "base")]
-    seen = []
-    for candidate in filter(None, candidates):
-        meta_file = Path(candidate) / "base_model.json"
-        if meta_file.is_file():
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
-            seen.append(f"{candidate} (sha256 {str(meta.get('weights_sha256'))[:12]})")
-            if meta.get("weights_sha256") == ref.get("weights_sha256"):
-                return Path(candidate)
-        else:
-            seen.append(f"{candidate} (missing)")
-    raise InputError(BASE_REF_FILE, f"base model with weights sha256 {ref.get('weights_sha256')} not found; "
-                     f"looked at {', '.join(seen)}", hint="set RATIONANOMALY_BASE_MODEL to its folder")
-
-
-class RationAnomalyModel(mlflow.pyfunc.PythonModel):
-    """Log lines in (a DataFrame column `log`, optional `dataset`), verdicts with rationales out."""
-
-    def load_context(self, context: Any) -> None:
-        from tasks.inference import open_engine
-
-        ref = json.loads(Path(context.artifacts["base_model_ref"]).read_text(encoding="utf-8"))
-        self.adapter_dir = Path(context.artifacts["adapter"])
-        config = getattr(context, "model_config", None) or {}
-        self.engine = open_engine(resolve_base_model(ref), str(config.get("engine", "transformers")),
-                                  batch_size=int(config.get("batch_size", 8)),
-                                  max_new_tokens=int(config.get("max_new_tokens", 160)),
-                                  dtype=str(config.get("dtype", "bfloat16")),
-                                  threads=config.get("torch_threads", "auto"))
-
-    def predict(self, context, model_input, params=None):  # untyped on purpose: MLflow reads type hints as a schema
-        import pandas as pd
-
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"log": list(model_input)})
-        logs = frame["log" if "log" in frame.columns else frame.columns[0]].astype(str).tolist()
-        datasets = frame["dataset"].astype(str).tolist() if "dataset" in frame.columns else "system log"
-        run = self.engine.classify(logs, datasets, adapter_dir=self.adapter_dir)
-        return pd.DataFrame({"verdict": [p.verdict or "normal" for p in run.predictions],
-                             "label": [p.label for p in run.predictions], "valid": [p.valid for p in run.predictions],
-                             "rationale": [p.rationale for p in run.predictions],
-                             "completion": [p.completion for p in run.predictions]})
-
-
-def _signature() -> Any:
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
-    inputs = Schema([ColSpec("string", "log"), ColSpec("string", "dataset", required=False)])
-    outputs = Schema([ColSpec("string", "verdict"), ColSpec("long", "label"), ColSpec("boolean", "valid"),
-                      ColSpec("string", "rationale"), ColSpec("string", "completion")])
-    return ModelSignature(inputs=inputs, outputs=outputs)
-
-
-def _requirements() -> list[str]:
-    reqs = []
-    for package in ("torch", "transformers", "peft", "mlflow", "pandas"):
-        try:
-            reqs.append(f"{package}=={package_version(package).split('+')[0]}")
-        except PackageNotFoundError:
-            continue
-    return reqs
-
-
-# ---- model card -----------------------------------------------------------------------------------------------
-
-
-def model_card(name: str, metrics: dict[str, Any], verdict: Verdict, record: dict[str, Any]) -> str:
-    """A Markdown card: data, method, metrics table, limits."""
-    from tasks.evaluate import markdown_table, sets_of
-
-    data_lines = [f"- {d['name']}: `{d.get('path')}` md5 `{d.get('md5')}`" for d in record.get("data", [])]
-    sources = next((d.get("sources") for d in record.get("data", []) if d.get("sources")), []) or []
-    data_lines += [f"  - {s['name']}: sha256 `{s['sha256']}` from {s['url']} ({s.get('licence')})" for s in sources]
-    c = record.get("corrections", {})
-    values = record.get("params", {}).get("values", {})
-    sft, grpo = values.get("sft") or {}, values.get("grpo") or {}
-    table = markdown_table(metrics, [s for s in sets_of(metrics) if not s.endswith("_unseen")]) \
-        if metrics.get("methods") else "(no metrics)"
-    return "\n".join([
-        f"# Model card: {name}", "",
-        "Explainable log anomaly detection (RationAnomaly, arXiv 2509.14693): given a log template the model "
-        "writes `<think>rationale</think><answer>normal|abnormal</answer>`.", "",
-        "## Method",
-        f"- Base model: {record['base_model'].get('source')} (weights sha256 `{record['base_model'].get('sha256')}`)",
-        f"- CoT-guided SFT with LoRA (r={(sft.get('lora') or {}).get('r')}, {sft.get('max_steps')} steps), then "
-        f"GRPO ({grpo.get('max_steps')} steps, {grpo.get('num_generations')} generations) with format, asymmetric "
-        "answer and rationale rewards.",
-        f"- Rationale teacher: {record.get('teacher')}. Params sha256 `{record['params'].get('sha256')}` "
-        f"(profile {record['params'].get('profile')}). Code commit `{record['code'].get('commit')}`"
-        + (" with uncommitted changes" if record["code"].get("dirty") else "") + ".", "",
-        "## Data", *data_lines,
-        f"- Expert corrections applied: {c.get('applied')} (file sha256 `{c.get('file_sha256')}`); "
-        f"review queue: {c.get('review_queue_size')} templates awaiting an expert.", "",
-        "## Metrics (precision / recall / F1, abnormal = positive)", "", table, "",
-        f"Engine: {metrics.get('engine')}.", "",
-        "## Gate", "", verdict.to_markdown().split("\n", 1)[1] if "\n" in verdict.to_markdown() else "", "",
-        "## Limits",
-        "- Trained and tested on BGL and Spirit templates (LogPrompt) with session checks on BGL_2k and HDFS; other "
-        "systems (e.g. Thunderbird) are out of distribution.",
-        "- Judges one template at a time: anomalies visible only in sequences or timing are not seen.",
-        "- A small CPU-trained model: rationales can be fluent yet wrong; treat them as a lead, not proof.",
-        "- An answer that breaks the format is counted as normal; watch the format-valid rate.", "",
-    ])
+    return _aliases(client(), name)
 
 
 # ---- registration ---------------------------------------------------------------------------------------------
@@ -253,25 +138,27 @@ def repair_incomplete(name: str, c: Any | None = None) -> list[str]:
 
 def _slim_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """The candidate's own metrics and the test-data digests: what a later gate compares against."""
-    candidate = metrics.get("candidate", "rationanomaly")
+    candidate = metrics.get("candidate", CANDIDATE)
     return {"candidate": candidate, "engine": metrics.get("engine"),
             "methods": {candidate: metrics.get("methods", {}).get(candidate, {})},
             "test_data": metrics.get("test_data", {}), "mlflow_run_id": metrics.get("mlflow_run_id"),
             "created_at": metrics.get("created_at")}
 
 
-def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metrics: dict[str, Any],
-                       verdict: Verdict, lineage_tags_extra: dict[str, str] | None = None, *,
-                       name: str | None = None, root: Path | None = None,
-                       record: dict[str, Any] | None = None) -> str:
-    """Register an evaluated candidate as a new version; returns the version number.
+def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metrics: Metrics | dict[str, Any],
+                       verdict: GateVerdict, lineage_tags_extra: dict[str, str] | None = None, *,
+                       name: str, model_config: dict[str, Any], params: dict[str, Any] | None = None,
+                       root: Path | None = None, record: dict[str, Any] | None = None) -> str:
+    """Register an evaluated candidate as a new version; returns the version number (a string).
 
-    `@challenger` moves to it only if its gate passed (a failed gate moves no alias). `record` is the lineage
-    snapshot (collected from the repo when not given).
+    `@challenger` moves to it only if its gate passed (a failed gate moves no alias). `model_config` is the
+    pyfunc model's (tasks.release.pyfunc.model_config). `record` is the lineage snapshot, collected from the
+    repo (with the effective `params`) when not given. Raises InputError for missing model folders,
+    RegistryUnavailable when the store cannot be reached, RegistryError when registration fails (the
+    version, if one was created, is tagged `failed`).
     """
-    from tasks.inference import check_model_dirs
+    from tasks.evaluation.inference import check_model_dirs
 
-    name = model_name(name)
     root = root or repo_root()
     adapter_dir, base_model_dir = Path(adapter_dir), Path(base_model_dir)
     check_model_dirs(base_model_dir, adapter_dir)
@@ -282,12 +169,12 @@ def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metr
     c = client(uri)
     repair_incomplete(name, c)
     record = json.loads(json.dumps(record, default=str)) if record is not None else collect_lineage(
-        root, adapter_dir=adapter_dir, base_model_dir=base_model_dir, metrics=metrics)
+        root, adapter_dir=adapter_dir, base_model_dir=base_model_dir, metrics=metrics, params=params)
     base_meta = json.loads(base_meta_file.read_text(encoding="utf-8"))
     slim = _slim_metrics(metrics)
     card = model_card(name, slim, verdict, record)
 
-    from tasks.tracking import setup_mlflow, stage_run
+    from tasks.common.tracking import setup_mlflow, stage_run
 
     setup_mlflow()
     staging = Path(tempfile.mkdtemp(prefix="register-"))
@@ -311,8 +198,8 @@ def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metr
                 name="model", python_model=RationAnomalyModel(),
                 artifacts={"adapter": str(adapter_copy), "base_model_ref": str(ref_file), "model_card": str(card_file),
                            "lineage": str(lineage_file), "metrics": str(metrics_file)},
-                signature=_signature(), pip_requirements=_requirements(),
-                model_config={"engine": "transformers", "max_new_tokens": 160, "batch_size": 8},
+                signature=pyfunc_signature(), pip_requirements=pyfunc_requirements(),
+                model_config=model_config,
             )
             mv = mlflow.register_model(info.model_uri, name)
             version = str(mv.version)
@@ -357,9 +244,9 @@ def _version_tags(c: Any, name: str, version: str) -> dict[str, str]:
         raise RegistryError(f"model {name!r} has no version {version!r}") from exc
 
 
-def promote(version: str | int, approver: str, reason: str, *, name: str | None = None) -> dict[str, str | None]:
+def promote(version: str | int, approver: str, reason: str, *, name: str) -> dict[str, str | None]:
     """`@previous` ← old `@champion`, `@champion` ← version. Refused (nothing moves) unless the gate passed."""
-    name, version = model_name(name), str(version)
+    version = str(version)
     c = client(check_registry())
     tags = _version_tags(c, name, version)
     if tags.get("failed") or tags.get("registration") != "complete":
@@ -381,18 +268,16 @@ def promote(version: str | int, approver: str, reason: str, *, name: str | None 
     return {"champion": version, "previous": old}
 
 
-def record_refusal(version: str | int, actor: str, reason: str, *, name: str | None = None) -> None:
+def record_refusal(version: str | int, actor: str, reason: str, *, name: str) -> None:
     """Record on the version that a person (or the gate) refused its promotion; no alias moves."""
-    name = model_name(name)
     c = client(check_registry())
     for key, value in (("promotion", "refused"), ("refused_by", actor), ("refusal_reason", reason),
                        ("refused_at", _now())):
         c.set_model_version_tag(name, str(version), key, value)
 
 
-def rollback(actor: str, reason: str, *, name: str | None = None) -> dict[str, str | None]:
+def rollback(actor: str, reason: str, *, name: str) -> dict[str, str | None]:
     """`@champion` ← `@previous` (and `@previous` ← the one before it, when known), recording who and why."""
-    name = model_name(name)
     c = client(check_registry())
     current = _aliases(c, name)
     target, leaving = current.get(PREVIOUS), current.get(CHAMPION)
@@ -417,9 +302,8 @@ def rollback(actor: str, reason: str, *, name: str | None = None) -> dict[str, s
             "rolled_back": leaving}
 
 
-def champion_metrics(name: str | None = None) -> dict[str, Any] | None:
+def champion_metrics(name: str) -> dict[str, Any] | None:
     """The current `@champion`'s stored metrics ({'version', 'metrics'}), or None when there is no champion."""
-    name = model_name(name)
     c = client(check_registry())
     version = _aliases(c, name).get(CHAMPION)
     if version is None:
@@ -433,60 +317,25 @@ def champion_metrics(name: str | None = None) -> dict[str, Any] | None:
     return {"version": version, "metrics": json.loads(Path(path).read_text(encoding="utf-8"))}
 
 
-def download_adapter(ref: str | None = None, dest: str | Path | None = None) -> Path:
-    """The LoRA adapter folder of a registered version (`<name>@<alias>` or `<name>/<version>`; default champion)."""
+def download_adapter(ref: str, dest: str | Path | None = None) -> Path:
+    """The LoRA adapter folder of a registered version (`<name>@<alias>` or `<name>/<version>`), downloaded
+    into `dest` (a temporary folder when None); returns its path."""
     import mlflow.artifacts
 
-    from tasks.tracking import setup_mlflow
+    from tasks.common.tracking import setup_mlflow
 
     setup_mlflow()
-    ref = (ref or f"{model_name()}@{CHAMPION}").removeprefix("models:/")
+    ref = ref.removeprefix("models:/")
     path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{ref}/artifacts/adapter",
                                                dst_path=str(dest) if dest else None)
     return Path(path)
 
 
-def load_model(ref: str | None = None) -> Any:
-    """`mlflow.pyfunc.load_model` for `models:/<name>@champion` (or any ref)."""
-    from tasks.tracking import setup_mlflow
-
-    setup_mlflow()
-    return mlflow.pyfunc.load_model(ref or f"models:/{model_name()}@{CHAMPION}")
-
-
-# ---- human approval -------------------------------------------------------------------------------------------
-
-
-class ApprovalInput(RunInput):
-    """What the approver types into the Prefect UI when the release flow pauses."""
-
-    approver: str = Field(min_length=1, description="Who decides (recorded on the model version)")
-    approve: bool = Field(description="Promote this version to @champion?")
-    reason: str = Field(description="Why (recorded on the model version)")
-
-
-def request_approval(verdict: Verdict, timeout_s: int = 24 * 3600) -> ApprovalInput:
-    """Pause the running flow until a person approves or rejects (Prefect UI / `resume_flow_run`).
-
-    Only callable inside a flow run; the caller records the answer (promote, or record_refusal).
-    """
-    from prefect.context import FlowRunContext
-    from prefect.flow_runs import pause_flow_run
-
-    if FlowRunContext.get() is None:
-        raise RuntimeError("request_approval must be called inside a Prefect flow run (it pauses that flow)")
-    description = ("Approve promotion to @champion?\n\n" + verdict.to_markdown())
-    return pause_flow_run(
-        wait_for_input=ApprovalInput.with_initial_data(description=description, approve=False, reason=""),
-        timeout=timeout_s, key="approval")
-
-
 # ---- look-ups for the release flow ----------------------------------------------------------------------------
 
 
-def version_with_tag(key: str, value: str, *, name: str | None = None) -> str | None:
+def version_with_tag(key: str, value: str, *, name: str) -> str | None:
     """The completely registered version carrying tag `key=value` (e.g. the same candidate adapter), or None."""
-    name = model_name(name)
     c = client(check_registry())
     for mv in c.search_model_versions(f"name = '{name}'"):
         tags = dict(mv.tags or {})
@@ -495,11 +344,10 @@ def version_with_tag(key: str, value: str, *, name: str | None = None) -> str | 
     return None
 
 
-def model_card_text(version: str | int, *, name: str | None = None) -> str:
+def model_card_text(version: str | int, *, name: str) -> str:
     """The Markdown model card stored with a version (in its registration run)."""
     import mlflow.artifacts
 
-    name = model_name(name)
     c = client(check_registry())
     run_id = c.get_model_version(name, str(version)).run_id
     path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CARD_FILE)

@@ -1,6 +1,6 @@
 """The non-LLM baselines of the evaluation table: keyword rules and TF-IDF + logistic regression.
 
-The LLM baselines (zero-shot base model, SFT-only adapter) run through tasks.inference like the candidate.
+The LLM baselines (zero-shot base model, SFT-only adapter) run through tasks.evaluation.inference like the candidate.
 Both baselines here see exactly the training templates the LLM saw (data/split/train.parquet).
 """
 
@@ -57,4 +57,5 @@ def fit_tfidf_lr(templates: Sequence[str], labels: Sequence[int], *, ngram_max: 
 
 
 def tfidf_lr_predict(model: Any, templates: Sequence[str]) -> np.ndarray:
+    """0/1 verdicts of a fitted TF-IDF + logistic regression pipeline, one per template."""
     return np.asarray(model.predict(list(templates)), dtype=int)

@@ -6,7 +6,7 @@ completion), `completion_ids=`, every other dataset column as a keyword list (`l
 `rationale`, ...), plus `trainer_state`, `log_extra` and `log_metric`. Each returns one float per completion.
 trl sums them with `GRPOConfig.reward_weights` (built by `reward_weights`) and logs every component's mean.
 
-The completion format is owned by `tasks.prompt.parse_completion` (tags once each, in order, verdict
+The completion format is owned by `tasks.common.prompt.parse_completion` (tags once each, in order, verdict
 `normal|abnormal` after strip+lowercase, non-empty think); nothing here re-parses it.
 
 Why the default values (params.yaml `grpo.rewards`; p = 0.15 is the training anomaly rate of `split`):
@@ -38,65 +38,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
-from tasks.prompt import ABNORMAL, LABELS, NORMAL, Parsed, label_name, parse_completion
+from tasks.common.prompt import ABNORMAL, LABELS, NORMAL, Parsed, label_name, parse_completion
+from tasks.common.settings import RewardSettings
 
 COMPONENTS = ("format", "answer", "grounding", "coherence", "brevity")
-
-
-@dataclass(frozen=True)
-class RewardConfig:
-    """The reward knobs of params.yaml `grpo.rewards` (see the module docstring for why each default)."""
-
-    format: float = 1.0
-    answer: float = 1.0
-    think: float = 0.5
-    format_valid: float = 1.0
-    format_invalid: float = -7.0
-    answer_true_abnormal: float = 2.0
-    answer_true_normal: float = 1.0
-    answer_false_abnormal: float = -2.0
-    answer_missed_abnormal: float = -6.67
-    grounding_weight: float = 0.4
-    coherence_weight: float = 0.3
-    brevity_weight: float = 0.3
-    coherence_model: str | None = None
-    coherence_max_ppl: float = 5000.0
-    coherence_batch_size: int = 16
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> RewardConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            from tasks.errors import InputError
-
-            raise InputError(
-                "params.yaml",
-                f"unknown reward keys {unknown}",
-                field="grpo.rewards",
-                hint=f"known keys: {', '.join(sorted(known))}",
-            )
-        return cls(**params)
-
-    def warnings(self) -> list[str]:
-        """Reward tables that let a degenerate policy win (allowed, e.g. for ablations, but said out loud)."""
-        notes = []
-        worst_valid = self.format * self.format_valid + self.answer * self.answer_missed_abnormal
-        if self.format * self.format_invalid >= worst_valid:
-            notes.append(
-                f"an invalid completion ({self.format * self.format_invalid:+.2f}) scores no lower than the worst "
-                f"valid one ({worst_valid:+.2f}): breaking the format dodges the missed-anomaly penalty"
-            )
-        if self.answer_true_abnormal <= self.answer_true_normal:
-            notes.append("a caught anomaly earns no more than a correct normal (answer table not asymmetric)")
-        if self.answer_missed_abnormal >= self.answer_false_abnormal:
-            notes.append("a missed anomaly costs no more than a false alarm (answer table not asymmetric)")
-        return notes
 
 
 # ---- one completion -------------------------------------------------------------------------------------------
@@ -114,11 +63,12 @@ def think_counts(parsed: Parsed, label: int | str) -> bool:
     return parsed.valid and parsed.answer == label_name(label)
 
 
-def format_score(parsed: Parsed, cfg: RewardConfig) -> float:
+def format_score(parsed: Parsed, cfg: RewardSettings) -> float:
+    """`format_valid` for a completion in the answer format, else `format_invalid` (params.yaml grpo.rewards)."""
     return cfg.format_valid if parsed.valid else cfg.format_invalid
 
 
-def answer_score(parsed: Parsed, label: int | str, cfg: RewardConfig) -> float:
+def answer_score(parsed: Parsed, label: int | str, cfg: RewardSettings) -> float:
     """Asymmetric verdict reward; 0 for an invalid completion (its format penalty already says it all)."""
     if not parsed.valid:
         return 0.0
@@ -214,8 +164,9 @@ def _parsed(completions: Sequence[Any]) -> list[Parsed]:
 
 
 def format_reward(
-    completions: Sequence[Any], *, cfg: RewardConfig, log_metric: Callable | None = None, **_: Any
+    completions: Sequence[Any], *, cfg: RewardSettings, log_metric: Callable | None = None, **_: Any
 ) -> list[float]:
+    """trl reward function: the format score of each completion."""
     parsed = _parsed(completions)
     if log_metric is not None:
         log_metric("format_valid_rate", sum(p.valid for p in parsed) / max(1, len(parsed)))
@@ -226,7 +177,7 @@ def answer_reward(
     completions: Sequence[Any],
     label: Sequence[int | str],
     *,
-    cfg: RewardConfig,
+    cfg: RewardSettings,
     log_metric: Callable | None = None,
     **_: Any,
 ) -> list[float]:
@@ -247,6 +198,7 @@ def grounding_reward(
     rationale: Sequence[str] | None = None,
     **_: Any,
 ) -> list[float]:
+    """trl reward function: grounding of each rationale in [0, 1], 0 unless the format is valid and the answer right."""
     references = rationale if rationale is not None else [None] * len(completions)
     return [
         grounding_score(p.think, log, ref) if think_counts(p, y) else 0.0
@@ -257,6 +209,7 @@ def grounding_reward(
 def brevity_reward(
     completions: Sequence[Any], label: Sequence[int | str], rationale: Sequence[str] | None = None, **_: Any
 ) -> list[float]:
+    """trl reward function: closeness of each rationale's length to the reference's, 0 unless the answer is right."""
     references = rationale if rationale is not None else [None] * len(completions)
     return [
         brevity_score(p.think, ref) if think_counts(p, y) else 0.0
@@ -268,7 +221,7 @@ def coherence_reward(
     completions: Sequence[Any],
     label: Sequence[int | str],
     *,
-    cfg: RewardConfig,
+    cfg: RewardSettings,
     perplexity: Callable[[Sequence[str]], list[float]],
     **_: Any,
 ) -> list[float]:
@@ -282,7 +235,7 @@ def coherence_reward(
     return out
 
 
-def reward_functions(cfg: RewardConfig, perplexity: Callable[[Sequence[str]], list[float]]) -> list[Callable]:
+def reward_functions(cfg: RewardSettings, perplexity: Callable[[Sequence[str]], list[float]]) -> list[Callable]:
     """The five components in COMPONENTS order, bound to their config (trl names them after the function)."""
     return [
         partial(format_reward, cfg=cfg),
@@ -293,7 +246,7 @@ def reward_functions(cfg: RewardConfig, perplexity: Callable[[Sequence[str]], li
     ]
 
 
-def reward_weights(cfg: RewardConfig) -> list[float]:
+def reward_weights(cfg: RewardSettings) -> list[float]:
     """trl's `reward_weights`, same order as `reward_functions`: the think parts carry think × their share."""
     return [
         cfg.format,
@@ -314,7 +267,7 @@ def total_reward(
     label: int | str,
     log: str,
     reference: str | None,
-    cfg: RewardConfig,
+    cfg: RewardSettings,
     perplexity: Callable[[Sequence[str]], list[float]],
 ) -> dict[str, float]:
     """Every component and the weighted total for one completion (for tests, evaluation and debugging)."""

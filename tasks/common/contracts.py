@@ -1,0 +1,127 @@
+"""The files several modules read, as typed definitions: who writes them and what each key means.
+
+- `metrics.json` (`Metrics`): written by the evaluate stage; read by the gate, the registry, the release
+  flow and the model card.
+- `.serve/state.json` (`ServeState`): written by serving.server on a successful deploy; read by the client,
+  `detect`, the deploy flow and `rationanomaly serve --status`.
+- `reports/sft.json`, `reports/grpo.json` (`SftReport`, `GrpoReport`): written by the training stages; read by
+  the train flow's summary and the retrain summary.
+
+These are TypedDicts: JSON in, JSON out, with the shape written down once. `CANDIDATE` is the candidate's
+method name in every metrics table.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NotRequired, TypedDict
+
+# A registered version's artifact naming its base model (folder + weights sha256): written by the registry,
+# read by serving.resolve and the pyfunc model.
+BASE_REF_FILE = "base_model_ref.json"
+CANDIDATE = "rationanomaly"  # the method name of the candidate the gate judges, in metrics.json and reports
+RULE_METHODS = ("keywords", "tfidf_lr")  # lexical baselines (tasks/evaluation/baselines.py)
+LLM_BASELINES = ("zero_shot", "sft_only")  # the base model alone; the SFT adapter (paper's "without RL")
+
+
+class SetMetrics(TypedDict, total=False):
+    """One method on one test set. Counts are items (templates or sessions); rates are in [0, 1].
+
+    `confusion_matrix` is [[TN, FP], [FN, TP]] with abnormal = positive. The format fields are None for
+    methods that write no answer (the lexical baselines).
+    """
+
+    n: int
+    n_abnormal: int
+    precision: float
+    recall: float
+    f1: float
+    accuracy: float
+    confusion_matrix: list[list[int]]
+    format_valid_rate: float | None
+    format_invalid: int | None
+    format_invalid_abnormal: int
+    mean_rationale_words: float | None
+    templates_per_s: float
+    n_templates: int
+
+
+class MethodSpeed(TypedDict):
+    """How fast a method classified its unique templates (model loading excluded)."""
+
+    engine: str
+    unique_templates: int
+    seconds: float
+    templates_per_s: float
+
+
+class TestDataSummary(TypedDict):
+    """What every method was scored on: a content digest per test set (`template_bgl`, `session_hdfs`, ...)
+    so metrics measured on other data are never compared, and the counts."""
+
+    digests: dict[str, str]
+    templates: dict[str, dict[str, int]]
+    sessions: dict[str, dict[str, int]]
+    unique_templates_classified: int
+    train_templates: int
+
+
+class Metrics(TypedDict):
+    """reports/metrics.json: every method on every test set (`methods[method][set]`)."""
+
+    engine: str | None
+    engine_notes: list[str]
+    candidate: str
+    methods: dict[str, dict[str, SetMetrics]]
+    speed: dict[str, MethodSpeed]
+    test_data: TestDataSummary
+    params: dict[str, Any]
+    created_at: str
+    mlflow_run_id: NotRequired[str]
+
+
+class ServeState(TypedDict):
+    """.serve/state.json: the live vLLM endpoint after a deploy passed its health and smoke checks."""
+
+    model: str  # registered model name
+    version: str  # registry version served
+    served_model: str  # the name to send in requests (the adapter's name under LoRA serving)
+    base_served_model: str | None  # the base model's served name under LoRA serving (smoke "differs" rule)
+    host: str
+    port: int
+    pid: int
+    started_at: str  # ISO 8601, UTC
+    ready_s: float  # seconds from start to /health
+    base: str
+    adapter: str | None
+    merged: bool
+    model_dir: str
+    log: str
+    api_key_env: str | None
+    smoke: dict[str, Any]
+
+
+class SftReport(TypedDict, total=False):
+    """reports/sft.json: steps, wall time (s), loss at the first and last logging step, data and model digests."""
+
+    stage: str
+    steps: int
+    runtime_s: float
+    s_per_step: float
+    first_loss: float | None
+    final_loss: float | None
+    examples: int
+    adapter_sha256: str | None
+
+
+class GrpoReport(TypedDict, total=False):
+    """reports/grpo.json: steps, wall time (s) and every reward component at the first and last step."""
+
+    stage: str
+    steps: int
+    runtime_s: float
+    wall_time_s: float
+    first_rewards: dict[str, float]
+    final_rewards: dict[str, float]
+    first_window_mean: dict[str, float | None]
+    final_window_mean: dict[str, float | None]
+    adapter_sha256: str | None

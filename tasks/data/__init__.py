@@ -1,0 +1,1 @@
+"""Helpers of the data stages: expert review files (kappa, resolution) and the rationale teachers."""

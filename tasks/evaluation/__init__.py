@@ -1,0 +1,1 @@
+"""Helpers of the evaluate stage: test data, metrics, baselines, batched inference and the report."""

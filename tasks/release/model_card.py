@@ -1,0 +1,46 @@
+"""The Markdown model card stored with every registered version: data, method, metrics, gate, limits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.release.gate import GateVerdict
+
+
+def model_card(name: str, metrics: dict[str, Any], verdict: GateVerdict, record: dict[str, Any]) -> str:
+    """A Markdown card: data, method, metrics table, limits."""
+    from tasks.evaluate import markdown_table, sets_of
+
+    data_lines = [f"- {d['name']}: `{d.get('path')}` md5 `{d.get('md5')}`" for d in record.get("data", [])]
+    sources = next((d.get("sources") for d in record.get("data", []) if d.get("sources")), []) or []
+    data_lines += [f"  - {s['name']}: sha256 `{s['sha256']}` from {s['url']} ({s.get('licence')})" for s in sources]
+    c = record.get("corrections", {})
+    values = record.get("params", {}).get("values", {})
+    sft, grpo = values.get("sft") or {}, values.get("grpo") or {}
+    table = markdown_table(metrics, [s for s in sets_of(metrics) if not s.endswith("_unseen")]) \
+        if metrics.get("methods") else "(no metrics)"
+    return "\n".join([
+        f"# Model card: {name}", "",
+        "Explainable log anomaly detection (RationAnomaly, arXiv 2509.14693): given a log template the model "
+        "writes `<think>rationale</think><answer>normal|abnormal</answer>`.", "",
+        "## Method",
+        f"- Base model: {record['base_model'].get('source')} (weights sha256 `{record['base_model'].get('sha256')}`)",
+        f"- CoT-guided SFT with LoRA (r={(sft.get('lora') or {}).get('r')}, {sft.get('max_steps')} steps), then "
+        f"GRPO ({grpo.get('max_steps')} steps, {grpo.get('num_generations')} generations) with format, asymmetric "
+        "answer and rationale rewards.",
+        f"- Rationale teacher: {record.get('teacher')}. Params sha256 `{record['params'].get('sha256')}` "
+        f"(profile {record['params'].get('profile')}). Code commit `{record['code'].get('commit')}`"
+        + (" with uncommitted changes" if record["code"].get("dirty") else "") + ".", "",
+        "## Data", *data_lines,
+        f"- Expert corrections applied: {c.get('applied')} (file sha256 `{c.get('file_sha256')}`); "
+        f"review queue: {c.get('review_queue_size')} templates awaiting an expert.", "",
+        "## Metrics (precision / recall / F1, abnormal = positive)", "", table, "",
+        f"Engine: {metrics.get('engine')}.", "",
+        "## Gate", "", verdict.to_markdown().split("\n", 1)[1] if "\n" in verdict.to_markdown() else "", "",
+        "## Limits",
+        "- Trained and tested on BGL and Spirit templates (LogPrompt) with session checks on BGL_2k and HDFS; other "
+        "systems (e.g. Thunderbird) are out of distribution.",
+        "- Judges one template at a time: anomalies visible only in sequences or timing are not seen.",
+        "- A small CPU-trained model: rationales can be fluent yet wrong; treat them as a lead, not proof.",
+        "- An answer that breaks the format is counted as normal; watch the format-valid rate.", "",
+    ])

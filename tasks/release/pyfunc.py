@@ -1,0 +1,101 @@
+"""The registered model as an MLflow pyfunc: log lines in, verdicts with rationales out.
+
+A version's artifacts hold the LoRA adapter folder and `base_model_ref.json` (base folder + weights sha256);
+`resolve_base_model` finds a local base folder with the same weights. The answer budget and engine come
+from the `model_config` stored with the version (built from the evaluate settings at registration).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+from tasks.common.config import repo_root
+from tasks.common.contracts import BASE_REF_FILE
+from tasks.common.errors import InputError
+from tasks.common.settings import EvaluateSettings
+
+
+def model_config(settings: EvaluateSettings) -> dict[str, Any]:
+    """What the pyfunc model needs to answer like evaluation did: engine, batch, answer budget, dtype, threads.
+
+    The pyfunc runs in-process on a consumer's machine, so it uses transformers (vLLM is a server concern).
+    """
+    return {"engine": "transformers", "batch_size": settings.batch_size, "max_new_tokens": settings.max_new_tokens,
+            "dtype": settings.dtype, "torch_threads": settings.torch_threads}
+
+
+def resolve_base_model(ref: dict[str, Any]) -> Path:
+    """The base model folder a version refers to: RATIONANOMALY_BASE_MODEL, the recorded path, or models/base;
+    the first whose base_model.json records the same weights sha256."""
+    candidates = [os.environ.get("RATIONANOMALY_BASE_MODEL"), ref.get("path"), str(repo_root() / "models" / "base")]
+    seen = []
+    for candidate in filter(None, candidates):
+        meta_file = Path(candidate) / "base_model.json"
+        if meta_file.is_file():
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            seen.append(f"{candidate} (sha256 {str(meta.get('weights_sha256'))[:12]})")
+            if meta.get("weights_sha256") == ref.get("weights_sha256"):
+                return Path(candidate)
+        else:
+            seen.append(f"{candidate} (missing)")
+    raise InputError(BASE_REF_FILE, f"base model with weights sha256 {ref.get('weights_sha256')} not found; "
+                     f"looked at {', '.join(seen)}", hint="set RATIONANOMALY_BASE_MODEL to its folder")
+
+
+class RationAnomalyModel(mlflow.pyfunc.PythonModel):
+    """Log lines in (a DataFrame column `log`, optional `dataset`), verdicts with rationales out."""
+
+    def load_context(self, context: Any) -> None:
+        from tasks.evaluation.inference import open_engine
+
+        ref = json.loads(Path(context.artifacts["base_model_ref"]).read_text(encoding="utf-8"))
+        self.adapter_dir = Path(context.artifacts["adapter"])
+        config = getattr(context, "model_config", None) or {}
+        missing = [k for k in ("engine", "batch_size", "max_new_tokens", "dtype", "torch_threads") if k not in config]
+        if missing:
+            raise InputError("MLmodel", f"model_config lacks {missing}", field="model_config",
+                             hint="register the version with tasks.release.pyfunc.model_config(...)")
+        self.engine = open_engine(resolve_base_model(ref), str(config["engine"]),
+                                  batch_size=int(config["batch_size"]), max_new_tokens=int(config["max_new_tokens"]),
+                                  dtype=str(config["dtype"]), threads=config["torch_threads"])
+
+    def predict(self, context, model_input, params=None):  # untyped on purpose: MLflow reads type hints as a schema
+        import pandas as pd
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"log": list(model_input)})
+        logs = frame["log" if "log" in frame.columns else frame.columns[0]].astype(str).tolist()
+        datasets = frame["dataset"].astype(str).tolist() if "dataset" in frame.columns else "system log"
+        run = self.engine.classify(logs, datasets, adapter_dir=self.adapter_dir)
+        return pd.DataFrame({"verdict": [p.verdict or "normal" for p in run.predictions],
+                             "label": [p.label for p in run.predictions], "valid": [p.valid for p in run.predictions],
+                             "rationale": [p.rationale for p in run.predictions],
+                             "completion": [p.completion for p in run.predictions]})
+
+
+def pyfunc_signature() -> Any:
+    """Input columns `log` (+ optional `dataset`); output verdict, label, valid, rationale, completion."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([ColSpec("string", "log"), ColSpec("string", "dataset", required=False)])
+    outputs = Schema([ColSpec("string", "verdict"), ColSpec("long", "label"), ColSpec("boolean", "valid"),
+                      ColSpec("string", "rationale"), ColSpec("string", "completion")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def pyfunc_requirements() -> list[str]:
+    """Pinned versions of what loading the model needs, read from this environment."""
+    reqs = []
+    for package in ("torch", "transformers", "peft", "mlflow", "pandas"):
+        try:
+            reqs.append(f"{package}=={package_version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return reqs

@@ -1,0 +1,1 @@
+"""What the sft and grpo stages share: records, model and LoRA, callbacks, checkpoints, launcher, rewards."""
