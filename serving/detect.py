@@ -33,6 +33,7 @@ from drain3.masking import MaskingInstruction
 from drain3.template_miner_config import TemplateMinerConfig
 
 from serving.client import Client, Endpoint, EndpointError, Verdict, endpoint_from_state
+from tasks.common.tokenizers import special_tokens_in
 from tasks.config import repo_root, section
 from tasks.errors import InputError, atomic_path
 from tasks.prompt import ABNORMAL
@@ -168,13 +169,24 @@ class VerdictCache:
 # ---------------------------------------------------------------- the detector
 
 
+def _resolve(value: str | Path) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else repo_root() / path
+
+
 def default_endpoint(params: dict[str, Any], serve: dict[str, Any] | None = None) -> Endpoint | Callable[[], Endpoint]:
-    """detect.base_url when set (a remote endpoint), else the live server of serve.state_file, re-read on retries."""
+    """detect.base_url when set (a remote endpoint), else the live server of serve.state_file, re-read on retries.
+
+    For base_url the served tokenizer's special tokens are read from detect.tokenizer_dir (null: the project's
+    base model folder, base_model.out_dir); a folder without tokenizer files leaves the generic `<|...|>` rule.
+    """
     serve = serve if serve is not None else section("serve")
     key_env = serve.get("api_key_env")
     if params.get("base_url"):
+        tokenizer_dir = params.get("tokenizer_dir") or section("base_model")["out_dir"]
         return Endpoint(str(params["base_url"]).rstrip("/"), params.get("model") or section("registry")["model_name"],
-                        str(params.get("model_version") or "unknown"), os.environ.get(key_env) if key_env else None)
+                        str(params.get("model_version") or "unknown"), os.environ.get(key_env) if key_env else None,
+                        special_tokens_in(_resolve(tokenizer_dir)))
     state_file = Path(serve["state_file"])
     state_file = state_file if state_file.is_absolute() else repo_root() / state_file
     return lambda: endpoint_from_state(state_file, key_env)

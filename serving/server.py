@@ -28,6 +28,7 @@ import httpx
 from serving.client import Client, Endpoint, EndpointError
 from serving.resolve import ADAPTER_CONFIG, ModelRef
 from serving.smoke import SMOKE_TEMPLATES
+from tasks.common.tokenizers import special_tokens_in
 from tasks.config import repo_root, section
 from tasks.errors import InputError, atomic_dir, write_text_atomic
 from tasks.inference import lora_rank
@@ -367,6 +368,7 @@ def _deploy_locked(ref: ModelRef, params: dict[str, Any], force: bool) -> dict[s
         "pid": proc.pid, "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "ready_s": round(ready_s, 1),
         "base": ref.base_model_dir, "adapter": ref.adapter_dir, "merged": not lora and ref.adapter_dir is not None,
         "model_dir": model_dir, "log": str(log), "api_key_env": params.get("api_key_env"),
+        "special_tokens": list(special_tokens_in(model_dir)),  # defanged in log text by every client
         "smoke": asdict(report) | {"passed": report.passed},
     }
     write_text_atomic(state_path(params), json.dumps(state, indent=2) + "\n")

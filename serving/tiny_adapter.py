@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from serving.smoke import SMOKE_SET
+from tasks.common.tokenizers import special_tokens_of
 from tasks.errors import atomic_dir
 from tasks.prompt import format_completion, prompt_messages
 
@@ -51,7 +52,8 @@ def build_tiny_adapter(
     rows, masks = [], []
     for dataset, template, label, rationale in examples:
         prompt = tokenizer.apply_chat_template(
-            prompt_messages(template, dataset), tokenize=False, add_generation_prompt=True
+            prompt_messages(template, dataset, special_tokens=special_tokens_of(tokenizer)), tokenize=False,
+            add_generation_prompt=True,
         )
         answer = format_completion(rationale, label) + tokenizer.eos_token
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]

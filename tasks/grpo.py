@@ -24,8 +24,10 @@ from typing import Any
 from prefect import task
 
 from tasks import training as T
+from tasks.common.tokenizers import special_tokens_of
 from tasks.config import section
 from tasks.errors import InputError, atomic_path
+from tasks.prompt import defang_messages
 from tasks.rewards import COMPONENTS, RewardConfig, perplexity_scorer, reward_functions, reward_weights
 
 STAGE = "grpo"
@@ -79,12 +81,14 @@ def build_dataset(records: list[dict[str, Any]], tokenizer: Any, max_prompt_leng
     from datasets import Dataset
 
     rows, dropped = [], 0
+    special = special_tokens_of(tokenizer)
     for r in records:
-        ids = tokenizer.apply_chat_template(r["prompt"], tokenize=True, add_generation_prompt=True, return_dict=False)
+        prompt = defang_messages(r["prompt"], special)  # the log text must not carry this tokenizer's controls
+        ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
         if len(ids) > max_prompt_length:
             dropped += 1
             continue
-        rows.append({k: r[k] for k in ("prompt", "label", "template", "rationale", "dataset")})
+        rows.append({"prompt": prompt, **{k: r[k] for k in ("label", "template", "rationale", "dataset")}})
     return Dataset.from_list(rows), dropped
 
 

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.common.tokenizers import special_tokens_of
 from tasks.errors import InputError
 from tasks.prompt import parse_completion, prompt_messages
 
@@ -142,11 +143,13 @@ class Engine:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.special_tokens = special_tokens_of(self.tokenizer)  # defanged in log text (tasks.prompt)
         # Room for the answer: longer prompts are cut from the left of the log text by sanitize_log's cap.
         self.max_prompt_tokens = max(32, self.max_model_len - self.max_new_tokens)
 
     def prompt_ids(self, templates: Sequence[str], datasets: Sequence[str]) -> list[list[int]]:
-        texts = [self.tokenizer.apply_chat_template(prompt_messages(t, d), add_generation_prompt=True, tokenize=False)
+        texts = [self.tokenizer.apply_chat_template(prompt_messages(t, d, special_tokens=self.special_tokens),
+                                                    add_generation_prompt=True, tokenize=False)
                  for t, d in zip(templates, datasets, strict=True)]
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         # Keep the end of an over-long prompt: it holds the question and the assistant header.

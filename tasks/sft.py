@@ -23,7 +23,9 @@ from typing import Any
 from prefect import task
 
 from tasks import training as T
+from tasks.common.tokenizers import special_tokens_of
 from tasks.config import section
+from tasks.prompt import defang_messages
 
 STAGE = "sft"
 
@@ -36,12 +38,14 @@ def build_dataset(records: list[dict[str, Any]], tokenizer: Any, max_length: int
     from datasets import Dataset
 
     rows, dropped = [], 0
+    special = special_tokens_of(tokenizer)
     for r in records:
-        ids = tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=False)
+        prompt = defang_messages(r["prompt"], special)  # the log text must not carry this tokenizer's controls
+        ids = tokenizer.apply_chat_template(prompt + r["completion"], tokenize=True, return_dict=False)
         if len(ids) > max_length:
             dropped += 1
             continue
-        rows.append({"prompt": r["prompt"], "completion": r["completion"]})
+        rows.append({"prompt": prompt, "completion": r["completion"]})
     return Dataset.from_list(rows), dropped
 
 
