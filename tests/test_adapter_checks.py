@@ -154,6 +154,19 @@ def test_training_refuses_lora_on_tied_embeddings_before_the_first_step(target: 
     assert target in lora_config(lora, tiny_llama(tied=False), "sft").target_modules
 
 
+def test_what_training_saves_is_servable(tmp_path: Path) -> None:
+    from peft import get_peft_model
+
+    from tasks.training import lora_config
+
+    params = load_params(REPO / "params.yaml")["sft"]["lora"]
+    model = get_peft_model(tiny_llama(tied=True), lora_config(params, tiny_llama(tied=True), "sft"))
+    model.save_pretrained(str(tmp_path / "adapter"))
+    model.base_model.model.config.save_pretrained(str(tmp_path / "base"))
+    checked = server.validate_adapter(tmp_path / "adapter", tmp_path / "base")
+    assert checked == {"rank": params["r"], "tensors": 2 * len(params["target_modules"])}
+
+
 def test_deploying_an_unservable_adapter_starts_no_server(tmp_path: Path) -> None:
     params = load_params(REPO / "params.yaml")["serve"]
     params.update(state_file=str(tmp_path / "state.json"), log_dir=str(tmp_path / "logs"), port=1)
