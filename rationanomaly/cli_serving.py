@@ -93,7 +93,8 @@ def detect(
     overrides = {"base_url": base_url, "model": model, "model_version": model_version, "window_lines": window_lines,
                  "concurrency": concurrency, "max_retries": max_retries}
     detect_settings = settings.detect.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-    endpoint = default_endpoint(detect_settings, settings.serve, settings.registry.model_name)
+    endpoint = default_endpoint(detect_settings, settings.serve, settings.registry.model_name,
+                                settings.base_model.out_dir)
     try:
         with Detector(detect_settings, endpoint=endpoint, progress=progress) as detector:
             if out == "-":

@@ -6,6 +6,7 @@ the serve state file follows a blue/green switch instead of failing on the old p
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -20,29 +21,47 @@ import httpx
 from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from tasks.common.prompt import parse_completion, prompt_messages
+from tasks.common.tokenizers import special_tokens_in
 
 ANSWER_CLOSE = "</answer>"
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where to send requests and which model version answers there."""
+    """Where to send requests and which model version answers there.
+
+    `special_tokens`: the served tokenizer's special-token strings, defanged in every log text sent there
+    (tasks.prompt); empty leaves only the generic `<|...|>` rule.
+    """
 
     base_url: str  # ".../v1"
     model: str
     version: str
     api_key: str | None = None
+    special_tokens: tuple[str, ...] = ()
+
+
+@functools.lru_cache(maxsize=8)
+def _folder_special_tokens(folder: str) -> tuple[str, ...]:
+    return special_tokens_in(folder)
 
 
 def endpoint_from_state(state_file: str | Path, api_key_env: str | None = None) -> Endpoint:
-    """The live server recorded by `rationanomaly serve`."""
+    """The live server recorded by `rationanomaly serve`, with the special tokens of the tokenizer it serves.
+
+    Those are recorded at deploy; a state file written before that names the model folder they are read from.
+    """
     path = Path(state_file)
     if not path.exists():
         raise EndpointError(f"no live server: {path} does not exist (run `rationanomaly serve`, or pass --base-url)")
     state = json.loads(path.read_text(encoding="utf-8"))
     env_name = api_key_env or state.get("api_key_env")
+    special = state.get("special_tokens")
+    if special is None:
+        folder = state.get("model_dir") or state.get("base")
+        special = _folder_special_tokens(str(folder)) if folder else ()
     return Endpoint(f"http://{state['host']}:{state['port']}/v1", state["served_model"], str(state["version"]),
-                    os.environ.get(env_name) if env_name else None)
+                    os.environ.get(env_name) if env_name else None, tuple(special))
 
 
 class EndpointError(RuntimeError):
@@ -154,7 +173,8 @@ class Client:
                      model: str | None = None) -> Verdict:
         """The verdict for one template; only the model's completion is parsed, never the log text."""
         started = time.monotonic()
-        text, endpoint = self.complete(prompt_messages(template, dataset, self.max_log_chars),
+        special = self.endpoint().special_tokens
+        text, endpoint = self.complete(prompt_messages(template, dataset, self.max_log_chars, special),
                                        max_tokens=max_tokens, model=model)
         parsed = parse_completion(text)
         return Verdict(template, dataset, parsed.answer, parsed.valid, parsed.think, text, endpoint.version,

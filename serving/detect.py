@@ -4,7 +4,14 @@ Millions of lines share a few thousand templates, so the model is asked once per
 answer (verdict, rationale, model version) is kept in SQLite. Each answer is stored the moment it
 arrives: when the endpoint goes down, the run stops with a clear error and a rerun resumes from the
 cache. Output is JSON lines: a `template` record the first time a template (or its text) appears,
-one `line` record per non-empty line, one `window` record per `window_lines` lines.
+one `line` record per event (a line, or a multi-line record such as a stack trace: `line` is its first
+line, `last_line` its last), then one `window` record per `window_lines` events, or, for formats with a
+session key (HDFS block ids), one `session` record per session at the end of the input.
+
+Rules for real files, each in its own module: line framing and long lines (serving.framing), multi-line
+records and sessions (serving.records), wildcards that stand for values only (serving.drain_rules).
+A run may create at most `detect.max_new_templates` new templates; past that it stops before asking the
+model, since input where nearly every line is a new template is not a log drain3 can parse.
 """
 
 from __future__ import annotations
@@ -33,11 +40,15 @@ from drain3.masking import MaskingInstruction
 from drain3.template_miner_config import TemplateMinerConfig
 
 from serving.client import Client, Endpoint, EndpointError, Verdict, endpoint_from_state
+from serving.drain_rules import RULES, ValueDrain
+from serving.framing import LineFramer, fit_line
+from serving.records import SESSION_KEYS, Record, RecordJoiner, Sessions
 from tasks.common.config import resolve_path
 from tasks.common.errors import InputError
 from tasks.common.files import atomic_path
 from tasks.common.prompt import ABNORMAL
 from tasks.common.settings import DetectSettings, ServeSettings
+from tasks.common.tokenizers import special_tokens_in
 
 # Header layouts (LogHub's log formats); only the free-text content is mined and shown to the model.
 # The first field of BGL/Spirit/Thunderbird lines is the ground-truth alert tag: it is never sent.
@@ -51,6 +62,7 @@ FORMATS: dict[str, tuple[re.Pattern[str] | None, str]] = {
     "hdfs": (re.compile(r"^\d{6} \d{6} \d+ \w+ [^:\s]+: ?(?P<content>.*)$"), "hdfs"),
     "generic": (None, "system log"),
 }
+SESSION_FORMATS = tuple(SESSION_KEYS)  # formats reported per session (serving.records), not per window
 AUTO_ORDER = ("bgl", "thunderbird", "hdfs")  # Spirit lines share Thunderbird's layout: name it explicitly
 _B, _E = r"((?<=[^A-Za-z0-9])|^)", r"((?=[^A-Za-z0-9])|$)"
 MASKS = (  # order matters: an IP or hex value must be masked before its digits are
@@ -85,11 +97,22 @@ class _AtomicFilePersistence(FilePersistence):
 
 
 class _CheckpointMiner(TemplateMiner):
-    """TemplateMiner that snapshots at checkpoints (end of each chunk) instead of on every new cluster."""
+    """TemplateMiner that snapshots at checkpoints (end of each chunk) instead of on every new cluster.
+
+    Its Drain is serving.drain_rules.ValueDrain (wildcards for values only, drain3 0.9.3's short-template
+    fix). A saved state mined under other rules is not reused: the miner starts afresh and says so in
+    `state_reset` (template ids restart; verdicts stay cached by template text).
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.dirty = False
+        self.state_reset: str | None = None
         super().__init__(*args, **kwargs)
+        if not isinstance(self.drain, ValueDrain):
+            config = self.config
+            self.drain = ValueDrain(sim_th=config.drain_sim_th, depth=config.drain_depth,
+                                    max_children=config.drain_max_children, max_clusters=config.drain_max_clusters,
+                                    extra_delimiters=config.drain_extra_delimiters, profiler=self.profiler)
 
     def load_state(self) -> None:
         """drain3 0.9.1's load_state renames dict keys while iterating them (a RuntimeError on Python 3.11)."""
@@ -99,6 +122,10 @@ class _CheckpointMiner(TemplateMiner):
         if self.config.snapshot_compress_state:
             state = zlib.decompress(base64.b64decode(state))
         drain = jsonpickle.loads(state)
+        if not isinstance(drain, ValueDrain) or getattr(drain, "rules", None) != RULES:
+            self.state_reset = (f"{getattr(self.persistence_handler, 'file_path', 'drain state')} was mined under "
+                                f"older template rules; templates are mined afresh under {RULES}")
+            return
         drain.id_to_cluster = {int(key): cluster for key, cluster in drain.id_to_cluster.items()}
         drain.profiler = self.profiler
         self.drain = drain
@@ -172,14 +199,20 @@ class VerdictCache:
 # ---------------------------------------------------------------- the detector
 
 
-def default_endpoint(settings: DetectSettings, serve: ServeSettings, model_name: str,
+def default_endpoint(settings: DetectSettings, serve: ServeSettings, model_name: str, base_model_dir: str,
                      ) -> Endpoint | Callable[[], Endpoint]:
     """detect.base_url when set (a remote endpoint serving `detect.model`, default the registered `model_name`),
-    else the live server of serve.state_file, re-read before every retry (follows a blue/green switch)."""
+    else the live server of serve.state_file, re-read before every retry (follows a blue/green switch).
+
+    For base_url the served tokenizer's special tokens are read from detect.tokenizer_dir (null: the project's
+    base model folder `base_model_dir`); a folder without tokenizer files leaves the generic `<|...|>` rule.
+    """
     key_env = serve.api_key_env
     if settings.base_url:
+        tokenizer_dir = settings.tokenizer_dir or base_model_dir
         return Endpoint(settings.base_url.rstrip("/"), settings.model or model_name,
-                        settings.model_version or "unknown", os.environ.get(key_env) if key_env else None)
+                        settings.model_version or "unknown", os.environ.get(key_env) if key_env else None,
+                        special_tokens_in(resolve_path(tokenizer_dir)))
     state_file = resolve_path(serve.state_file)
     return lambda: endpoint_from_state(state_file, key_env)
 
@@ -192,11 +225,16 @@ class DetectStats:
     invalid_utf8_lines: int = 0
     replaced_chars: int = 0
     truncated_lines: int = 0
+    continuation_lines: int = 0  # lines joined to the event before them (stack-trace frames, ...)
     abnormal_lines: int = 0
     invalid_answer_lines: int = 0
     windows: int = 0
     abnormal_windows: int = 0
+    sessions: int = 0
+    abnormal_sessions: int = 0
+    unsessioned_lines: int = 0  # events of a session format that name no session
     templates: int = 0
+    new_templates: int = 0
     requested: int = 0
     cache_hits: int = 0
     seconds: float = 0.0
@@ -229,6 +267,7 @@ class Detector:
         self._memo: dict[str, int] = {}
         self._memo_size = settings.memo_size
         self._emitted: dict[int, str] = {}  # cluster id → template text last written (one run)
+        self._clusters_at_start = self.miner.drain.clusters_counter  # reset per run: the template budget
 
     def close(self) -> None:
         self.miner.checkpoint()
@@ -244,8 +283,9 @@ class Detector:
     # -- reading
 
     @staticmethod
-    def _chunks(handle: IO[bytes], size: int, flush_s: float) -> Iterator[list[tuple[int, bytes]]]:
-        """(line number, raw bytes) in chunks of `size` lines.
+    def _chunks(handle: IO[bytes], size: int, flush_s: float,
+                max_bytes: int) -> Iterator[list[tuple[int, bytes, bytes | None]]]:
+        """(line number, head bytes, tail bytes or None) in chunks of `size` lines, framed by LineFramer.
 
         On a pipe or terminal (`tail -f app.log | rationanomaly detect -`) a partial chunk is also
         released after `flush_s` seconds without input, so verdicts do not wait for 5,000 more lines.
@@ -256,8 +296,8 @@ class Detector:
         except (OSError, AttributeError, io.UnsupportedOperation):
             fd, stream = None, False
         read = (lambda: os.read(fd, 1 << 16)) if stream and fd is not None else (lambda: handle.read(1 << 20))
-        chunk: list[tuple[int, bytes]] = []
-        pending, number = b"", 0
+        chunk: list[tuple[int, bytes, bytes | None]] = []
+        framer, number = LineFramer(max_bytes), 0
         while True:
             if stream and chunk and not select.select([fd], [], [], flush_s)[0]:
                 yield chunk
@@ -266,16 +306,14 @@ class Detector:
             block = read()
             if not block:
                 break
-            lines = (pending + block).split(b"\n")
-            pending = lines.pop()
-            for raw in lines:
+            for head, tail in framer.feed(block):
                 number += 1
-                chunk.append((number, raw))
+                chunk.append((number, head, tail))
                 if len(chunk) >= size:
                     yield chunk
                     chunk = []
-        if pending:
-            chunk.append((number + 1, pending))
+        for head, tail in framer.finish():
+            chunk.append((number + 1, head, tail))
         if chunk:
             yield chunk
 
@@ -333,36 +371,66 @@ class Detector:
         stats.seconds = time.perf_counter() - started
         return self.summary(stats)
 
-    def _decode(self, raw: bytes, stats: DetectStats) -> str | None:
-        """UTF-8 with bad bytes replaced (and counted); None for an empty line; long lines cut before mining."""
+    @staticmethod
+    def _text(raw: bytes, stats: DetectStats) -> tuple[str, bool]:
+        """UTF-8 with bad bytes replaced (and counted); whether any were."""
         try:
-            text = raw.decode("utf-8")
+            return raw.decode("utf-8"), False
         except UnicodeDecodeError:
             text = raw.decode("utf-8", errors="replace")
-            stats.invalid_utf8_lines += 1
             stats.replaced_chars += text.count("\ufffd") - raw.count("\ufffd".encode())
-        text = text.rstrip("\r\n")
-        if not text.strip():
+            return text, True
+
+    def _decode(self, raw: bytes, tail: bytes | None, stats: DetectStats) -> str | None:
+        """A line's text, fitted to max_line_chars before mining (serving.framing.fit_line); None when empty.
+
+        `tail` is the end of a line the reader cut (longer than its byte bound), None for a whole line.
+        """
+        text, bad = self._text(raw, stats)
+        tail_text = None
+        if tail is not None:
+            tail_text, bad_tail = self._text(tail, stats)
+            bad = bad or bad_tail
+        stats.invalid_utf8_lines += bad
+        if tail_text is None and not text.strip():
             stats.empty_lines += 1
             return None
-        max_chars = self.settings.max_line_chars
-        if len(text) > max_chars:  # before mining: a 1 MB line must not become a 1 MB template
-            text = text[:max_chars]
-            stats.truncated_lines += 1
+        text, cut = fit_line(text, self.settings.max_line_chars, tail_text)  # a 1 MB line is no template
+        stats.truncated_lines += cut
         return text
 
-    def _mine(self, chunk: list[tuple[int, bytes]], pattern: re.Pattern[str] | None,
-              stats: DetectStats) -> list[tuple[int, int]]:
-        """(line number, cluster id) for each non-empty line of the chunk."""
-        parsed = []
-        for number, raw in chunk:
-            text = self._decode(raw, stats)
+    def _mine(self, chunk: list[tuple[int, bytes, bytes | None]], joiner: RecordJoiner, final: bool,
+              stats: DetectStats) -> list[tuple[Record, int]]:
+        """(event, cluster id) for each event the chunk completes; `final` also closes the open event."""
+        records = []
+        for number, raw, tail in chunk:
+            text = self._decode(raw, tail, stats)
             if text is None:
                 continue
-            match = pattern.match(text) if pattern is not None else None
-            content = match.group("content") if match else text
-            parsed.append((number, self._cluster_id(content.strip() or text)))
-        return parsed
+            closed = joiner.add(number, text)
+            if closed is not None:
+                records.append(closed)
+        if final and (closed := joiner.flush()) is not None:
+            records.append(closed)
+        stats.continuation_lines = joiner.continuation_lines
+        return [(record, self._cluster_id(joiner.text(record))) for record in records]
+
+    def _check_template_budget(self, name: str, events: int, stats: DetectStats) -> None:
+        """Stop before asking the model when this run created more than detect.max_new_templates templates."""
+        budget = self.settings.max_new_templates
+        stats.new_templates = self.miner.drain.clusters_counter - self._clusters_at_start
+        if stats.new_templates <= budget:
+            return
+        self.miner.dirty = False  # keep the saved drain state of the last good chunk, not these templates
+        unparseable = stats.new_templates >= events / 2
+        raise InputError(
+            name,
+            f"{stats.new_templates} new templates from {events} events exceed detect.max_new_templates={budget}"
+            + ("; nearly every line is a new template, so this input does not look like a log drain3 can "
+               "parse (JSON lines, binary data, or the wrong --format?)" if unparseable else ""),
+            hint="no model call was made for them; check the input, or raise detect.max_new_templates when a "
+                 "new system really has this many templates",
+        )
 
     def _run(self, handle: IO[bytes], out: IO[str], fmt: str, stats: DetectStats, size: int | None,
              name: str) -> None:
@@ -371,59 +439,103 @@ class Detector:
         if fmt != "auto" and fmt not in FORMATS:
             raise InputError(name, f"unknown log format {fmt!r}", hint=f"one of auto, {', '.join(FORMATS)}")
         window_lines = self.settings.window_lines
-        window: list[int] = [0, 0, 0]  # first line, lines, abnormal lines
+        window: list[int] = [0, 0, 0]  # first line, events, abnormal events
         window_templates: Counter[int] = Counter()
         emitted = self._emitted
+        joiner: RecordJoiner | None = None
+        sessions: Sessions | None = None
+        self._clusters_at_start = self.miner.drain.clusters_counter
+        chunk_lines = self.settings.chunk_lines
+        max_chars = self.settings.max_line_chars
         progress = Progress(TextColumn("detect"), BarColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
                             transient=True, disable=not self.progress or size is None)
         task = progress.add_task(name, total=size)
         write = out.write
         try:
             with progress:
-                chunks = self._chunks(handle, self.settings.chunk_lines, self.settings.flush_s)
+                # 4 bytes per character at most in UTF-8: a line's kept head holds max_line_chars characters
+                chunks = self._chunks(handle, chunk_lines, self.settings.flush_s, 4 * max_chars)
                 for chunk in chunks:
                     if fmt == "auto":
-                        sample = (raw.decode("utf-8", errors="replace").strip() for _, raw in chunk[:200])
+                        sample = (raw.decode("utf-8", errors="replace").strip() for _, raw, _ in chunk[:200])
                         fmt = detect_format(line for line in sample if line)
                     pattern, dataset = FORMATS[fmt]
-                    parsed = self._mine(chunk, pattern, stats)
-                    clusters = self.miner.drain.id_to_cluster
-                    templates = {cid: clusters[cid].get_template() for cid in {cid for _, cid in parsed}}
-                    try:
-                        self._classify({t: dataset for t in templates.values()}, stats)
-                    finally:
-                        self.miner.checkpoint()
-                    verdict_of = {}
-                    for cid, template in templates.items():
-                        verdict, valid, rationale = self.cache.get(template)  # type: ignore[misc]
-                        verdict_of[cid] = (verdict if valid else "invalid", verdict == ABNORMAL, valid)
-                        if emitted.get(cid) != template:
-                            emitted[cid] = template
-                            write(json.dumps({"kind": "template", "template_id": cid, "template": template,
-                                              "verdict": verdict_of[cid][0], "rationale": rationale,
-                                              "dataset": dataset, "model_version": self.model_version}) + "\n")
-                    for number, cid in parsed:
-                        label, abnormal, valid = verdict_of[cid]
-                        stats.lines += 1
-                        stats.line_counts[cid] += 1
-                        stats.abnormal_lines += abnormal
-                        stats.invalid_answer_lines += not valid
-                        write(f'{{"kind":"line","line":{number},"template_id":{cid},"verdict":"{label}"}}\n')
-                        if window[1] == 0:
-                            window[0] = number
-                        window[1] += 1
-                        if abnormal:
-                            window[2] += 1
-                            window_templates[cid] += 1
-                        if window[1] >= window_lines:
-                            self._emit_window(write, window, window_templates, number, stats)
-                    stats.templates = len(emitted)
+                    if joiner is None:
+                        joiner = RecordJoiner(fmt, pattern, self.settings.max_record_lines, max_chars)
+                        if fmt in SESSION_FORMATS:
+                            sessions = Sessions(self.settings.max_open_sessions)
+                    # a short chunk is the end of the input or a pause on a pipe: close the open event
+                    parsed = self._mine(chunk, joiner, len(chunk) < chunk_lines, stats)
+                    self._check_template_budget(name, stats.lines + len(parsed), stats)
+                    self._write_events(parsed, dataset, write, stats, window, window_templates, sessions,
+                                       window_lines)
                     out.flush()
-                    progress.update(task, advance=sum(len(raw) for _, raw in chunk))
+                    progress.update(task, advance=sum(len(raw) + len(tail or b"") for _, raw, tail in chunk))
+                if joiner is not None and (last := joiner.flush()) is not None:
+                    self._write_events([(last, self._cluster_id(joiner.text(last)))], dataset, write, stats, window,
+                                       window_templates, sessions, window_lines)
                 if window[1]:
                     self._emit_window(write, window, window_templates, None, stats)
+                for record in sessions.close() if sessions is not None else []:
+                    self._emit_session(write, record, stats)
+                stats.templates = len(emitted)
+                stats.new_templates = self.miner.drain.clusters_counter - self._clusters_at_start
         finally:
             out.flush()
+
+    def _write_events(self, parsed: list[tuple[Record, int]], dataset: str, write: Any, stats: DetectStats,
+                      window: list[int], window_templates: Counter[int], sessions: Sessions | None,
+                      window_lines: int) -> None:
+        """Classify the events' new templates, then write template, line and window/session records."""
+        emitted = self._emitted
+        clusters = self.miner.drain.id_to_cluster
+        templates = {cid: clusters[cid].get_template() for cid in {cid for _, cid in parsed}}
+        try:
+            self._classify({t: dataset for t in templates.values()}, stats)
+        finally:
+            self.miner.checkpoint()
+        verdict_of = {}
+        for cid, template in templates.items():
+            verdict, valid, rationale = self.cache.get(template)  # type: ignore[misc]
+            verdict_of[cid] = (verdict if valid else "invalid", verdict == ABNORMAL, valid)
+            if emitted.get(cid) != template:
+                emitted[cid] = template
+                write(json.dumps({"kind": "template", "template_id": cid, "template": template,
+                                  "verdict": verdict_of[cid][0], "rationale": rationale,
+                                  "dataset": dataset, "model_version": self.model_version}) + "\n")
+        for record, cid in parsed:
+            label, abnormal, valid = verdict_of[cid]
+            number, last = record.first, record.last
+            stats.lines += 1
+            stats.line_counts[cid] += 1
+            stats.abnormal_lines += abnormal
+            stats.invalid_answer_lines += not valid
+            if last == number:
+                write(f'{{"kind":"line","line":{number},"template_id":{cid},"verdict":"{label}"}}\n')
+            else:
+                write(f'{{"kind":"line","line":{number},"last_line":{last},"template_id":{cid},'
+                      f'"verdict":"{label}"}}\n')
+            if sessions is not None:
+                if not record.keys:
+                    stats.unsessioned_lines += 1
+                for evicted in sessions.add(record.keys, number, last, cid, abnormal):
+                    self._emit_session(write, evicted, stats)
+                continue
+            if window[1] == 0:
+                window[0] = number
+            window[1] += 1
+            if abnormal:
+                window[2] += 1
+                window_templates[cid] += 1
+            if window[1] >= window_lines:
+                self._emit_window(write, window, window_templates, last, stats)
+        stats.templates = len(emitted)
+
+    @staticmethod
+    def _emit_session(write: Any, record: dict[str, Any], stats: DetectStats) -> None:
+        stats.sessions += 1
+        stats.abnormal_sessions += record["verdict"] == ABNORMAL
+        write(json.dumps(record) + "\n")
 
     def _emit_window(self, write: Any, window: list[int], templates: Counter[int], last: int | None,
                      stats: DetectStats) -> None:
@@ -450,7 +562,8 @@ class Detector:
         counts["seconds"] = round(stats.seconds, 3)
         counts["lines_per_s"] = round(stats.lines / stats.seconds, 1) if stats.seconds else None
         return {"kind": "summary", "model_version": self.model_version, **counts,
-                "cache_entries": len(self.cache), "cache_invalidated": self.cache.invalidated, "top_anomalous": top}
+                "cache_entries": len(self.cache), "cache_invalidated": self.cache.invalidated,
+                "drain_state_reset": self.miner.state_reset, "top_anomalous": top}
 
 
 def print_summary(summary: dict[str, Any], console: Any = None) -> None:
@@ -460,11 +573,14 @@ def print_summary(summary: dict[str, Any], console: Any = None) -> None:
 
     console = console or Console(stderr=True)
     counts = Table(title=f"detect summary (model version {summary['model_version']})", show_header=False)
-    for key in ("lines", "abnormal_lines", "windows", "abnormal_windows", "templates", "requested", "cache_hits",
-                "invalid_answer_lines", "empty_lines", "invalid_utf8_lines", "truncated_lines", "seconds",
+    for key in ("lines", "abnormal_lines", "windows", "abnormal_windows", "sessions", "abnormal_sessions",
+                "templates", "new_templates", "requested", "cache_hits", "invalid_answer_lines", "empty_lines",
+                "invalid_utf8_lines", "truncated_lines", "continuation_lines", "unsessioned_lines", "seconds",
                 "lines_per_s"):
         counts.add_row(key, str(summary.get(key)))
     console.print(counts)
+    if summary.get("drain_state_reset"):
+        console.print(f"note: {summary['drain_state_reset']}")
     if summary["top_anomalous"]:
         top = Table(title="top anomalous templates")
         for column in ("lines", "template", "rationale"):

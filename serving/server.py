@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,16 +29,25 @@ import httpx
 from serving.client import Client, Endpoint, EndpointError
 from serving.resolve import ADAPTER_CONFIG, ModelRef
 from serving.smoke import SMOKE_TEMPLATES
+from tasks.common.adapters import (
+    MERGE_HINT,
+    lora_serving_problems,
+    max_lora_rank,
+    module_rank,
+    tied_embedding_targets,
+    vllm_max_lora_rank,
+)
 from tasks.common.config import resolve_path
 from tasks.common.contracts import ServeState
 from tasks.common.errors import InputError
 from tasks.common.files import atomic_dir, write_json_atomic
 from tasks.common.settings import ServeSettings
-from tasks.evaluation.inference import lora_rank
+from tasks.common.tokenizers import special_tokens_in
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
-LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what --max-lora-rank accepts
 BASE_SUFFIX = "-base"
+# A LoRA tensor's module, as vLLM's parse_fine_tuned_lora_name reads it (e.g. model.layers.0.self_attn.q_proj)
+_LORA_TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?:lora_[AB]\.weight|lora_embedding_[AB])$")
 
 
 class ServeError(RuntimeError):
@@ -136,8 +146,14 @@ def _terminate(pid: int, timeout_s: float) -> None:
 # ---------------------------------------------------------------- checks before the expensive start
 
 
-def validate_adapter(adapter_dir: str | Path, base_model_dir: str | Path) -> dict[str, Any]:
-    """Fail in a second, not after a one-minute start: files there, config readable, shapes fit r and base."""
+def validate_adapter(adapter_dir: str | Path, base_model_dir: str | Path, merged: bool = False) -> dict[str, Any]:
+    """Fail in a second, not after a one-minute start: files there, config servable, shapes fit ranks and base.
+
+    Servable: what vLLM's PEFTHelper checks (tasks.common.adapters.lora_serving_problems), except, when
+    `merged` (serve.merged), what merging makes servable; and no LoRA on tied embeddings. Each tensor's rank
+    is its module's (`r`, or its `rank_pattern` key). Returns {"rank": largest module rank, "tensors": n}.
+    Raises InputError naming the file and the field, with `serve.merged: true` as hint where merging works.
+    """
     from safetensors import safe_open
 
     adapter, base = Path(adapter_dir), Path(base_model_dir)
@@ -148,13 +164,20 @@ def validate_adapter(adapter_dir: str | Path, base_model_dir: str | Path) -> dic
         raise InputError(config_file, "adapter config missing")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
-        rank = int(config["r"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise InputError(config_file, f"unreadable LoRA config: {exc}", field="r") from exc
+    except json.JSONDecodeError as exc:
+        raise InputError(config_file, f"unreadable LoRA config: {exc}") from exc
+    if not isinstance(config, dict):
+        raise InputError(config_file, f"expected a JSON object, found {type(config).__name__}")
+    problems = [p for p in lora_serving_problems(config) if not (merged and p.mergeable)]
+    if problems:
+        raise InputError(config_file, "; ".join(p.message for p in problems), field=problems[0].field,
+                         hint=MERGE_HINT if all(p.mergeable for p in problems) else None)
+    rank = int(config["r"])
     weights = adapter / "adapter_model.safetensors"
     if not weights.exists():
         raise InputError(weights, "adapter weights missing")
-    hidden = json.loads((base / "config.json").read_text(encoding="utf-8")).get("hidden_size")
+    base_config = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    hidden = base_config.get("hidden_size")
     try:
         with safe_open(str(weights), framework="pt") as handle:
             names = list(handle.keys())
@@ -164,15 +187,24 @@ def validate_adapter(adapter_dir: str | Path, base_model_dir: str | Path) -> dic
                          hint="the file is truncated or corrupt; re-register the adapter") from exc
     if not names:
         raise InputError(weights, "adapter holds no tensors")
+    modules = {name: match.group("module") for name in names if (match := _LORA_TENSOR.match(name))}
+    tied = tied_embedding_targets([*modules.values(), *(config.get("modules_to_save") or [])],
+                                  bool(base_config.get("tie_word_embeddings", False)))
+    if tied:
+        raise InputError(config_file, f"the adapter changes {tied}, but {base} ties its input and output embeddings "
+                         "(tie_word_embeddings: true): served merged or as LoRA it is not the model that was trained "
+                         "and evaluated", field="target_modules", hint="retrain without embed_tokens and lm_head")
     for name, shape in shapes.items():
-        if "lora_A" in name and shape[0] != rank:
-            raise InputError(weights, f"tensor {name} has rank {shape[0]}, config says r={rank}", field="r")
-        if "lora_B" in name and shape[-1] != rank:
-            raise InputError(weights, f"tensor {name} has rank {shape[-1]}, config says r={rank}", field="r")
+        expected = module_rank(config, modules[name]) if name in modules else rank
+        says, field = (f"r={rank}", "r") if expected == rank else (f"rank {expected} (rank_pattern)", "rank_pattern")
+        if "lora_A" in name and shape[0] != expected:
+            raise InputError(weights, f"tensor {name} has rank {shape[0]}, config says {says}", field=field)
+        if "lora_B" in name and shape[-1] != expected:
+            raise InputError(weights, f"tensor {name} has rank {shape[-1]}, config says {says}", field=field)
         if "lora_A" in name and hidden and "o_proj" not in name and "down_proj" not in name and shape[1] != hidden:
             raise InputError(weights, f"tensor {name} expects input width {shape[1]}, the base model has {hidden}",
                              hint="the adapter was trained on another base model")
-    return {"rank": rank, "tensors": len(names)}
+    return {"rank": max_lora_rank(config), "tensors": len(names)}
 
 
 def merge_adapter(ref: ModelRef, out_dir: Path) -> Path:
@@ -258,7 +290,8 @@ def _command(ref: ModelRef, model_dir: str, port: int, settings: ServeSettings, 
     cmd = [sys.executable, "-m", SERVER_MODULE, "--model", model_dir, "--host", settings.host,
            "--port", str(port), "--max-model-len", str(settings.max_model_len), "--dtype", settings.dtype]
     if lora:
-        rank = min(r for r in LORA_RANKS if r >= lora_rank(ref.adapter_dir))
+        config = json.loads((Path(str(ref.adapter_dir)) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        rank = vllm_max_lora_rank(max_lora_rank(config))  # validate_adapter refused ranks above vLLM's largest
         cmd += ["--served-model-name", ref.name + BASE_SUFFIX, "--enable-lora", "--max-loras", "1",
                 "--max-lora-rank", str(rank), "--lora-modules", f"{ref.name}={ref.adapter_dir}"]
     else:
@@ -340,7 +373,7 @@ def _deploy_locked(ref: ModelRef, settings: ServeSettings, force: bool) -> dict[
             and str(live.get("version")) == str(ref.version)):
         return {**live, "action": "already_live"}
     if ref.adapter_dir is not None:
-        validate_adapter(ref.adapter_dir, ref.base_model_dir)
+        validate_adapter(ref.adapter_dir, ref.base_model_dir, merged=settings.merged)
     port = _choose_port(settings, live if live.get("alive") else None)
     proc, log, model_dir = start_server(ref, settings, port)
     try:
@@ -370,6 +403,7 @@ def _deploy_locked(ref: ModelRef, settings: ServeSettings, force: bool) -> dict[
         "pid": proc.pid, "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "ready_s": round(ready_s, 1),
         "base": ref.base_model_dir, "adapter": ref.adapter_dir, "merged": not lora and ref.adapter_dir is not None,
         "model_dir": model_dir, "log": str(log), "api_key_env": settings.api_key_env,
+        "special_tokens": list(special_tokens_in(model_dir)),  # defanged in log text by every client
         "smoke": asdict(report) | {"passed": report.passed},
     }
     write_json_atomic(state_path(settings), state)

@@ -14,6 +14,7 @@ from pathlib import Path
 from serving.smoke import SMOKE_SET
 from tasks.common.files import atomic_dir, sha256_json
 from tasks.common.prompt import format_completion, prompt_messages
+from tasks.common.tokenizers import special_tokens_of
 
 
 def build_tiny_adapter(
@@ -50,7 +51,8 @@ def build_tiny_adapter(
     rows, masks = [], []
     for dataset, template, label, rationale in examples:
         prompt = tokenizer.apply_chat_template(
-            prompt_messages(template, dataset), tokenize=False, add_generation_prompt=True
+            prompt_messages(template, dataset, special_tokens=special_tokens_of(tokenizer)), tokenize=False,
+            add_generation_prompt=True,
         )
         answer = format_completion(rationale, label) + tokenizer.eos_token
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]

@@ -24,7 +24,9 @@ from typing import Any
 from tasks.common.config import resolve_path
 from tasks.common.errors import InputError
 from tasks.common.files import atomic_path, sha256_json, write_json_atomic
+from tasks.common.prompt import defang_messages
 from tasks.common.settings import GrpoSettings, load_settings
+from tasks.common.tokenizers import special_tokens_of
 from tasks.training.callbacks import install_callbacks
 from tasks.training.checkpoints import prepare_checkpoints, publish_adapter
 from tasks.training.launch import is_main_process, relaunch_with_accelerate, stage_tracking
@@ -93,12 +95,14 @@ def build_dataset(records: list[dict[str, Any]], tokenizer: Any, max_prompt_leng
     from datasets import Dataset
 
     rows, dropped = [], 0
+    special = special_tokens_of(tokenizer)
     for r in records:
-        ids = tokenizer.apply_chat_template(r["prompt"], tokenize=True, add_generation_prompt=True, return_dict=False)
+        prompt = defang_messages(r["prompt"], special)  # the log text must not carry this tokenizer's controls
+        ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
         if len(ids) > max_prompt_length:
             dropped += 1
             continue
-        rows.append({k: r[k] for k in ("prompt", "label", "template", "rationale", "dataset")})
+        rows.append({"prompt": prompt, **{k: r[k] for k in ("label", "template", "rationale", "dataset")}})
     return Dataset.from_list(rows), dropped
 
 

@@ -22,7 +22,9 @@ from typing import Any
 from tasks.common.config import resolve_path
 from tasks.common.errors import InputError
 from tasks.common.files import sha256_json, write_json_atomic
+from tasks.common.prompt import defang_messages
 from tasks.common.settings import SftSettings, load_settings
+from tasks.common.tokenizers import special_tokens_of
 from tasks.training.callbacks import install_callbacks
 from tasks.training.checkpoints import prepare_checkpoints, publish_adapter
 from tasks.training.launch import LAUNCHED_ENV, is_main_process, relaunch_with_accelerate, stage_tracking
@@ -48,12 +50,14 @@ def build_dataset(records: list[dict[str, Any]], tokenizer: Any, max_length: int
     from datasets import Dataset
 
     rows, dropped = [], 0
+    special = special_tokens_of(tokenizer)
     for r in records:
-        ids = tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=False)
+        prompt = defang_messages(r["prompt"], special)  # the log text must not carry this tokenizer's controls
+        ids = tokenizer.apply_chat_template(prompt + r["completion"], tokenize=True, return_dict=False)
         if len(ids) > max_length:
             dropped += 1
             continue
-        rows.append({"prompt": r["prompt"], "completion": r["completion"]})
+        rows.append({"prompt": prompt, "completion": r["completion"]})
     return Dataset.from_list(rows), dropped
 
 

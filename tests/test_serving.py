@@ -245,6 +245,7 @@ def test_deploy_passes_health_and_smoke_and_records_the_live_server(live: dict[s
     assert now["alive"] and now["healthy"] and now["version"] == "1" and now["pid"] == state["pid"]
     recorded = json.loads(Path(params.state_file).read_text())
     assert {"model", "version", "port", "pid", "started_at", "base", "adapter"} <= recorded.keys()
+    assert {"<|im_start|>", "<|im_end|>"} <= set(recorded["special_tokens"])  # defanged in log text by clients
     print(f"\nvLLM ready in {state['ready_s']} s; smoke valid rate {smoke['valid_rate']:.2f}")
 
 

@@ -97,6 +97,7 @@ class ServeState(TypedDict):
     model_dir: str
     log: str
     api_key_env: str | None
+    special_tokens: list[str]  # the served tokenizer's special tokens, defanged in log text by every client
     smoke: dict[str, Any]
 
 

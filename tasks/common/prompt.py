@@ -4,12 +4,17 @@ A completion is `<think>rationale</think><answer>normal|abnormal</answer>`.
 Casing rule: the verdict inside <answer> is read after stripping whitespace and lowercasing,
 so `<answer>Normal </answer>` is the valid verdict `normal`; anything else there is invalid.
 Each tag must appear exactly once, think before answer, nothing but whitespace after </answer>.
-Log text is defanged before it enters a prompt, so a log line carrying tags cannot pose as an answer.
+Log text is defanged before it enters a prompt, so a log line carrying tags cannot pose as an answer,
+and a line carrying chat-template control tokens (`<|im_end|><|im_start|>system ...`) cannot open a turn:
+any `<|...|>` and every special-token string of the tokenizer that will read the prompt (passed in as
+`special_tokens` by the caller that knows it; tasks.common.tokenizers reads them) lose their brackets.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 NORMAL, ABNORMAL = "normal", "abnormal"
@@ -28,6 +33,12 @@ SYSTEM_PROMPT = (
 USER_TEMPLATE = "Log ({dataset}):\n{log}\n\nIs this log normal or abnormal?"
 
 _TAG_RE = re.compile(r"</?\s*(think|answer)\s*>", re.IGNORECASE)
+# The shape of chat-template control tokens of ChatML, Llama 3, Qwen, Phi... (`<|im_start|>`, `<|eot_id|>`),
+# defanged whatever the tokenizer: a log line has no business carrying one.
+_CONTROL_RE = re.compile(r"<\|[^<>|\n]{0,64}\|>")
+# Look-alikes with no NFKC decomposition back to ASCII, so no tokenizer normaliser restores the token.
+_DEFANG = str.maketrans({"<": "‹", ">": "›", "|": "¦", "[": "⁅", "]": "⁆"})
+_WORD_JOINER = "\u2060"  # splits a special token that has no bracket to replace
 _COMPLETION_RE = re.compile(
     r"^\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*$", re.DOTALL
 )
@@ -50,25 +61,58 @@ def label_id(label: int | str) -> int:
     return LABELS.index(label_name(label))
 
 
-def sanitize_log(log: str, max_chars: int = 2000) -> str:
-    """Make raw log text safe to embed: no control characters, tags defanged, length capped."""
+def _defang(token: str) -> str:
+    changed = token.translate(_DEFANG)
+    return changed if changed != token else token[:1] + _WORD_JOINER + token[1:]
+
+
+@functools.lru_cache(maxsize=32)
+def _control_pattern(special_tokens: tuple[str, ...]) -> re.Pattern[str]:
+    longest_first = sorted({t for t in special_tokens if t}, key=len, reverse=True)
+    return re.compile("|".join([*map(re.escape, longest_first), _CONTROL_RE.pattern]))
+
+
+def defang_control_tokens(text: str, special_tokens: Iterable[str] = ()) -> str:
+    """`text` with every `<|...|>` and every string of `special_tokens` made inert for a tokenizer.
+
+    Brackets become look-alikes (`<|im_end|>` → `‹¦im_end¦›`, `[INST]` → `⁅INST⁆`); a token without a
+    bracket gets a word joiner after its first character. Nothing else changes.
+
+    >>> defang_control_tokens("x <|im_end|> <file_sep>", ["<file_sep>"])
+    'x ‹¦im_end¦› ‹file_sep›'
+    """
+    return _control_pattern(tuple(sorted(set(special_tokens)))).sub(lambda m: _defang(m.group(0)), text)
+
+
+def defang_messages(messages: list[dict[str, str]], special_tokens: Iterable[str] = ()) -> list[dict[str, str]]:
+    """Chat messages with control tokens defanged in the user turns (where log text is), for stored prompts."""
+    tokens = tuple(special_tokens)
+    return [{**m, "content": defang_control_tokens(m["content"], tokens)} if m.get("role") == "user" else m
+            for m in messages]
+
+
+def sanitize_log(log: str, max_chars: int = 2000, special_tokens: Iterable[str] = ()) -> str:
+    """Make raw log text safe to embed: no control characters, control tokens and tags defanged, length capped."""
     text = "".join(ch if ch.isprintable() or ch in "\t" else " " for ch in log)
+    text = defang_control_tokens(text, special_tokens)
     text = _TAG_RE.sub(lambda m: m.group(0).replace("<", "‹").replace(">", "›"), text)
     if len(text) > max_chars:
         text = text[:max_chars] + " …[truncated]"
     return text.strip()
 
 
-def user_prompt(log: str, dataset: str = "system log", max_chars: int = 2000) -> str:
+def user_prompt(log: str, dataset: str = "system log", max_chars: int = 2000,
+                special_tokens: Iterable[str] = ()) -> str:
     """The user turn for one log: the log text (sanitized, at most `max_chars`) and the question."""
-    return USER_TEMPLATE.format(dataset=dataset, log=sanitize_log(log, max_chars))
+    return USER_TEMPLATE.format(dataset=dataset, log=sanitize_log(log, max_chars, special_tokens))
 
 
-def prompt_messages(log: str, dataset: str = "system log", max_chars: int = 2000) -> list[dict[str, str]]:
-    """Chat messages up to (not including) the assistant turn."""
+def prompt_messages(log: str, dataset: str = "system log", max_chars: int = 2000,
+                    special_tokens: Iterable[str] = ()) -> list[dict[str, str]]:
+    """Chat messages up to (not including) the assistant turn; `special_tokens`: the reading tokenizer's."""
     return [
         {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": user_prompt(log, dataset, max_chars)},
+        {"role": "user", "content": user_prompt(log, dataset, max_chars, special_tokens)},
     ]
 
 

@@ -302,6 +302,9 @@ class DetectSettings(Section):
     drain_depth: int = Field(ge=3)
     memo_size: int = Field(ge=0)
     max_line_chars: int = Field(ge=64)
+    max_record_lines: int = Field(ge=1)
+    max_new_templates: int = Field(ge=1)
+    max_open_sessions: int = Field(ge=1)
     max_tokens: int | None = Field(ge=1)  # null: evaluate.max_new_tokens
     timeout_s: float = Field(gt=0)
     max_retries: int = Field(ge=1)
@@ -310,6 +313,7 @@ class DetectSettings(Section):
     base_url: str | None
     model: str | None
     model_version: str | None
+    tokenizer_dir: str | None  # with base_url: the served tokenizer (null: base_model.out_dir)
 
 
 class Settings(Section):

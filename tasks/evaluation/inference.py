@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -31,6 +30,7 @@ from typing import Any
 from tasks.common.config import resolve_threads
 from tasks.common.errors import InputError
 from tasks.common.prompt import parse_completion, prompt_messages
+from tasks.common.tokenizers import special_tokens_of
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +135,15 @@ class Engine:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.special_tokens = special_tokens_of(self.tokenizer)  # defanged in log text (tasks.prompt)
         # Room for the answer: longer prompts are cut from the left of the log text by sanitize_log's cap.
         self.max_prompt_tokens = max(32, self.max_model_len - self.max_new_tokens)
 
     def prompt_ids(self, templates: Sequence[str], datasets: Sequence[str]) -> list[list[int]]:
         """Token ids of each chat prompt (the tokenizer's chat template with the generation prompt), keeping the
         end of an over-long prompt."""
-        texts = [self.tokenizer.apply_chat_template(prompt_messages(t, d), add_generation_prompt=True, tokenize=False)
+        texts = [self.tokenizer.apply_chat_template(prompt_messages(t, d, special_tokens=self.special_tokens),
+                                                    add_generation_prompt=True, tokenize=False)
                  for t, d in zip(templates, datasets, strict=True)]
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         # Keep the end of an over-long prompt: it holds the question and the assistant header.
@@ -388,8 +390,3 @@ def open_engine(base_model_dir: str | Path, engine: str = "auto", *, batch_size:
     if note:
         result.notes.append(note)
     return result
-
-
-def lora_rank(adapter_dir: str | Path) -> int:
-    """The adapter's LoRA rank, read from its config."""
-    return int(json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("r", 8))

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.base_model import META_FILE, read_base_model_meta
+from tasks.common.adapters import tied_embedding_targets
 from tasks.common.config import PARAMS_FILE, resolve_path
 from tasks.common.errors import InputError
 from tasks.common.settings import LoraSettings
@@ -39,10 +40,12 @@ def linear_module_names(model: Any) -> list[str]:
     return sorted(names)
 
 def lora_config(lora: LoraSettings, model: Any, field_prefix: str) -> Any:
-    """A peft LoraConfig from params, after checking every target module exists in `model`.
+    """A peft LoraConfig from the settings, after checking every target module exists in `model` and can be served.
 
     peft would otherwise fail late, or (with a partial match) adapt fewer layers than asked; a run that
-    adapts nothing would train the plain base model. Never that: a missing name is an InputError.
+    adapts nothing would train the plain base model. Never that: a missing name is an InputError. So is
+    `embed_tokens` or `lm_head` on a model with tied embeddings (tasks.common.adapters: merged for
+    evaluation and serving, such a LoRA changes both sides of the shared matrix).
     """
     from peft import LoraConfig
 
@@ -59,6 +62,15 @@ def lora_config(lora: LoraSettings, model: Any, field_prefix: str) -> Any:
                 f"LoRA target modules {missing or targets} do not exist in {type(model).__name__}",
                 field=f"{field_prefix}.lora.target_modules",
                 hint=f"linear modules available: {', '.join(available)}",
+            )
+        tied = tied_embedding_targets(targets, bool(getattr(model.config, "tie_word_embeddings", False)))
+        if tied:
+            raise InputError(
+                PARAMS_FILE,
+                f"LoRA target modules {tied} cannot be served: {type(model).__name__} ties its input and output "
+                "embeddings (tie_word_embeddings), and merging such a LoRA changes both",
+                field=f"{field_prefix}.lora.target_modules",
+                hint="drop them; the attention and MLP projections are the usual targets",
             )
     return LoraConfig(
         r=lora.r,

@@ -1,0 +1,175 @@
+"""Events and sessions for `detect`: which lines form one event, and which session an event belongs to.
+
+Multi-line records (issue 15, case 4). A continuation line joins the record it continues, so a Java stack
+trace is one event with one verdict, counted where its first line is:
+
+- formats with a header (BGL, Thunderbird, Spirit, HDFS): a line that does not start like a record of the
+  format (RECORD_START) continues the record before it, as Logstash's and Filebeat's multiline readers do
+  with `pattern: <header>, negate: true, what: previous`;
+- generic text: a line continues the record before it when it is indented (`\\tat org.apache...`,
+  `\\t... 12 more`) or starts with `Caused by:` / `Suppressed:` / `... N more` (the shapes of a Java trace).
+
+A record holds at most `max_lines` lines (then the next continuation starts a new record), and its text is
+fitted to `max_chars` like a single line (serving.framing.fit_line), so a file of indented lines cannot
+grow one record without bound.
+
+Sessions (issue 15, case 6). Formats with a session key report per-session verdicts as the evaluation
+does: HDFS lines belong to every block id `blk_-?\\d+` they name (LogHub/loglizer's HDFS loader,
+`re.findall(r'(blk_-?\\d+)', content)`, one session per unique id). Keys are read from the raw content,
+before drain3's masks turn the digits into `<*>`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from serving.framing import fit_line
+from tasks.common.prompt import ABNORMAL, NORMAL
+
+# A line that starts a record of the format: looser than the full header (serving.detect.FORMATS), so a
+# record with an odd program field still starts a record, and `content` still drops the alert tag.
+RECORD_START: dict[str, re.Pattern[str]] = {
+    "bgl": re.compile(r"^\S+ \d+ \d{4}\.\d\d\.\d\d \S+ ?(?P<content>.*)$"),
+    "thunderbird": re.compile(r"^\S+ \d+ \d{4}\.\d\d\.\d\d \S+ (?:\w{3} +\d+ [\d:]+ \S+ ?)?(?P<content>.*)$"),
+    "spirit": re.compile(r"^\S+ \d+ \d{4}\.\d\d\.\d\d \S+ (?:\w{3} +\d+ [\d:]+ \S+ ?)?(?P<content>.*)$"),
+    "hdfs": re.compile(r"^\d{6} \d{6} (?P<content>.*)$"),
+}
+GENERIC_CONTINUATION = re.compile(r"^(?:[ \t]|Caused by:|Suppressed:|\.\.\. \d+ more)")
+SESSION_KEYS: dict[str, re.Pattern[str]] = {"hdfs": re.compile(r"blk_-?\d+")}
+
+
+def record_content(text: str, fmt: str, header: re.Pattern[str] | None) -> str | None:
+    """The free text of `text` when it starts an event of format `fmt`; None when it continues one.
+
+    The content follows the full header (`header`, serving.detect.FORMATS) when it matches, else the loose
+    record start, so an odd program field never lets the alert tag through.
+    """
+    match = header.match(text) if header is not None else None
+    if match is None:
+        start = RECORD_START.get(fmt)
+        if start is None:
+            return None if GENERIC_CONTINUATION.match(text) else text.strip() or text
+        match = start.match(text)
+        if match is None:
+            return None
+    return match.group("content").strip() or text
+
+
+def session_keys(content: str, fmt: str) -> tuple[str, ...]:
+    """The session ids a record names, unique, in order of appearance; () for formats without sessions."""
+    pattern = SESSION_KEYS.get(fmt)
+    return tuple(dict.fromkeys(pattern.findall(content))) if pattern is not None else ()
+
+
+@dataclass(slots=True)
+class Record:
+    """One event: its first and last line numbers, its content (header stripped) and its session keys."""
+
+    first: int
+    last: int
+    parts: list[str]
+    keys: tuple[str, ...] = ()
+    lines: int = 1
+    chars: int = 0
+
+
+class RecordJoiner:
+    """Lines in, events out; the last event stays open until a line that starts a record (or `flush`)."""
+
+    def __init__(self, fmt: str, header: re.Pattern[str] | None, max_lines: int, max_chars: int) -> None:
+        self.fmt, self.header = fmt, header
+        self.max_lines, self.max_chars = max(1, int(max_lines)), int(max_chars)
+        self.continuation_lines = 0  # lines joined to the event before them
+        self._open: Record | None = None
+        self._keys = SESSION_KEYS.get(fmt)
+
+    def add(self, number: int, text: str) -> Record | None:
+        """Take one non-empty line; returns the event it closed, if any."""
+        record = self._open
+        content = record_content(text, self.fmt, self.header)
+        if content is None and record is not None and record.lines < self.max_lines:
+            record.parts.append(text)
+            record.last, record.lines, record.chars = number, record.lines + 1, record.chars + len(text) + 1
+            if self._keys is not None:
+                record.keys = tuple(dict.fromkeys(record.keys + session_keys(text, self.fmt)))
+            self.continuation_lines += 1
+            if record.chars > 2 * self.max_chars:  # keep memory bounded: fit what we have, keep appending
+                record.parts = [fit_line("\n".join(record.parts), self.max_chars)[0]]
+                record.chars = len(record.parts[0])
+            return None
+        if content is None:  # a continuation with nothing to continue, or past max_lines
+            content = text.strip() or text
+        keys = session_keys(content, self.fmt) if self._keys is not None else ()
+        self._open = Record(number, number, [content], keys, chars=len(content))
+        return record
+
+    def flush(self) -> Record | None:
+        """Close the open event (end of input, or the input paused)."""
+        record, self._open = self._open, None
+        return record
+
+    def text(self, record: Record) -> str:
+        """The event's text as mined: its lines joined by newlines, fitted to max_chars."""
+        if len(record.parts) == 1:
+            return record.parts[0]
+        return fit_line("\n".join(record.parts), self.max_chars)[0]
+
+
+@dataclass
+class _Session:
+    first: int
+    last: int
+    lines: int = 0
+    abnormal: int = 0
+    templates: Counter[int] = field(default_factory=Counter)
+
+
+class Sessions:
+    """Per-session verdict counts; a session is abnormal when any of its events is (as evaluate scores it).
+
+    Sessions are reported at the end of the input. At most `max_open` are held: beyond that the one
+    seen least recently is reported early with `"evicted": true`, and a later event of it opens a new one.
+    """
+
+    def __init__(self, max_open: int) -> None:
+        self.max_open = max(1, int(max_open))
+        self._open: OrderedDict[str, _Session] = OrderedDict()
+
+    def add(self, keys: tuple[str, ...], first: int, last: int, template_id: int, abnormal: bool
+            ) -> list[dict[str, Any]]:
+        """Count one event in each of its sessions; returns the records of sessions evicted to make room."""
+        evicted = []
+        for key in keys:
+            session = self._open.get(key)
+            if session is None:
+                if len(self._open) >= self.max_open:
+                    old_key, old = self._open.popitem(last=False)
+                    evicted.append(self._record(old_key, old, evicted=True))
+                session = self._open[key] = _Session(first, last)
+            else:
+                self._open.move_to_end(key)
+            session.last = max(session.last, last)
+            session.lines += 1
+            if abnormal:
+                session.abnormal += 1
+                session.templates[template_id] += 1
+        return evicted
+
+    def close(self) -> list[dict[str, Any]]:
+        """Records of every open session, in order of their first line."""
+        records = [self._record(key, s) for key, s in sorted(self._open.items(), key=lambda kv: kv[1].first)]
+        self._open.clear()
+        return records
+
+    @staticmethod
+    def _record(key: str, session: _Session, evicted: bool = False) -> dict[str, Any]:
+        record = {"kind": "session", "session": key, "first_line": session.first, "last_line": session.last,
+                  "lines": session.lines, "abnormal_lines": session.abnormal,
+                  "verdict": ABNORMAL if session.abnormal else NORMAL,
+                  "abnormal_templates": dict(session.templates.most_common())}
+        if evicted:
+            record["evicted"] = True
+        return record
