@@ -318,7 +318,7 @@ def test_a_new_deploy_switches_blue_green_and_stops_the_old_server(live: dict[st
     assert server.status(params)["healthy"] and server.status(params)["pid"] == new["pid"]
     assert not server._pid_alive(old["pid"])
     with pytest.raises(httpx.ConnectError):
-        httpx.get(f"http://{params['host']}:{old['port']}/health", timeout=5)
+        httpx.get(f"http://{params.host}:{old['port']}/health", timeout=5)
     assert "<think>" in ask(params.state_file)
 
 
