@@ -91,6 +91,7 @@ def _register_commands() -> None:
     app.command(name="gate")(cli_registry.gate)
     app.command(name="serve")(cli_serving.serve)
     app.command(name="detect")(cli_serving.detect)
+    app.command(name="ui")(cli_serving.ui)
     app.command(name="lineage")(cli_registry.lineage)
     app.command(name="rollback")(cli_registry.rollback)
 

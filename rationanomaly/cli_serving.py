@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
+from serving.ui import HOST, MLFLOW_PORT, PREFECT_PORT
+
 
 def _fail(message: str) -> None:
     typer.echo(message, err=True)
@@ -109,3 +111,37 @@ def detect(
     if summary is not None:
         summary.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
+
+
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def ui(
+    prefect_port: Annotated[int, typer.Option(help="Port of the Prefect server and its UI.")] = PREFECT_PORT,
+    mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = MLFLOW_PORT,
+    host: Annotated[str, typer.Option(help="Address both listen on.")] = HOST,
+) -> None:
+    """Open the tools' own UIs: a self-hosted Prefect server with its UI, and the MLflow UI on this project's
+    store (mlflow.db, mlartifacts/). Prints both URLs; Ctrl-C stops both."""
+    import signal
+
+    from serving import ui as uis
+    from tasks.common.config import repo_root
+
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the UIs too: in their own sessions they would outlive us
+    root = repo_root()
+    try:
+        started = uis.open_uis(root, host, prefect_port, mlflow_port)
+        with uis.running(*started) as (prefect, mlflow):
+            typer.echo(f"Prefect UI  {prefect.url}   flow runs, subflow runs, task runs, Markdown artifacts")
+            typer.echo(f"MLflow UI   {mlflow.url}   runs and metrics, registered models with aliases, tags, model card")
+            typer.echo("Runs started elsewhere show up live when they use this server:\n"
+                       f"  export PREFECT_API_URL={prefect.url}/api")
+            typer.echo(f"Logs in {prefect.log.parent}. Ctrl-C stops both.")
+            ended = uis.wait_until_one_exits((prefect, mlflow))
+            _fail(f"{ended.name} UI exited with code {ended.process.poll()}; see {ended.log}")
+    except uis.UiError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo("stopped both UIs")

@@ -1,1 +1,2 @@
-"""Serving: the vLLM launcher (health, smoke, blue/green), the endpoint client and the streaming detector."""
+"""Serving: the vLLM launcher (health, smoke, blue/green), the endpoint client, the streaming detector, and the
+launcher of the tools' own UIs (Prefect server, MLflow UI)."""

@@ -29,7 +29,13 @@ from tasks.common.settings import GrpoSettings, load_settings
 from tasks.common.tokenizers import special_tokens_of
 from tasks.training.callbacks import install_callbacks
 from tasks.training.checkpoints import prepare_checkpoints, publish_adapter
-from tasks.training.launch import is_main_process, relaunch_with_accelerate, stage_tracking
+from tasks.training.launch import (
+    is_main_process,
+    relaunch_with_accelerate,
+    report_process,
+    stage_tracking,
+    topology,
+)
 from tasks.training.model import (
     adapter_digest,
     base_model_sha256,
@@ -280,6 +286,7 @@ def run(settings: GrpoSettings) -> dict[str, Any]:
         trainer.train(resume_from_checkpoint=resume.checkpoint)
         wall, cpu = time.monotonic() - started, time.process_time() - cpu_started
         steps = int(trainer.state.global_step)
+        report_process(STAGE, trainer)
         rows = reward_rows(trainer.state.log_history)
 
         report: dict[str, Any] = {
@@ -296,6 +303,7 @@ def run(settings: GrpoSettings) -> dict[str, Any]:
             "dropped_too_long": prep.dropped,
             "repeated_abnormal": prep.inputs.repeated_abnormal,
             "runtime_s": round(wall, 1),
+            **topology(trainer),
             # per component (and total reward, per-class answer, length, KL) at the first and the last step
             "first_rewards": numeric(rows[0]) if rows else {},
             "final_rewards": numeric(rows[-1]) if rows else {},

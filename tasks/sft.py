@@ -13,7 +13,6 @@ fingerprint (params + data + base model hashes) matches. The adapter folder is p
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,7 +26,13 @@ from tasks.common.settings import SftSettings, load_settings
 from tasks.common.tokenizers import special_tokens_of
 from tasks.training.callbacks import install_callbacks
 from tasks.training.checkpoints import prepare_checkpoints, publish_adapter
-from tasks.training.launch import LAUNCHED_ENV, is_main_process, relaunch_with_accelerate, stage_tracking
+from tasks.training.launch import (
+    is_main_process,
+    relaunch_with_accelerate,
+    report_process,
+    stage_tracking,
+    topology,
+)
 from tasks.training.model import (
     count_parameters,
     library_versions,
@@ -145,6 +150,7 @@ def run(settings: SftSettings) -> dict[str, Any]:
         result = trainer.train(resume_from_checkpoint=resume.checkpoint)
         runtime, cpu = time.monotonic() - started, time.process_time() - cpu_started
         steps = int(trainer.state.global_step)
+        report_process(STAGE, trainer)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
         meta = {
@@ -161,7 +167,7 @@ def run(settings: SftSettings) -> dict[str, Any]:
             "dropped_too_long": prep.dropped,
             "repeated_abnormal": prep.inputs.repeated_abnormal,
             "prompt_tokens_masked_first_example": prep.masked,
-            "launcher": "accelerate" if os.environ.get(LAUNCHED_ENV) else "in-process",
+            **topology(trainer),
             "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None,
             "train_loss": float(result.training_loss) if result.training_loss is not None else None,

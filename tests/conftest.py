@@ -14,6 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 for _key, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
                      "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "HF_HUB_OFFLINE": "1"}.items():
     os.environ.setdefault(_key, _value)
+# The suite's own Prefect home (the temporary servers' database, result storage), not the user's ~/.prefect: a
+# database there migrated by another Prefect version stops every temporary server ("No such revision").
+os.environ["PREFECT_HOME"] = str(REPO / ".cache" / "prefect-home")
 MIRROR = Path(os.environ.get("RATIONANOMALY_MIRROR", REPO.parent / "shared" / "data"))
 TEST_CACHE = REPO / ".cache" / "test-assets"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -279,7 +280,38 @@ def test_sft_runs_through_accelerate_launch_when_a_config_is_set(tmp_path: Path,
     proc = run_stage(root, "sft")
     assert "accelerate.commands.launch --config_file" in proc.stdout
     meta = read_json(root / "models" / "sft" / "training_meta.json")
-    assert meta["launcher"] == "accelerate" and meta["steps"] == 1
+    assert meta["launcher"] == "accelerate" and meta["steps"] == 1 and meta["world_size"] == 1
+
+
+@pytest.mark.slow
+def test_sft_trains_data_parallel_in_two_cpu_processes_and_publishes_one_adapter(
+    tmp_path: Path, base_model_dir: Path, mirror: Path
+):
+    """configs/accelerate_cpu_ddp.yaml: `accelerate launch` starts two processes (torchrun) that form a gloo group."""
+    steps = 2
+    root = make_project(
+        tmp_path / "project",
+        base_model_dir,
+        mirror,
+        overrides={"sft": {"accelerate_config": "configs/accelerate_cpu_ddp.yaml", "max_steps": steps,
+                           "save_steps": 1, "keep_checkpoints": True}},
+    )
+    proc = run_stage(root, "sft")
+    log = proc.stdout + proc.stderr
+    for rank in (0, 1):
+        assert f"[sft] process {rank} of 2 finished at step {steps}" in proc.stdout, log[-4000:]
+    meta = read_json(root / "models" / "sft" / "training_meta.json")
+    assert meta["launcher"] == "accelerate" and meta["world_size"] == 2 and meta["steps"] == steps
+    # each process saw its half of the batches: an epoch is half as many steps as in one process
+    state = read_json(root / "models" / "checkpoints" / "sft" / f"checkpoint-{steps}" / "trainer_state.json")
+    batches = math.ceil(meta["examples"] / meta["params"]["per_device_train_batch_size"])
+    assert state["epoch"] == pytest.approx(steps / math.ceil(batches / 2)), (state["epoch"], batches)
+    # published once, by rank 0: one adapter, no staging leftovers, one MLflow run with every step's loss
+    out = root / "models" / "sft"
+    assert (out / "adapter_model.safetensors").is_file() and not list((root / "models").glob(".sft*"))
+    assert read_json(root / "reports" / "sft.json")["adapter_sha256"] == meta["adapter_sha256"]
+    (run,) = stage_runs(root, "sft")
+    assert metric_steps(root, run.info.run_id, "loss") == list(range(1, steps + 1))
 
 
 # ---- bad input fails before any training ----------------------------------------------------------------------

@@ -20,16 +20,26 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
+def is_tracking_server(uri: str) -> bool:
+    """True for a remote MLflow tracking server (http/https/databricks), which decides where artifacts go."""
+    return uri.split(":", 1)[0].lower() in {"http", "https", "databricks"}
+
+
 def setup_mlflow() -> Any:
-    """Point MLflow at the project's store and experiment; returns the mlflow module."""
+    """Point MLflow at the project's store and experiment; returns the mlflow module.
+
+    The experiment is created with its artifacts in the project's `mlartifacts/` on a local store; a tracking
+    server keeps them in its own artifact store (`mlflow server --artifacts-destination s3://...`), so every
+    client's artifacts land in one place (README, "Scaling out").
+    """
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
     if mlflow.get_registry_uri() != tracking_uri():
         mlflow.set_registry_uri(tracking_uri())
-    artifacts = (repo_root() / "mlartifacts").as_uri()
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-        mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+        local = None if is_tracking_server(tracking_uri()) else (repo_root() / "mlartifacts").as_uri()
+        mlflow.create_experiment(EXPERIMENT, artifact_location=local)
     mlflow.set_experiment(EXPERIMENT)
     return mlflow
 

@@ -20,12 +20,39 @@ def is_main_process() -> bool:
     """True outside accelerate, and on rank 0 under it (outputs and MLflow runs are written once)."""
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
+def world_size() -> int:
+    """How many processes run this stage (WORLD_SIZE, set by the launcher; 1 in a single process)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def barrier() -> None:
-    """Wait for every process of an accelerate launch (a no-op in a single process)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    """Wait for every process of an accelerate launch (a no-op in a single process).
+
+    On a machine without an accelerator the state must say `cpu`: otherwise accelerate finds no backend under
+    torchrun, reports a single process and this wait is silently a no-op (checked with two CPU processes). The
+    Trainer later builds its own state (`use_cpu`) on the process group formed here.
+    """
+    if world_size() > 1:
         from accelerate import PartialState
 
-        PartialState().wait_for_everyone()
+        from tasks.training.model import has_accelerator
+
+        PartialState(cpu=not has_accelerator()).wait_for_everyone()
+
+
+def topology(trainer: Any) -> dict[str, Any]:
+    """How the stage ran, for its report: the launcher, and how many processes trained (the Trainer's own count,
+    so 2 means a process group really formed, not only that two processes started)."""
+    return {"launcher": "accelerate" if os.environ.get(LAUNCHED_ENV) else "in-process",
+            "world_size": int(trainer.args.world_size)}
+
+
+def report_process(stage: str, trainer: Any) -> None:
+    """One line per process when training ends (every rank prints its own: the launch log shows each ran)."""
+    args = trainer.args
+    print(f"[{stage}] process {args.process_index} of {args.world_size} finished at step {trainer.state.global_step}",
+          flush=True)
+
 
 @contextlib.contextmanager
 def stage_tracking(stage: str, **tags: str) -> Iterator[Any]:
