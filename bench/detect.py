@@ -29,8 +29,9 @@ def bgl_2k() -> Path:
 
 def main() -> None:
     from serving.client import Client, endpoint_from_state
-    from serving.detect import FORMATS, Detector
+    from serving.detect import http_detector
     from tasks.common.settings import load_settings
+    from tasks.detection.formats import FORMATS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replays", type=int, default=50)
@@ -47,7 +48,7 @@ def main() -> None:
             update={"cache_file": f"{folder}/cache.sqlite", "drain_state": f"{folder}/drain.bin"})
 
         def run(**overrides: object) -> dict:
-            with Detector(params.model_copy(update=overrides), endpoint=endpoint, progress=False) as detector:
+            with http_detector(params.model_copy(update=overrides), endpoint, progress=False) as detector:
                 started = time.perf_counter()
                 summary = detector.run(io.BytesIO(data), io.StringIO())
                 summary["wall_s"] = time.perf_counter() - started

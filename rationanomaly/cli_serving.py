@@ -81,10 +81,11 @@ def detect(
     progress: Annotated[bool, typer.Option(help="Progress bar on files.")] = True,
 ) -> None:
     """Verdicts with rationales for raw log lines; new templates only go to the model, the rest come from the cache."""
-    from serving.client import EndpointError
-    from serving.detect import Detector, default_endpoint, print_summary
+    from serving.detect import default_endpoint, http_detector
     from tasks.common.errors import InputError
     from tasks.common.settings import load_settings
+    from tasks.detection.detector import print_summary
+    from tasks.detection.verdicts import ClassifierError
 
     try:
         settings = load_settings()
@@ -96,14 +97,14 @@ def detect(
     endpoint = default_endpoint(detect_settings, settings.serve, settings.registry.model_name,
                                 settings.base_model.out_dir)
     try:
-        with Detector(detect_settings, endpoint=endpoint, progress=progress) as detector:
+        with http_detector(detect_settings, endpoint, progress=progress) as detector:
             if out == "-":
                 result = detector.run(file, sys.stdout, fmt)
             else:
                 Path(out).parent.mkdir(parents=True, exist_ok=True)
                 with Path(out).open("w", encoding="utf-8") as handle:
                     result = detector.run(file, handle, fmt)
-    except (EndpointError, InputError) as exc:
+    except (ClassifierError, InputError) as exc:
         _fail(f"detect stopped: {exc}")
     print_summary(result)
     if summary is not None:

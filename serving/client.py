@@ -22,6 +22,7 @@ from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attemp
 
 from tasks.common.prompt import parse_completion, prompt_messages
 from tasks.common.tokenizers import special_tokens_in
+from tasks.detection.verdicts import ClassifierError, TemplateVerdict
 
 ANSWER_CLOSE = "</answer>"
 
@@ -64,26 +65,12 @@ def endpoint_from_state(state_file: str | Path, api_key_env: str | None = None) 
                     os.environ.get(env_name) if env_name else None, tuple(special))
 
 
-class EndpointError(RuntimeError):
+class EndpointError(ClassifierError):
     """The endpoint could not answer (after retries), or refused the request."""
 
 
 class _Retryable(Exception):
     """A server-side failure worth retrying (5xx, 429)."""
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """One template's answer. `verdict` is None when the completion broke the format (`valid` False)."""
-
-    template: str
-    dataset: str
-    verdict: str | None
-    valid: bool
-    rationale: str
-    raw: str
-    model_version: str
-    latency_s: float
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -115,7 +102,12 @@ class Client:
         self.requests = 0  # HTTP requests sent, retries included
 
     def endpoint(self) -> Endpoint:
+        """The endpoint now (re-read on every request: follows a blue/green switch)."""
         return self._endpoint()
+
+    def model_version(self) -> str:
+        """The version the endpoint serves (the detector keys its verdict cache with it)."""
+        return self.endpoint().version
 
     def close(self) -> None:
         self._http.close()
@@ -170,33 +162,33 @@ class Client:
         return text, endpoint
 
     def classify_one(self, template: str, dataset: str = "system log", *, max_tokens: int | None = None,
-                     model: str | None = None) -> Verdict:
+                     model: str | None = None) -> TemplateVerdict:
         """The verdict for one template; only the model's completion is parsed, never the log text."""
         started = time.monotonic()
         special = self.endpoint().special_tokens
         text, endpoint = self.complete(prompt_messages(template, dataset, self.max_log_chars, special),
                                        max_tokens=max_tokens, model=model)
         parsed = parse_completion(text)
-        return Verdict(template, dataset, parsed.answer, parsed.valid, parsed.think, text, endpoint.version,
+        return TemplateVerdict(template, dataset, parsed.answer, parsed.valid, parsed.think, text, endpoint.version,
                        time.monotonic() - started)
 
     def classify(
         self,
         items: Sequence[tuple[str, str]],
         *,
-        on_result: Callable[[Verdict], None] | None = None,
+        on_result: Callable[[TemplateVerdict], None] | None = None,
         max_tokens: int | None = None,
         model: str | None = None,
-    ) -> list[Verdict]:
+    ) -> list[TemplateVerdict]:
         """Verdicts for (dataset, template) pairs, `concurrency` at a time, in input order.
 
         `on_result` runs in the calling thread as each answer arrives (the detector stores it at once),
         so when the endpoint goes down, every answer received before is kept; then EndpointError is raised.
         """
-        results: list[Verdict | None] = [None] * len(items)
+        results: list[TemplateVerdict | None] = [None] * len(items)
         error: BaseException | None = None
         with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="classify") as pool:
-            pending: dict[Future[Verdict], int] = {}
+            pending: dict[Future[TemplateVerdict], int] = {}
             queue = iter(enumerate(items))
 
             def submit_next() -> None:

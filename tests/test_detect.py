@@ -16,8 +16,11 @@ from typing import Any
 import pytest
 
 from serving.client import Client, Endpoint, EndpointError
-from serving.detect import Detector, detect_format, make_miner
+from serving.detect import http_detector
 from tasks.common.settings import DetectSettings, load_settings
+from tasks.detection.formats import detect_format
+from tasks.detection.miner import make_miner
+from tasks.detection.verdicts import ClassifierError
 
 REPO = Path(__file__).resolve().parents[1]
 ABNORMAL_WORDS = re.compile(r"\berror\b|fail|fatal|\bexception\b|abort|severed", re.IGNORECASE)
@@ -150,7 +153,7 @@ def run_detect(tmp_path: Path, url: str, data: bytes, version: str = "1", **over
                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     params = detect_params(tmp_path, **overrides)
     out = io.StringIO()
-    with Detector(params, endpoint=Endpoint(url, "rationanomaly", version), progress=False) as detector:
+    with http_detector(params, Endpoint(url, "rationanomaly", version), progress=False) as detector:
         summary = detector.run(io.BytesIO(data), out)
     return summary, [json.loads(line) for line in out.getvalue().splitlines()]
 
@@ -228,8 +231,8 @@ def test_a_model_switch_during_the_run_stops_it_instead_of_mixing_versions(tmp_p
                                                                             chat_server: Any) -> None:
     server = chat_server()
     params = detect_params(tmp_path)
-    with (Detector(params, endpoint=Endpoint(server.url, "m", "2"), model_version="1", progress=False) as detector,
-          pytest.raises(EndpointError, match="changed from version 1 to 2")):
+    with (http_detector(params, Endpoint(server.url, "m", "2"), model_version="1", progress=False) as detector,
+          pytest.raises(ClassifierError, match="changed from version 1 to 2")):
         detector.run(io.BytesIO(lines_file(BGL)), io.StringIO())
 
 
@@ -269,7 +272,7 @@ def test_a_pipe_gets_verdicts_while_it_is_still_open(tmp_path: Path, chat_server
 
     def run() -> None:
         params = detect_params(tmp_path, flush_s=0.2)
-        with (Detector(params, endpoint=Endpoint(server.url, "m", "1"), progress=False) as detector,
+        with (http_detector(params, Endpoint(server.url, "m", "1"), progress=False) as detector,
               os.fdopen(read_fd, "rb") as handle):
             result["summary"] = detector.run(handle, out)
 

@@ -14,7 +14,8 @@ from tasks.common.settings import GateSettings
 from tasks.release import registry
 from tasks.release.gate import evaluate_gate
 
-NO_RULES = GateSettings(min_f1={}, min_recall_abnormal=None, max_format_invalid_rate=None, champion_margin=0.0,
+NO_RULES = GateSettings(min_f1={}, min_recall_abnormal=None, max_false_alarm_rate={}, max_format_invalid_rate=None,
+                        champion_margin=0.0,
                         max_regression_per_dataset=None, require_approval=False)
 
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from serving import server
 from serving.client import Client, EndpointError, endpoint_from_state
-from serving.detect import Detector
+from serving.detect import http_detector
 from serving.resolve import ModelRef
 from serving.smoke import SMOKE_SET
 from tasks.common.errors import InputError
@@ -335,7 +335,7 @@ def test_killing_the_server_mid_stream_is_reported_and_detection_resumes_after_a
         "max_retries": 3, "backoff_s": 0.2, "max_tokens": 32, "timeout_s": 60})
 
     def run() -> dict[str, Any]:
-        with Detector(detect, endpoint=lambda: endpoint_from_state(params.state_file), progress=False) as det:
+        with http_detector(detect, lambda: endpoint_from_state(params.state_file), progress=False) as det:
             return det.run(io.BytesIO(data), io.StringIO())
 
     failure: list[BaseException] = []

@@ -19,15 +19,20 @@ from typing import Any, NotRequired, TypedDict
 # read by serving.resolve and the pyfunc model.
 BASE_REF_FILE = "base_model_ref.json"
 CANDIDATE = "rationanomaly"  # the method name of the candidate the gate judges, in metrics.json and reports
-RULE_METHODS = ("keywords", "tfidf_lr")  # lexical baselines (tasks/evaluation/baselines.py)
+RULE_METHODS = ("keywords", "tfidf_lr", "knn_1", "knn_vote")  # lexical and retrieval baselines (baselines.py)
 LLM_BASELINES = ("zero_shot", "sft_only")  # the base model alone; the SFT adapter (paper's "without RL")
 
 
 class SetMetrics(TypedDict, total=False):
-    """One method on one test set. Counts are items (templates or sessions); rates are in [0, 1].
+    """One method on one test set. Counts are items (templates, sessions, log lines or windows); rates and
+    F1 are in [0, 1]; intervals are [low, high] 95% stratified bootstrap bounds (None when a class has
+    fewer than 2 items).
 
-    `confusion_matrix` is [[TN, FP], [FN, TP]] with abnormal = positive. The format fields are None for
-    methods that write no answer (the lexical baselines).
+    `f1` is abnormal-class F1 (the primary figure); `macro_f1` the unweighted mean of both classes' F1 and
+    `weighted_f1` their support-weighted mean (what averaged tables report). `confusion_matrix` is
+    [[TN, FP], [FN, TP]] with abnormal = positive. A set without anomalies (positives_expected False)
+    reports `false_alarm_rate` instead of intervals of F1. The format fields are None for methods that
+    write no answer (the lexical and retrieval baselines).
     """
 
     n: int
@@ -35,6 +40,12 @@ class SetMetrics(TypedDict, total=False):
     precision: float
     recall: float
     f1: float
+    f1_ci: list[float] | None
+    macro_f1: float
+    macro_f1_ci: list[float] | None
+    weighted_f1: float
+    false_alarm_rate: float
+    false_alarm_rate_ci: list[float] | None
     accuracy: float
     confusion_matrix: list[list[int]]
     format_valid_rate: float | None

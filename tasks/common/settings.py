@@ -222,6 +222,29 @@ class TfidfSettings(Section):
     C: float = Field(gt=0)
 
 
+class KnnSettings(Section):
+    """`evaluate.knn`: the retrieval baselines, nearest labelled training templates by TF-IDF cosine."""
+
+    k: int = Field(ge=1)  # neighbours of the k-NN vote (knn_vote); knn_1 is the single nearest
+
+
+class BootstrapIntervalSettings(Section):
+    """`evaluate.bootstrap`: stratified percentile bootstrap of every F1 and rate (tasks/evaluation/intervals.py)."""
+
+    resamples: int = Field(ge=1000)
+    confidence: float = Field(gt=0, lt=1)
+
+
+class ServedEvalSettings(Section):
+    """`evaluate.served`: labelled raw logs the served path (detect's own code) is measured on."""
+
+    bgl_log: str  # first field `-` = normal, anything else an alert
+    thunderbird_log: str  # a system never trained on, with no alert line: false alarms
+    corrected_templates: str  # the expert-corrected LogPrompt templates the BGL lines are matched to
+    window_lines: int = Field(ge=1)
+    max_lines: int | None = Field(ge=1)  # the first lines of each log only (null: every line)
+
+
 class EvaluateSettings(Section):
     """`evaluate`: the candidate beside the baselines on the same test data (the paper's Table 2)."""
 
@@ -234,6 +257,7 @@ class EvaluateSettings(Section):
     seed: int
     max_templates_per_dataset: int | None = Field(ge=1)
     max_sessions_per_dataset: int | None = Field(ge=1)
+    zero_shot_sample: int = Field(ge=1)  # templates per dataset the zero-shot base model answers (a fixed sample)
     batch_size: int = Field(ge=1)
     max_new_tokens: int = Field(ge=1)
     dtype: Literal["bfloat16", "float32", "float16"]
@@ -241,17 +265,23 @@ class EvaluateSettings(Section):
     kvcache_space_gib: int = Field(ge=1)
     torch_threads: Threads | None
     engine: Literal["auto", "vllm", "transformers"]
-    baselines: list[Literal["keywords", "tfidf_lr", "zero_shot", "sft_only"]]
+    baselines: list[Literal["keywords", "tfidf_lr", "knn_1", "knn_vote", "zero_shot", "sft_only"]]
     tfidf: TfidfSettings
+    knn: KnnSettings
+    bootstrap: BootstrapIntervalSettings
+    served: ServedEvalSettings
 
 
 class GateSettings(Section):
     """`gate`: every promotion rule (tasks/release/gate.py)."""
 
-    min_f1: dict[str, float]
-    min_recall_abnormal: float | None
+    min_f1: dict[str, float]  # test set → minimum abnormal-class F1 (point value; the verdict shows the interval)
+    min_recall_abnormal: float | None  # on every set of min_f1
+    max_false_alarm_rate: dict[str, float]  # set without anomalies → most lines (or templates) flagged abnormal
     max_format_invalid_rate: float | None
-    champion_margin: float
+    # The candidate replaces the champion only when the lower end of the paired interval of their mean F1
+    # difference over the min_f1 sets is above -champion_margin.
+    champion_margin: float = Field(ge=0)
     max_regression_per_dataset: float | None
     require_approval: bool
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from tasks.evaluation.report import markdown_table, sets_of
 from tasks.release.gate import GateVerdict
 
 
 def model_card(name: str, metrics: dict[str, Any], verdict: GateVerdict, record: dict[str, Any]) -> str:
-    """A Markdown card: data, method, metrics table, limits."""
-    from tasks.evaluate import markdown_table, sets_of
+    """A Markdown card from the version's metrics (every test set, with 95% intervals), gate verdict and lineage."""
 
     data_lines = [f"- {d['name']}: `{d.get('path')}` md5 `{d.get('md5')}`" for d in record.get("data", [])]
     sources = next((d.get("sources") for d in record.get("data", []) if d.get("sources")), []) or []
@@ -17,8 +17,8 @@ def model_card(name: str, metrics: dict[str, Any], verdict: GateVerdict, record:
     c = record.get("corrections", {})
     values = record.get("params", {}).get("values", {})
     sft, grpo = values.get("sft") or {}, values.get("grpo") or {}
-    table = markdown_table(metrics, [s for s in sets_of(metrics) if not s.endswith("_unseen")]) \
-        if metrics.get("methods") else "(no metrics)"
+    table = "\n\n".join(markdown_table(metrics, [s]) for s in sets_of(metrics)
+                          if not s.endswith(("_unseen", "_sample"))) if metrics.get("methods") else "(no metrics)"
     return "\n".join([
         f"# Model card: {name}", "",
         "Explainable log anomaly detection (RationAnomaly, arXiv 2509.14693): given a log template the model "

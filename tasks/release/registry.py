@@ -37,6 +37,7 @@ from tasks.release.pyfunc import RationAnomalyModel, pyfunc_requirements, pyfunc
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 CARD_FILE = "model_card.md"
 METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "candidate_predictions.json"  # per test set: item ids, labels, the version's 0/1 predictions
 
 
 class RegistryError(RuntimeError):
@@ -141,21 +142,24 @@ def _slim_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     candidate = metrics.get("candidate", CANDIDATE)
     return {"candidate": candidate, "engine": metrics.get("engine"),
             "methods": {candidate: metrics.get("methods", {}).get(candidate, {})},
-            "test_data": metrics.get("test_data", {}), "mlflow_run_id": metrics.get("mlflow_run_id"),
+            "test_data": metrics.get("test_data", {}), "bootstrap": metrics.get("bootstrap"),
+            "mlflow_run_id": metrics.get("mlflow_run_id"),
             "created_at": metrics.get("created_at")}
 
 
 def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metrics: Metrics | dict[str, Any],
                        verdict: GateVerdict, lineage_tags_extra: dict[str, str] | None = None, *,
                        name: str, model_config: dict[str, Any], params: dict[str, Any] | None = None,
-                       root: Path | None = None, record: dict[str, Any] | None = None) -> str:
+                       predictions: dict[str, Any] | None = None, root: Path | None = None,
+                       record: dict[str, Any] | None = None) -> str:
     """Register an evaluated candidate as a new version; returns the version number (a string).
 
     `@challenger` moves to it only if its gate passed (a failed gate moves no alias). `model_config` is the
-    pyfunc model's (tasks.release.pyfunc.model_config). `record` is the lineage snapshot, collected from the
-    repo (with the effective `params`) when not given. Raises InputError for missing model folders,
-    RegistryUnavailable when the store cannot be reached, RegistryError when registration fails (the
-    version, if one was created, is tagged `failed`).
+    pyfunc model's (tasks.release.pyfunc.model_config); `predictions` the candidate's per-item predictions
+    (tasks.evaluate.item_predictions), kept so a later candidate can be compared with it item by item.
+    `record` is the lineage snapshot, collected from the repo (with the effective `params`) when not given.
+    Raises InputError for missing model folders, RegistryUnavailable when the store cannot be reached,
+    RegistryError when registration fails (the version, if one was created, is tagged `failed`).
     """
     from tasks.evaluation.inference import check_model_dirs
 
@@ -189,6 +193,8 @@ def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metr
         card_file.write_text(card, encoding="utf-8")
         lineage_file.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
         metrics_file.write_text(json.dumps(slim, indent=2), encoding="utf-8")
+        predictions_file = staging / PREDICTIONS_FILE
+        predictions_file.write_text(json.dumps(predictions or {}), encoding="utf-8")
         with stage_run("register", candidate=str(adapter_dir)) as run:
             record.setdefault("runs", {})["register"] = {"run_id": run.info.run_id}
             lineage_file.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
@@ -197,7 +203,8 @@ def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metr
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=RationAnomalyModel(),
                 artifacts={"adapter": str(adapter_copy), "base_model_ref": str(ref_file), "model_card": str(card_file),
-                           "lineage": str(lineage_file), "metrics": str(metrics_file)},
+                           "lineage": str(lineage_file), "metrics": str(metrics_file),
+                           "predictions": str(predictions_file)},
                 signature=pyfunc_signature(), pip_requirements=pyfunc_requirements(),
                 model_config=model_config,
             )
@@ -302,19 +309,34 @@ def rollback(actor: str, reason: str, *, name: str) -> dict[str, str | None]:
             "rolled_back": leaving}
 
 
+def version_predictions(name: str, version: str) -> dict[str, Any] | None:
+    """The per-item predictions stored with a version ({set: {ids, labels, pred, digest}}), None when the version
+    has none (registered before they were kept) or they cannot be read."""
+    import mlflow.artifacts
+
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}/artifacts/{PREDICTIONS_FILE}")
+        return json.loads(Path(path).read_text(encoding="utf-8")) or None
+    except Exception:  # MLflow raises several types for a missing artifact; absence is an answer here
+        return None
+
+
 def champion_metrics(name: str) -> dict[str, Any] | None:
-    """The current `@champion`'s stored metrics ({'version', 'metrics'}), or None when there is no champion."""
+    """The current `@champion`'s stored metrics and per-item predictions ({'version', 'metrics', 'items'}; items
+    None when the version has none), or None when there is no champion."""
     c = client(check_registry())
     version = _aliases(c, name).get(CHAMPION)
     if version is None:
         return None
     tags = _version_tags(c, name, version)
+    items = version_predictions(name, version)
     if tags.get("metrics"):
-        return {"version": version, "metrics": json.loads(tags["metrics"])}
+        return {"version": version, "metrics": json.loads(tags["metrics"]), "items": items}
     import mlflow.artifacts
 
     path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}/artifacts/{METRICS_FILE}")
-    return {"version": version, "metrics": json.loads(Path(path).read_text(encoding="utf-8"))}
+    return {"version": version, "metrics": json.loads(Path(path).read_text(encoding="utf-8")), "items": items}
 
 
 def download_adapter(ref: str, dest: str | Path | None = None) -> Path:
