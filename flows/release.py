@@ -13,6 +13,7 @@ from pydantic import Field
 
 from flows.common import file_text, pipeline_lock, publish_markdown, run_stages, start_run
 from tasks.common.config import repo_root
+from tasks.common.contracts import CALIBRATION_FILE
 from tasks.common.dvc_ops import lock_hashes
 from tasks.common.settings import Settings
 from tasks.evaluate import evaluate_adapter
@@ -43,6 +44,13 @@ def request_approval(verdict: GateVerdict, timeout_s: int = 24 * 3600) -> Approv
         timeout=timeout_s, key="approval")
 
 
+def calibration(settings: Settings) -> dict[str, Any] | None:
+    """The candidate's verdict threshold written by the evaluate stage (None when it fitted none)."""
+    path = repo_root() / settings.evaluate.out_dir / CALIBRATION_FILE
+    value = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return value or None
+
+
 def candidate_digest(settings: Settings) -> str:
     """The DVC md5 of the candidate adapter: the same adapter is never registered twice."""
     return lock_hashes().get("grpo", {}).get(settings.grpo.out_dir, "")
@@ -71,7 +79,7 @@ def champion_on_current_data(candidate: dict[str, Any], champion: dict[str, Any]
     print(f"champion v{version} {why}: re-evaluating it on the current test data")
     dest = repo_root() / ".cache" / "champion-eval" / str(version)
     adapter = registry.download_adapter(f"{settings.registry.model_name}/{version}", dest)
-    metrics, items = evaluate_adapter(adapter, settings.evaluate, settings.detect)
+    metrics, items = evaluate_adapter(adapter, settings.evaluate, settings.detect, settings.index)
     return {"version": version, "metrics": metrics, "items": items, "re_evaluated": True}
 
 
@@ -95,6 +103,7 @@ def register(metrics: dict[str, Any], items: dict[str, Any], verdict: GateVerdic
     version = registry.register_candidate(
         root / settings.grpo.out_dir, root / settings.base_model.out_dir, metrics, verdict, {CANDIDATE_TAG: digest},
         name=name, model_config=model_config(settings.evaluate), params=settings.model_dump(), predictions=items,
+        calibration=calibration(settings), index_dir=root / settings.index.out_dir if settings.index.k else None,
     )
     card = registry.model_card_text(version, name=name)
     publish_markdown("model-card", card, f"Model card of version {version}")

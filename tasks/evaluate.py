@@ -26,26 +26,54 @@ import pandas as pd
 from tasks.common.config import repo_root
 from tasks.common.contracts import CANDIDATE, LLM_BASELINES, RULE_METHODS, Metrics
 from tasks.common.files import read_labelled_templates, write_json_atomic
-from tasks.common.retrieval import TemplateIndex
-from tasks.common.settings import DetectSettings, EvaluateSettings, load_settings
+from tasks.common.prompt import ABNORMAL, NORMAL
+from tasks.common.retrieval import INDEX_FILE, TemplateIndex
+from tasks.common.settings import DetectSettings, EvaluateSettings, IndexSettings, load_settings
 from tasks.detection.verdicts import TemplateVerdict
+from tasks.evaluation.calibration import Calibration, choose_threshold
 from tasks.evaluation.intervals import BootstrapSettings, paired_mean_f1_difference
 from tasks.evaluation.metrics import Evaluation, MethodResult, score
+from tasks.evaluation.rationales import rationale_report
 from tasks.evaluation.report import flat_metrics, main_sets, markdown_table, write_outputs
 from tasks.evaluation.served import InProcessClassifier, detect_log, read_labelled_log, served_sets
 from tasks.evaluation.testdata import SESSION_SETS, EvalData, EvalSet, Key, load_test_data
 
-METHODS = (*RULE_METHODS, *LLM_BASELINES, CANDIDATE)
+ANSWER_WORD = f"{CANDIDATE}_answer_word"  # ablation: without calibration (the paper's parsed answer)
+NO_RETRIEVAL = f"{CANDIDATE}_no_retrieval"  # ablation: without retrieval (bare prompts)
+METHODS = (*RULE_METHODS, *LLM_BASELINES, NO_RETRIEVAL, ANSWER_WORD, CANDIDATE)
 
 
-def rule_method(name: str, keys: Sequence[Key], predict: Callable[[list[str]], np.ndarray],
-                engine: str) -> MethodResult:
-    """A lexical or retrieval baseline's verdict on every (dataset, template) key, timed."""
+def load_index(retrieval: IndexSettings | None, root: Path) -> TemplateIndex | None:
+    """The index stage's retrieval index, None when prompts carry no neighbours (k 0 or no settings)."""
+    if retrieval is None or retrieval.k == 0:
+        return None
+    return TemplateIndex.load(root / retrieval.out_dir / INDEX_FILE)
+
+
+def rationale_summary(candidate: MethodResult, index: TemplateIndex | None, k: int) -> dict[str, Any]:
+    """Component match and quote grounding of the candidate's rationales (tasks/evaluation/rationales.py), over
+    all and per verdict, with a few examples of each verdict for the report."""
+    items = {ABNORMAL: [], NORMAL: []}
+    for (dataset, template), v in candidate.verdicts.items():
+        if v.get("rationale"):
+            near = [n.template for n in index.search([template], k)[0]] if index is not None and k else []
+            items[ABNORMAL if v["label"] else NORMAL].append((v["rationale"], template, dataset, near))
+    return {"all": rationale_report([*items[ABNORMAL], *items[NORMAL]]),
+            **{verdict: rationale_report(rows) for verdict, rows in items.items()},
+            "examples": {verdict: [{"log": log, "rationale": r} for r, log, _, _ in rows[:3]]
+                         for verdict, rows in items.items()}}
+
+
+def rule_method(name: str, keys: Sequence[Key], predict: Callable[[list[str]], np.ndarray], engine: str,
+                scores: Callable[[list[str]], np.ndarray] | None = None) -> MethodResult:
+    """A lexical or retrieval baseline's verdict (and score, when it has one) on every (dataset, template) key."""
     started = time.perf_counter()
-    labels = predict([t for _, t in keys]) if keys else np.array([], dtype=int)
+    texts = [t for _, t in keys]
+    labels = predict(texts) if keys else np.array([], dtype=int)
+    values = scores(texts) if scores is not None and keys else [None] * len(keys)
     seconds = time.perf_counter() - started
-    verdicts = {key: {"label": int(y), "valid": None, "rationale_words": None} for key, y in zip(keys, labels,
-                                                                                                 strict=True)}
+    verdicts = {key: {"label": int(y), "score": None if v is None else float(v), "valid": None,
+                      "rationale_words": None} for key, y, v in zip(keys, labels, values, strict=True)}
     return MethodResult(name, verdicts, seconds, engine, False)
 
 
@@ -56,14 +84,18 @@ def _llm_verdict(p: Any) -> dict[str, Any]:
 
 
 def _served_verdict(v: TemplateVerdict) -> dict[str, Any]:
-    """A verdict dict from what the detector was told (tasks.detection.verdicts.TemplateVerdict)."""
-    return {"label": int(v.verdict == "abnormal"), "valid": v.valid, "verdict": v.verdict,
-            "rationale_words": len(v.rationale.split()), "rationale": v.rationale, "completion": v.raw}
+    """A verdict dict from what the detector was told (tasks.detection.verdicts.TemplateVerdict); `valid` is the
+    rationale's format when one was written (its answer word was readable), None when none was written."""
+    return {"label": int(v.verdict == ABNORMAL), "score": v.score, "valid": (v.answer is not None) if v.raw else None,
+            "verdict": v.verdict, "rationale_words": len(v.rationale.split()), "rationale": v.rationale,
+            "completion": v.raw}
 
 
-def llm_method(name: str, engine: Any, keys: Sequence[Key], adapter_dir: Path | None) -> MethodResult:
-    """An LLM method's verdict on every key through `engine` (the base model alone when `adapter_dir` is None)."""
-    run_ = engine.classify([t for _, t in keys], [d for d, _ in keys], adapter_dir=adapter_dir)
+def llm_method(name: str, engine: Any, keys: Sequence[Key], adapter_dir: Path | None,
+               neighbours: Any = None) -> MethodResult:
+    """An LLM method's written answer (rationale, then the answer word) on every key through `engine` (the base
+    model alone when `adapter_dir` is None); `neighbours[i]` are shown with key i."""
+    run_ = engine.classify([t for _, t in keys], [d for d, _ in keys], adapter_dir=adapter_dir, neighbours=neighbours)
     verdicts = {(p.dataset, p.template): _llm_verdict(p) for p in run_.predictions}
     return MethodResult(name, verdicts, run_.seconds, run_.engine, True, run_.notes)
 
@@ -134,8 +166,33 @@ def item_predictions(result: MethodResult, sets: Sequence[EvalSet]) -> dict[str,
             for s in sets if s.positives_expected and result.answers(s)}
 
 
+def scored_method(name: str, engine: Any, adapter: Path | None, keys: Sequence[Key], data: EvalData,
+                  neighbours: Callable[[Sequence[Key]], Any]) -> tuple[MethodResult, Calibration | None]:
+    """A method judged by its calibrated verdict score: the threshold fitted on the validation fold, then every
+    key scored and thresholded. Without a validation fold the threshold is 0.5 (the argmax of the two words).
+
+    `neighbours(keys)` gives the labelled templates shown with each key (None: bare prompts).
+    """
+    val_keys, val_labels = data.validation_keys()
+    calibration = None
+    threshold = 0.5
+    seconds = 0.0
+    if val_keys and sum(val_labels):
+        val_run = engine.score([t for _, t in val_keys], [d for d, _ in val_keys], adapter, neighbours(val_keys))
+        calibration = choose_threshold(val_labels, val_run.scores)
+        threshold, seconds = calibration.threshold, val_run.seconds
+    run_ = engine.score([t for _, t in keys], [d for d, _ in keys], adapter, neighbours(keys))
+    verdicts = {key: {"label": int(s is not None and s >= threshold), "score": s, "valid": None,
+                      "rationale_words": None} for key, s in zip(keys, run_.scores, strict=True)}
+    result = MethodResult(name, verdicts, run_.seconds + seconds, run_.engine, True)
+    result.notes.append(f"verdict score ≥ {threshold:.4f}" + (" (fitted on the validation fold)" if calibration
+                                                              else " (no validation fold)"))
+    return result, calibration
+
+
 def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path | None = None,
-                 engine_factory: Callable[..., Any] | None = None) -> Evaluation:
+                 engine_factory: Callable[..., Any] | None = None, retrieval: IndexSettings | None = None,
+                 ) -> Evaluation:
     """Run every method on the same test data and score it; see the module docstring.
 
     Raises InputError for missing or malformed test data or model folders, before any model loads.
@@ -151,7 +208,15 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
     samples = data.sample_sets(settings.zero_shot_sample, settings.seed) if "zero_shot" in methods else []
     keys = list(dict.fromkeys(k for s in sets for k in s.unique_keys()))
     results: dict[str, MethodResult] = {}
+    calibrations: dict[str, dict[str, Any]] = {}
     paths = model_paths(settings, root)
+    index = load_index(retrieval, root)
+    k = retrieval.k if retrieval is not None else 0
+
+    def with_neighbours(batch: Sequence[Key]) -> list[list[tuple[str, int]]] | None:
+        if index is None or k == 0:
+            return None
+        return index.prompt_neighbours([t for _, t in batch], k)
 
     factory = engine_factory or open_engine
     engine = factory(root / settings.base_model_dir, settings.engine, batch_size=settings.batch_size,
@@ -159,15 +224,35 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
                      max_model_len=settings.max_model_len, kvcache_gib=settings.kvcache_space_gib,
                      threads=settings.torch_threads)
     try:
-        candidate = llm_method(CANDIDATE, engine, keys, paths[CANDIDATE])
-        classifier = InProcessClassifier(engine, paths[CANDIDATE], version="candidate")
+        candidate, calibration = scored_method(CANDIDATE, engine, paths[CANDIDATE], keys, data, with_neighbours)
+        explained = llm_method("explain", engine, keys, paths[CANDIDATE], with_neighbours(keys))
+        for key, answer in explained.verdicts.items():  # the rationale beside the scored verdict
+            candidate.verdicts[key].update({**answer, "label": candidate.verdicts[key]["label"],
+                                            "answer_label": answer["label"]})
+        candidate.seconds += explained.seconds
+        results[ANSWER_WORD] = MethodResult(  # the paper's verdict: the word the model wrote, no score
+            ANSWER_WORD, {key: {**v, "label": v["answer_label"]} for key, v in candidate.verdicts.items()},
+            candidate.seconds, candidate.engine, True, ["the answer word the model wrote, no score or threshold"])
+        threshold = calibration.threshold if calibration else 0.5
+        classifier = InProcessClassifier(engine, paths[CANDIDATE], version="candidate", threshold=threshold,
+                                         neighbours=with_neighbours, rationales=detect.rationales)
         served, served_info = _served(settings, detect, root, classifier, data)
         candidate.verdicts.update({key: _served_verdict(v) for key, v in classifier.answers.items()
                                    if key not in candidate.verdicts})
         candidate.seconds += classifier.seconds
         results[CANDIDATE] = candidate
+        if calibration:
+            calibrations[CANDIDATE] = calibration.to_dict()
+        if index is not None and k:
+            bare, bare_calibration = scored_method(NO_RETRIEVAL, engine, paths[CANDIDATE], keys, data, lambda b: None)
+            results[NO_RETRIEVAL] = bare
+            if bare_calibration:
+                calibrations[NO_RETRIEVAL] = bare_calibration.to_dict()
         if "sft_only" in methods:
-            results["sft_only"] = llm_method("sft_only", engine, keys, paths["sft_only"])
+            sft, sft_calibration = scored_method("sft_only", engine, paths["sft_only"], keys, data, with_neighbours)
+            results["sft_only"] = sft
+            if sft_calibration:
+                calibrations["sft_only"] = sft_calibration.to_dict()
         if "zero_shot" in methods:
             sample_keys = list(dict.fromkeys(k for s in samples for k in s.unique_keys()))
             results["zero_shot"] = llm_method("zero_shot", engine, sample_keys, None)
@@ -183,19 +268,19 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
         model = baselines.fit_tfidf_lr(data.train["template"], data.train["label"], ngram_max=settings.tfidf.ngram_max,
                                        c=settings.tfidf.C, seed=settings.seed)
         results["tfidf_lr"] = rule_method("tfidf_lr", all_keys, lambda ts: baselines.tfidf_lr_predict(model, ts),
-                                          "scikit-learn")
+                                          "scikit-learn", lambda ts: baselines.tfidf_lr_scores(model, ts))
         results["tfidf_lr"].notes.append(f"fitted on {len(data.train)} training templates in "
                                          f"{time.perf_counter() - started:.2f} s")
     if {"knn_1", "knn_vote"} & set(methods):
-        index = TemplateIndex(data.train["template"], data.train["label"], data.train["dataset"])
+        knn = index or TemplateIndex(data.train["template"], data.train["label"], data.train["dataset"])
         if "knn_1" in methods:
-            results["knn_1"] = rule_method("knn_1", all_keys, lambda ts: baselines.knn_1_predict(index, ts),
+            results["knn_1"] = rule_method("knn_1", all_keys, lambda ts: baselines.knn_1_predict(knn, ts),
                                            "scikit-learn")
         if "knn_vote" in methods:
-            k = settings.knn.k
+            votes = settings.knn.k
             results["knn_vote"] = rule_method(
-                "knn_vote", all_keys, lambda ts: (baselines.knn_vote_scores(index, ts, k) >= 0.5).astype(int),
-                "scikit-learn")
+                "knn_vote", all_keys, lambda ts: (baselines.knn_vote_scores(knn, ts, votes) >= 0.5).astype(int),
+                "scikit-learn", lambda ts: baselines.knn_vote_scores(knn, ts, votes))
 
     all_sets = [*sets, *served, *samples]
     bootstrap = bootstrap_settings(settings)
@@ -208,6 +293,11 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
         "candidate": CANDIDATE,
         "methods": scored,
         "differences": differences(ordered, all_sets, scored, bootstrap),
+        "calibration": calibrations,
+        "ablations": {ANSWER_WORD: "without calibration: the answer word the model wrote",
+                      NO_RETRIEVAL: "without retrieval: bare prompts, no neighbours",
+                      "sft_only": "without RL: the SFT adapter"},
+        "rationales": rationale_summary(results[CANDIDATE], index, k),
         "speed": {name: {"engine": r.engine, "unique_templates": len(r.verdicts), "seconds": round(r.seconds, 2),
                          "templates_per_s": round(r.templates_per_s, 4)} for name, r in ordered.items()},
         "test_data": {"digests": {s.name: s.digest() for s in all_sets},
@@ -218,26 +308,27 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
                       "sessions": {n: {"n": len(s), "abnormal": sum(x["label"] for x in s)}
                                    for n, s in data.sessions.items()},
                       "served": served_info,
+                      "validation": {"n": len(data.validation_keys()[0]), "abnormal": sum(data.validation_keys()[1])},
                       "unique_templates_classified": len(keys), "train_templates": len(data.train)},
         "bootstrap": {"resamples": bootstrap.resamples, "confidence": bootstrap.confidence, "seed": bootstrap.seed,
                       "method": "percentile, stratified by label (scipy.stats.bootstrap)"},
-        "params": {k: getattr(settings, k) for k in ("max_templates_per_dataset", "max_sessions_per_dataset",
-                                                      "zero_shot_sample", "max_new_tokens", "batch_size", "dtype",
-                                                      "torch_threads", "seed")},
+        "params": {k_: getattr(settings, k_) for k_ in ("max_templates_per_dataset", "max_sessions_per_dataset",
+                                                        "zero_shot_sample", "max_new_tokens", "batch_size", "dtype",
+                                                        "torch_threads", "seed")} | {"neighbours_k": k},
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return Evaluation(metrics, data, ordered, all_sets)
 
 
 def evaluate_adapter(adapter_dir: str | Path, settings: EvaluateSettings, detect: DetectSettings,
-                     root: Path | None = None) -> tuple[Metrics, dict[str, dict[str, Any]]]:
+                     retrieval: IndexSettings, root: Path | None = None) -> tuple[Metrics, dict[str, dict[str, Any]]]:
     """metrics.json content and per-item predictions for one adapter alone (no baselines) on the current data.
 
     For the gate when the champion's stored results were measured on other test data (data or caps changed):
     re-evaluate the champion's adapter (tasks.release.registry.download_adapter) here, then compare like with like.
     """
     alone = settings.model_copy(update={"baselines": [], "candidate_dir": str(Path(adapter_dir).resolve())})
-    evaluation = evaluate_all(alone, detect, root)
+    evaluation = evaluate_all(alone, detect, root, retrieval=retrieval)
     return evaluation.metrics, item_predictions(evaluation.results[CANDIDATE], evaluation.sets)
 
 
@@ -288,11 +379,11 @@ def log_to_mlflow(evaluation: Evaluation, settings: EvaluateSettings, root: Path
         return run_.info.run_id
 
 
-def run(settings: EvaluateSettings, detect: DetectSettings, root: Path | None = None, *,
+def run(settings: EvaluateSettings, detect: DetectSettings, retrieval: IndexSettings, root: Path | None = None, *,
         track: bool = True) -> Metrics:
     """The stage: evaluate, write the outputs, log to MLflow (unless `track` is False); returns metrics.json."""
     root = root or repo_root()
-    evaluation = evaluate_all(settings, detect, root)
+    evaluation = evaluate_all(settings, detect, root, retrieval=retrieval)
     out_dir, metrics_file = root / settings.out_dir, root / settings.metrics_file
     write_outputs(evaluation, item_predictions(evaluation.results[CANDIDATE], evaluation.sets), out_dir,
                   metrics_file)
@@ -304,7 +395,7 @@ def run(settings: EvaluateSettings, detect: DetectSettings, root: Path | None = 
 
 def main() -> None:
     settings = load_settings()
-    metrics = run(settings.evaluate, settings.detect)
+    metrics = run(settings.evaluate, settings.detect, settings.index)
     print(markdown_table(metrics, main_sets(metrics)))
     print(f"engine: {metrics['engine']}; report: {settings.evaluate.out_dir}/eval.md")
 

@@ -11,7 +11,7 @@ import pytest
 from tasks.common.config import load_params
 from tasks.common.errors import InputError
 from tasks.common.settings import EvaluateSettings, load_settings, validate_settings
-from tasks.evaluate import METHODS, run
+from tasks.evaluate import CANDIDATE, METHODS, run
 
 BGL_STRUCTURED = "loghub/BGL/BGL_2k.log_structured.csv"
 
@@ -19,7 +19,7 @@ BGL_STRUCTURED = "loghub/BGL/BGL_2k.log_structured.csv"
 def write_split(mirror: Path, split: Path, per_dataset: int = 2) -> None:
     """Real templates (LogPrompt lists, BGL_2k lines, HDFS sessions) in the split stage's layout, kept small."""
     split.mkdir(parents=True)
-    train, test = [], []
+    train, test, validation = [], [], []
     for dataset in ("bgl", "spirit"):
         frame = pd.read_csv(mirror / f"logprompt/templates_{dataset}.csv", keep_default_na=False)
         abnormal, normal = frame[frame["label"] == 1], frame[frame["label"] == 0]
@@ -27,8 +27,10 @@ def write_split(mirror: Path, split: Path, per_dataset: int = 2) -> None:
                                                 "label": part["label"]})
         train += [rows(abnormal.iloc[:6], dataset), rows(normal.iloc[:30], dataset)]
         test += [rows(abnormal.iloc[6:6 + per_dataset], dataset), rows(normal.iloc[30:30 + per_dataset], dataset)]
+        validation += [rows(abnormal.iloc[-2:], dataset), rows(normal.iloc[-6:], dataset)]
     pd.concat(train).to_parquet(split / "train.parquet", index=False)
     pd.concat(test).to_parquet(split / "test.parquet", index=False)
+    pd.concat(validation).to_parquet(split / "validation.parquet", index=False)
     lines = pd.read_csv(mirror / BGL_STRUCTURED, keep_default_na=False)
     first_abnormal = int((lines["Label"] != "-").to_numpy().argmax())
     windows = []
@@ -57,11 +59,21 @@ def write_served_inputs(mirror: Path, root: Path) -> None:
     pd.concat(frames).rename(columns={"log": "template"}).to_parquet(root / "data/corrected/templates.parquet")
 
 
+def write_index(root: Path) -> None:
+    """The index stage's output from the fixture's training templates."""
+    from tasks.index import run as build_index
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RATIONANOMALY_ROOT", str(root))
+        build_index(RETRIEVAL)
+
+
 @pytest.fixture
 def eval_root(tmp_path: Path, mirror: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "project"
     write_split(mirror, root / "data" / "split")
     write_served_inputs(mirror, root)
+    write_index(root)
     monkeypatch.setenv("RATIONANOMALY_ROOT", str(root))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -83,6 +95,7 @@ def params(**overrides: object) -> EvaluateSettings:
 
 
 DETECT = load_settings(REPO / "params.yaml").detect
+RETRIEVAL = load_settings(REPO / "params.yaml").index  # k neighbours from models/index, built by the fixture
 
 
 def folders_that_look_like_models(root: Path) -> None:
@@ -100,14 +113,14 @@ def test_bad_test_labels_are_reported_before_any_model_loads(eval_root: Path) ->
     frame.to_parquet(eval_root / "data/split/test.parquet", index=False)
     folders_that_look_like_models(eval_root)
     with pytest.raises(InputError, match=r"test\.parquet:3 field 'label': label 2 is not 0/1"):
-        run(params(), DETECT, eval_root)
+        run(params(), DETECT, RETRIEVAL, eval_root)
 
 
 def test_missing_adapter_and_unknown_baseline_are_named(eval_root: Path, base_model_dir: Path) -> None:
-    (eval_root / "models").mkdir()
+    (eval_root / "models").mkdir(exist_ok=True)
     (eval_root / "models" / "base").symlink_to(base_model_dir)
     with pytest.raises(InputError, match=r"models/sft: not a LoRA adapter folder"):
-        run(params(), DETECT, eval_root)
+        run(params(), DETECT, RETRIEVAL, eval_root)
     raw = load_params(REPO / "params.yaml")
     raw["evaluate"]["baselines"] = ["keywords", "magic"]
     with pytest.raises(InputError, match=r"field 'evaluate.baselines.1': .*found 'magic'"):
@@ -121,7 +134,7 @@ def test_a_failed_run_leaves_the_last_good_report(eval_root: Path) -> None:
     folders_that_look_like_models(eval_root)
     (eval_root / "data/split/sessions_hdfs.jsonl").write_text('{"session_id": "b", "templates": "oops", "label": 0}\n')
     with pytest.raises(InputError, match=r"sessions_hdfs\.jsonl:1 field 'templates'"):
-        run(params(), DETECT, eval_root)
+        run(params(), DETECT, RETRIEVAL, eval_root)
     assert (out / "eval.md").read_text() == "last good report"
 
 
@@ -130,21 +143,27 @@ def test_smoke_evaluation_of_a_real_adapter(eval_root: Path, base_model_dir: Pat
     from registry_world import make_adapter
 
     models = eval_root / "models"
-    models.mkdir()
+    models.mkdir(exist_ok=True)
     (models / "base").symlink_to(base_model_dir)
     make_adapter(base_model_dir, models / "sft", seed=1)
     make_adapter(base_model_dir, models / "grpo", seed=2)
-    metrics = run(params(), DETECT, eval_root)
+    metrics = run(params(), DETECT, RETRIEVAL, eval_root)
 
     assert metrics["engine"] == "transformers" and metrics["candidate"] == "rationanomaly"
     assert list(metrics["methods"]) == list(METHODS)
+    assert set(metrics["calibration"]) == {"rationanomaly", "rationanomaly_no_retrieval", "sft_only"}
+    assert 0.0 <= metrics["calibration"]["rationanomaly"]["threshold"] <= 1.0
+    assert json.loads((eval_root / "reports/eval/calibration.json").read_text()) == \
+        metrics["calibration"]["rationanomaly"]
     template_sets = {"template_bgl", "template_spirit", "session_bgl2k", "session_hdfs", "session_bgl2k_unseen",
                      "session_hdfs_unseen"}
     served = {"served_bgl2k_lines", "served_bgl2k_windows", "served_bgl2k_lines_corrected",
               "served_thunderbird_lines", "served_thunderbird_templates"}
     samples = {"template_bgl_sample", "template_spirit_sample"}  # the zero-shot model's fixed sample, all answer it
     assert set(metrics["methods"]["zero_shot"]) == samples
-    assert set(metrics["methods"]["sft_only"]) == template_sets | samples  # the served path: candidate and rules
+    for method in ("sft_only", "rationanomaly_no_retrieval", "rationanomaly_answer_word"):
+        assert set(metrics["methods"][method]) == template_sets | samples  # the served path: candidate and rules
+    assert "average_precision" in metrics["methods"]["sft_only"]["template_bgl"]
     for method in ("keywords", "tfidf_lr", "knn_1", "knn_vote", "rationanomaly"):
         blocks = metrics["methods"][method]
         assert set(blocks) == template_sets | samples | served, method
@@ -172,7 +191,8 @@ def test_smoke_evaluation_of_a_real_adapter(eval_root: Path, base_model_dir: Pat
     assert sum(r["kind"] == "template" and r["method"] == "rationanomaly" for r in rows) == unique + served_templates
     items = json.loads((out / "candidate_predictions.json").read_text())
     assert set(items) >= {"template_bgl", "served_bgl2k_lines"} and len(items["served_bgl2k_lines"]["pred"]) == 60
-    assert all(isinstance(r["completion"], str) for r in rows if r["kind"] == "template" and r["method"] == "sft_only")
+    assert all(isinstance(r["completion"], str) for r in rows if r["kind"] == "template" and r["method"] == CANDIDATE)
+    assert all(r["completion"] is None for r in rows if r["kind"] == "template" and r["method"] == "sft_only")
     on_disk = json.loads((eval_root / "reports/metrics.json").read_text())
     assert on_disk["methods"] == metrics["methods"] and on_disk["mlflow_run_id"] == metrics["mlflow_run_id"]
 

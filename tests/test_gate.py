@@ -133,8 +133,8 @@ def test_release_re_evaluates_a_champion_measured_on_other_test_data(monkeypatch
     monkeypatch.setattr(release, "repo_root", lambda: tmp_path)
     monkeypatch.setattr(release.registry, "download_adapter", lambda ref, dest: tmp_path / ref)
     monkeypatch.setattr(release, "evaluate_adapter",
-                        lambda adapter, evaluate, detect: evaluated.append(str(adapter)) or (metrics(0.6, 0.6),
-                                                                                              items(30, 10)))
+                        lambda adapter, evaluate, detect, retrieval: evaluated.append(str(adapter))
+                        or (metrics(0.6, 0.6), items(30, 10)))
     settings = load_settings(Path(__file__).resolve().parents[1] / "params.yaml")
     candidate = metrics(0.8, 0.8)
     current = {"version": "3", "metrics": metrics(0.5, 0.5), "items": items(30, 10)}

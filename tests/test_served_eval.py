@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 from drain3 import TemplateMiner
 
-from tasks.common.prompt import format_completion, prompt_messages
+from tasks.common.prompt import format_completion, prompt_messages, scoring_messages
 from tasks.common.settings import load_settings
-from tasks.evaluation.inference import InferenceRun, to_prediction
+from tasks.evaluation.inference import InferenceRun, ScoreRun, to_prediction
 from tasks.evaluation.intervals import BootstrapSettings
 from tasks.evaluation.metrics import MethodResult, score
 from tasks.evaluation.served import InProcessClassifier, detect_log, read_labelled_log, served_sets
@@ -57,7 +57,13 @@ class TableEngine:
     def __init__(self) -> None:
         self.prompts: list[str] = []
 
-    def classify(self, templates, datasets, adapter_dir=None):
+    def score(self, templates, datasets, adapter_dir=None, neighbours=None):
+        """The verdict score the table gives: 0.9 for its abnormal templates, 0.1 for the rest."""
+        for template, dataset in zip(templates, datasets, strict=True):
+            self.prompts.append("\n".join(m["content"] for m in scoring_messages(template, dataset)))
+        return ScoreRun([0.9 if ABNORMAL_WHEN.search(t) else 0.1 for t in templates], self.name, 0.01)
+
+    def classify(self, templates, datasets, adapter_dir=None, neighbours=None):
         completions = []
         for template, dataset in zip(templates, datasets, strict=True):
             self.prompts.append("\n".join(m["content"] for m in prompt_messages(template, dataset)))

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from serving import server
-from serving.client import Client, EndpointError, endpoint_from_state
+from serving.client import EndpointError, client_for, endpoint_from_state
 from serving.detect import http_detector
 from serving.resolve import ModelRef
 from serving.smoke import SMOKE_SET
@@ -33,6 +33,7 @@ from tasks.common.errors import InputError
 from tasks.common.settings import ServeSettings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
+DETECT = load_settings(REPO / "params.yaml").detect  # the shipped detect knobs
 TEST_CACHE = REPO / ".cache" / "test-assets"
 HIDDEN = 576
 
@@ -230,7 +231,8 @@ def live(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path, tiny_ad
 
 
 def ask(state_file: str, template: str = "instruction cache parity error corrected", max_tokens: int = 16) -> str:
-    with Client(endpoint_from_state(state_file), max_retries=2, max_tokens=max_tokens) as client:
+    with client_for(endpoint_from_state(state_file), DETECT, max_retries=2, max_tokens=max_tokens,
+                    rationales="all") as client:
         return client.classify_one(template, "bgl").raw
 
 
@@ -256,7 +258,7 @@ def test_32_concurrent_clients_get_answers_with_zero_errors(live: dict[str, Any]
 
     def one_client(template: str) -> float:
         started = time.perf_counter()
-        with Client(endpoint_from_state(state_file), max_retries=1, max_tokens=16, timeout_s=300) as client:
+        with client_for(endpoint_from_state(state_file), DETECT, max_retries=1, max_tokens=16, timeout_s=300) as client:
             client.classify_one(template, "bgl")
         return time.perf_counter() - started
 

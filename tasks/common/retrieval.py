@@ -31,6 +31,7 @@ class Neighbour:
     similarity: float
 
 
+INDEX_FILE, INDEX_META = "index.pkl", "index.json"  # in the index stage's folder (models/index)
 # Words of letters only: the tokens of the TF-IDF baseline and of the retrieval index.
 TOKEN_PATTERN = r"(?u)\b[a-zA-Z][a-zA-Z_]+\b"
 
@@ -73,6 +74,13 @@ class TemplateIndex:
                      if not (exclude_same and self.templates[i].strip() == str(query).strip())]
             out.append(found[:k])
         return out
+
+    def prompt_neighbours(self, queries: Sequence[str], k: int) -> list[list[tuple[str, int]]]:
+        """What a prompt shows for each query: its `k` nearest (template, 0/1 label) pairs, most similar first
+        (tasks.common.prompt renders them); `k` 0 gives empty lists."""
+        if k <= 0:
+            return [[] for _ in queries]
+        return [[(n.template, n.label) for n in found] for found in self.search(queries, k)]
 
     def vote(self, queries: Sequence[str], k: int) -> np.ndarray:
         """Similarity-weighted share of abnormal labels among the k nearest, in [0, 1], per query."""

@@ -67,6 +67,7 @@ class SplitSettings(Section):
     seed: int
     test_fraction: float = Field(gt=0, lt=1)
     train_anomaly_rate: float | None = Field(gt=0, lt=1)
+    validation_fraction: float = Field(ge=0, lt=1)  # of the training templates, held out to choose the threshold
     window_lines: int = Field(gt=0)
     templates_file: str
     bgl_structured: str
@@ -97,6 +98,18 @@ class DistillSettings(Section):
     train_file: str
     out_file: str
     report_file: str
+
+
+class IndexSettings(Section):
+    """`index`: the retrieval index of labelled training templates and how prompts use it (tasks/index.py)."""
+
+    train_file: str
+    out_dir: str
+    k: int = Field(ge=0)  # neighbours in a prompt (0: prompts carry none)
+    # share of training examples written with no neighbours, so a bare prompt (a plain OpenAI client) still works
+    bare_fraction: float = Field(ge=0, le=1)
+    # a training example never sees a neighbour this similar (cosine) to itself: near-duplicates would leak its label
+    near_duplicate_similarity: float = Field(gt=0, le=1)
 
 
 # ---- training -------------------------------------------------------------------------------------------------
@@ -336,6 +349,8 @@ class DetectSettings(Section):
     max_new_templates: int = Field(ge=1)
     max_open_sessions: int = Field(ge=1)
     max_tokens: int | None = Field(ge=1)  # null: evaluate.max_new_tokens
+    # which templates get a written rationale besides their scored verdict: abnormal ones, all, or none
+    rationales: Literal["abnormal", "all", "none"]
     timeout_s: float = Field(gt=0)
     max_retries: int = Field(ge=1)
     backoff_s: float = Field(ge=0)
@@ -344,6 +359,7 @@ class DetectSettings(Section):
     model: str | None
     model_version: str | None
     tokenizer_dir: str | None  # with base_url: the served tokenizer (null: base_model.out_dir)
+    version_dir: str | None  # with base_url: the served version's artifacts (threshold, index); null: none
 
 
 class Settings(Section):
@@ -354,6 +370,7 @@ class Settings(Section):
     base_model: BaseModelSettings
     correct: CorrectSettings
     split: SplitSettings
+    index: IndexSettings
     distill: DistillSettings
     sft: SftSettings
     grpo: GrpoSettings

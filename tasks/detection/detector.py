@@ -310,12 +310,14 @@ class Detector:
             self.miner.checkpoint()
         verdict_of = {}
         for cid, template in templates.items():
-            verdict, valid, rationale = self.cache.get(template)  # type: ignore[misc]
-            verdict_of[cid] = (verdict if valid else "invalid", verdict == ABNORMAL, valid)
+            cached = self.cache.get(template)
+            assert cached is not None  # _classify stored every template or raised
+            verdict_of[cid] = (cached.verdict if cached.valid else "invalid", cached.verdict == ABNORMAL, cached.valid)
             if emitted.get(cid) != template:
                 emitted[cid] = template
+                score = None if cached.score is None else round(cached.score, 4)
                 write(json.dumps({"kind": "template", "template_id": cid, "template": template,
-                                  "verdict": verdict_of[cid][0], "rationale": rationale,
+                                  "verdict": verdict_of[cid][0], "score": score, "rationale": cached.rationale,
                                   "dataset": dataset, "model_version": self.model_version}) + "\n")
         for record, cid in parsed:
             label, abnormal, valid = verdict_of[cid]
@@ -368,8 +370,9 @@ class Detector:
         for cid, count in stats.line_counts.most_common():
             template = self._emitted.get(cid)
             cached = self.cache.get(template) if template is not None else None
-            if cached and cached[0] == ABNORMAL:
-                top.append({"template_id": cid, "template": template, "lines": count, "rationale": cached[2]})
+            if cached and cached.verdict == ABNORMAL:
+                top.append({"template_id": cid, "template": template, "lines": count, "score": cached.score,
+                            "rationale": cached.rationale})
             if len(top) >= self.settings.top_k:
                 break
         counts = {k: v for k, v in vars(stats).items() if k != "line_counts"}

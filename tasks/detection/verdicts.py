@@ -17,10 +17,14 @@ class ClassifierError(RuntimeError):
 
 @dataclass(frozen=True)
 class TemplateVerdict:
-    """One template's answer. `verdict` is None when the completion broke the format (`valid` False).
+    """One template's answer. `verdict` is None when no verdict could be read (`valid` False): with a threshold
+    `valid` means the verdict was scored, without one that the rationale was format-valid.
 
-    `rationale` is the text inside <think>; `raw` the whole completion; `latency_s` seconds from request to
-    answer (retries included).
+    `score` is the calibrated verdict score P(abnormal) in [0, 1] (None when not asked for or not readable);
+    with a score, `verdict` is the score against the model's threshold. `rationale` is the text inside
+    <think> (empty when no rationale was asked for); `raw` the whole completion; `answer` the word the
+    rationale ended in (None when none was written or the completion broke the format); `latency_s` seconds
+    from request to answer (retries included).
     """
 
     template: str
@@ -31,6 +35,8 @@ class TemplateVerdict:
     raw: str
     model_version: str
     latency_s: float
+    score: float | None = None
+    answer: str | None = None
 
 
 class Classifier(Protocol):

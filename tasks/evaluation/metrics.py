@@ -91,21 +91,35 @@ class MethodResult:
                           dtype=int)
 
 
+def item_scores(result: MethodResult, eval_set: EvalSet) -> np.ndarray:
+    """Per item, the highest verdict score among its keys (an item is as abnormal as its most abnormal key); a
+    missing score (no answer word among the top tokens) counts as 0."""
+    return np.asarray([max(result.verdicts[key]["score"] or 0.0 for key in keys) for keys in eval_set.keys],
+                      dtype=float)
+
+
 def set_metrics(result: MethodResult, eval_set: EvalSet, bootstrap: BootstrapSettings) -> SetMetrics:
     """The figures of one method on one set, with intervals (see the module docstring)."""
     y_pred = result.predictions(eval_set)
     answers = [result.verdicts[key] for key in eval_set.unique_keys()]
-    llm = result.is_llm
     block = binary_metrics(eval_set.labels, y_pred)
-    if llm:
-        valid = np.asarray([bool(a["valid"]) for a in answers], dtype=bool)
-        words = np.asarray([int(a.get("rationale_words") or 0) for a in answers], dtype=float)
-        block.update(format_valid_rate=float(valid.mean()) if len(valid) else 1.0, format_invalid=int((~valid).sum()),
+    written = [a for a in answers if a.get("valid") is not None]  # answers with a written (format-checked) part
+    if result.is_llm and written:
+        valid = np.asarray([bool(a["valid"]) for a in written], dtype=bool)
+        words = np.asarray([int(a.get("rationale_words") or 0) for a in written], dtype=float)
+        block.update(format_valid_rate=float(valid.mean()), format_invalid=int((~valid).sum()),
                      mean_rationale_words=float(words[valid].mean()) if valid.any() else 0.0)
-        if eval_set.family == "template":
+        if eval_set.family == "template" and len(written) == len(answers):
             block["format_invalid_abnormal"] = int(((~valid) & (eval_set.labels == 1)).sum())
+        compared = [a for a in written if a["valid"] and "answer_label" in a]
+        if compared:  # how often the scored verdict overrules the word the rationale ended in
+            block["disagreement_rate"] = sum(a["answer_label"] != a["label"] for a in compared) / len(compared)
     else:
         block.update(format_valid_rate=None, format_invalid=None, mean_rationale_words=None)
+    if answers and any(a.get("score") is not None for a in answers) and eval_set.labels.any():
+        from sklearn.metrics import average_precision_score
+
+        block["average_precision"] = float(average_precision_score(eval_set.labels, item_scores(result, eval_set)))
     block["n_templates"] = len(answers)
     def as_list(interval: tuple[float, float] | None) -> list[float] | None:
         return list(interval) if interval else None  # JSON's shape, so metrics.json reads back equal

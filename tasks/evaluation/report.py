@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.common.contracts import Metrics
+from tasks.common.contracts import CALIBRATION_FILE, Metrics
 from tasks.common.files import atomic_dir, write_json_atomic
 from tasks.common.formatting import fmt_number
 from tasks.evaluation.metrics import Evaluation
@@ -113,6 +113,60 @@ def differences_table(metrics: Metrics | dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+ABLATION_SETS = ("template_bgl", "template_spirit", "served_bgl2k_lines_corrected")
+
+
+def ablation_table(metrics: Metrics | dict[str, Any]) -> str:
+    """The paper's Fig. 2 as a table: the candidate, each ablation and the baselines, F1 [95% CI] and AP."""
+    sets = [s for s in ABLATION_SETS if any(s in b for b in metrics["methods"].values())]
+    ablations = metrics.get("ablations") or {}
+    lines = ["| method | what it is | " + " | ".join(f"{SET_TITLES.get(s, s)} F1 [95% CI] / AP" for s in sets) + " |",
+             "|---|---|" + "---|" * len(sets)]
+    for method, blocks in metrics["methods"].items():
+        if method == "zero_shot":
+            continue
+        what = "the candidate" if method == metrics.get("candidate") else ablations.get(method, "baseline")
+        cells = []
+        for s in sets:
+            b = blocks.get(s)
+            ap = b.get("average_precision") if b else None
+            cells.append("—" if b is None else f"{b['f1']:.3f} {_interval(b.get('f1_ci'))}"
+                         + (f" / {ap:.3f}" if ap is not None else ""))
+        lines.append(f"| {method} | {what} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def calibration_lines(metrics: Metrics | dict[str, Any]) -> list[str]:
+    """The fitted thresholds and their validation figures."""
+    fold = (metrics.get("test_data") or {}).get("validation") or {}
+    lines = [f"Thresholds fitted on the validation fold ({fold.get('n')} training templates held out, "
+             f"{fold.get('abnormal')} abnormal; never the test split) to maximise abnormal-class F1:", "",
+             "| method | threshold | validation AP | validation P / R / F1 |", "|---|---|---|---|"]
+    for method, c in (metrics.get("calibration") or {}).items():
+        lines.append(f"| {method} | {c['threshold']:.4f} | {c['average_precision']:.3f} | "
+                     f"{c['precision']:.3f} / {c['recall']:.3f} / {c['f1']:.3f} |")
+    return lines
+
+
+def rationale_lines(metrics: Metrics | dict[str, Any]) -> list[str]:
+    """Rationale grounding shares and a few rationales per verdict."""
+    r = metrics.get("rationales") or {}
+    if not r.get("all", {}).get("rationales"):
+        return []
+    lines = ["| rationales of | count | names the log's own component | quotes only words the log holds | both |",
+             "|---|---|---|---|---|"]
+    for key in ("all", "abnormal", "normal"):
+        row = r.get(key) or {}
+        if row.get("rationales"):
+            lines.append(f"| {key} | {row['rationales']} | {row['component_match']:.3f} | {row['quotes_in_log']:.3f} "
+                         f"| {row['both']:.3f} |")
+    for verdict, examples in (r.get("examples") or {}).items():
+        if examples:
+            lines += ["", f"Judged {verdict}:"]
+            lines += [f"- `{e['log'][:160]}` → {e['rationale'][:400]}" for e in examples]
+    return lines
+
+
 def report_markdown(metrics: Metrics) -> str:
     """eval.md: the tables with intervals, the served path, paired differences, format and speed, data, plots."""
     sets = sets_of(metrics)
@@ -151,6 +205,17 @@ def report_markdown(metrics: Metrics) -> str:
                   markdown_table(metrics, served), ""]
     if metrics.get("differences"):
         lines += ["## Paired differences (same items)", "", differences_table(metrics), ""]
+    if metrics.get("calibration"):
+        lines += ["## The verdict score and its threshold", "",
+                  "The verdict is the probability of `abnormal` against `normal` for the answer word after a "
+                  "prefilled `<answer>` (the verdict task; one forward pass), against a threshold. "
+                  "`disagreement_rate`: how often the word the rationale ended in differs from that verdict.", "",
+                  *calibration_lines(metrics), "", "![precision-recall curves](pr_curves.png)", ""]
+    if metrics.get("ablations"):
+        lines += ["## Ablations (the paper's Fig. 2)", "", ablation_table(metrics), ""]
+    rationale_part = rationale_lines(metrics)
+    if rationale_part:
+        lines += ["## Rationales: do they explain the log they are about?", "", *rationale_part, ""]
     if extra:
         lines += ["## Subsets and samples", "", markdown_table(metrics, extra), ""]
     lines += ["## Answer format, rationales and speed", "",
@@ -247,13 +312,48 @@ def prediction_records(evaluation: Evaluation) -> Iterable[dict[str, Any]]:
                        "pred": int(pred)}
 
 
+def write_pr_curves(evaluation: Evaluation, out_dir: Path) -> Path | None:
+    """Precision-recall curves of every method with a verdict score, per main template set, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import PrecisionRecallDisplay
+
+    from tasks.evaluation.metrics import item_scores
+
+    sets = [s for s in evaluation.sets if s.name in ABLATION_SETS and s.labels.any()]
+    scored = [r for r in evaluation.results.values()
+              if r.verdicts and any(v.get("score") is not None for v in r.verdicts.values())]
+    if not sets or not scored:
+        return None
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.6 * len(sets), 4.0), squeeze=False)
+    for ax, eval_set in zip(axes[0], sets, strict=True):
+        for result in scored:
+            if result.answers(eval_set):
+                PrecisionRecallDisplay.from_predictions(eval_set.labels, item_scores(result, eval_set), ax=ax,
+                                                        name=result.name, plot_chance_level=result is scored[0])
+        ax.set_title(SET_TITLES.get(eval_set.name, eval_set.name), fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    path = out_dir / "pr_curves.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def write_outputs(evaluation: Evaluation, candidate_items: dict[str, Any], out_dir: Path, metrics_file: Path) -> None:
-    """reports/eval/ (eval.md, plots, predictions.jsonl, candidate_predictions.json, metrics.json) swapped in whole,
-    then metrics.json: a failed run leaves the last good outputs."""
+    """reports/eval/ (eval.md, plots, predictions.jsonl, candidate_predictions.json, calibration.json, metrics.json)
+    swapped in whole, then metrics.json: a failed run leaves the last good outputs."""
     metrics = evaluation.metrics
     with atomic_dir(out_dir) as staging:
         (staging / "eval.md").write_text(report_markdown(metrics), encoding="utf-8")
         write_plots(metrics, staging)
+        write_pr_curves(evaluation, staging)
+        calibration = (metrics.get("calibration") or {}).get(metrics["candidate"])
+        if calibration:  # the neighbours its prompts carried: serving must show the same number
+            calibration = {**calibration, "neighbours": metrics["params"].get("neighbours_k", 0)}
+        (staging / CALIBRATION_FILE).write_text(json.dumps(calibration or {}, indent=2) + "\n", encoding="utf-8")
         with (staging / "predictions.jsonl").open("w", encoding="utf-8") as handle:
             for row in prediction_records(evaluation):
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -270,7 +370,7 @@ def flat_metrics(metrics: Metrics) -> dict[str, float]:
     out = {}
     for method, blocks in metrics["methods"].items():
         for s, block in blocks.items():
-            for key in ("precision", "recall", "f1", "macro_f1", "weighted_f1", "false_alarm_rate",
+            for key in ("precision", "recall", "f1", "macro_f1", "weighted_f1", "false_alarm_rate", "average_precision",
                         "format_valid_rate", "mean_rationale_words", "templates_per_s"):
                 if isinstance(block.get(key), int | float):
                     out[f"{method}.{s}.{key}"] = float(block[key])

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.common.errors import InputError
+from tasks.common.prompt import ABNORMAL, NORMAL
 from tasks.common.settings import DetectSettings
 from tasks.detection.detector import Detector
 from tasks.detection.formats import FORMATS
@@ -78,25 +79,46 @@ def read_labelled_log(name: str, path: Path, fmt: str, max_lines: int | None = N
 
 
 class InProcessClassifier:
-    """The candidate behind the detector's classifier interface: `engine` (tasks.evaluation.inference) answers.
+    """The candidate behind the detector's classifier interface: `engine` (tasks.evaluation.inference) answers as
+    the endpoint does: a verdict score against `threshold` for every template, and a written rationale for the
+    ones `rationales` asks for (abnormal | all | none); `neighbours(items)` gives the labelled templates shown.
 
     Every verdict it gives is kept in `answers`, so the evaluation scores exactly what detect was told.
     """
 
-    def __init__(self, engine: Any, adapter_dir: Path | None, version: str) -> None:
+    def __init__(self, engine: Any, adapter_dir: Path | None, version: str, *, threshold: float = 0.5,
+                 neighbours: Callable[[Sequence[Key]], Any] = lambda items: None,
+                 rationales: str = "abnormal") -> None:
         self.engine, self.adapter_dir, self.version = engine, adapter_dir, version
+        self.threshold, self.neighbours, self.rationales = threshold, neighbours, rationales
         self.answers: dict[Key, TemplateVerdict] = {}
         self.seconds = 0.0
 
     def classify(self, items: Sequence[tuple[str, str]], *,
                  on_result: Callable[[TemplateVerdict], None] | None = None) -> list[TemplateVerdict]:
-        """Verdicts for (dataset, template) items in input order, from one batched engine call."""
+        """Verdicts for (dataset, template) items in input order, from batched engine calls."""
         started = time.perf_counter()
-        run = self.engine.classify([t for _, t in items], [d for d, _ in items], adapter_dir=self.adapter_dir)
+        items = list(items)
+        shown = self.neighbours(items)
+        scored = self.engine.score([t for _, t in items], [d for d, _ in items], self.adapter_dir, shown)
+        flagged = [s is not None and s >= self.threshold for s in scored.scores]
+        explain = [i for i, abnormal in enumerate(flagged)
+                   if self.rationales == "all" or (self.rationales == "abnormal" and abnormal)]
+        written = {}
+        if explain:
+            run = self.engine.classify([items[i][1] for i in explain], [items[i][0] for i in explain],
+                                       adapter_dir=self.adapter_dir,
+                                       neighbours=[shown[i] for i in explain] if shown is not None else None)
+            written = dict(zip(explain, run.predictions, strict=True))
         self.seconds += time.perf_counter() - started
-        each = run.seconds / max(1, len(items))
-        out = [TemplateVerdict(p.template, p.dataset, p.verdict, p.valid, p.rationale, p.completion, self.version,
-                               each) for p in run.predictions]
+        each = (time.perf_counter() - started) / max(1, len(items))
+        out = []
+        for i, ((dataset, template), score) in enumerate(zip(items, scored.scores, strict=True)):
+            p = written.get(i)
+            out.append(TemplateVerdict(template, dataset, ABNORMAL if flagged[i] else NORMAL,
+                                       score is not None, p.rationale if p else "",
+                                       p.completion if p else "", self.version, each, score,
+                                       p.verdict if p else None))
         for verdict in out:
             self.answers[(verdict.dataset, verdict.template)] = verdict
             if on_result is not None:

@@ -75,6 +75,13 @@ class EvalData:
     templates: dict[str, pd.DataFrame]  # dataset -> test templates (capped)
     sessions: dict[str, list[dict[str, Any]]]  # bgl2k/hdfs -> sessions
     seen: set[str] = field(default_factory=set)  # training templates, stripped
+    validation: pd.DataFrame | None = None  # the fold the verdict threshold is chosen on (never scored as test)
+
+    def validation_keys(self) -> tuple[list[Key], list[int]]:
+        """(dataset, template) keys of the validation fold and their labels ([] without a fold)."""
+        frame = self.validation if self.validation is not None else self.train.iloc[:0]
+        return (list(zip(frame["dataset"], frame["template"], strict=True)),
+                frame["label"].astype(int).tolist())
 
     def sets(self) -> list[EvalSet]:
         """The template sets, the session sets and their unseen-only subsets (training templates removed)."""
@@ -156,13 +163,15 @@ def load_test_data(settings: EvaluateSettings, root: Path) -> EvalData:
     seed = settings.seed
     train = read_split_frame(split_dir / "train.parquet")
     test = read_split_frame(split_dir / "test.parquet")
+    validation_file = split_dir / "validation.parquet"
+    validation = read_split_frame(validation_file) if validation_file.is_file() else None
     templates = {str(name): cap_stratified(part.reset_index(drop=True), settings.max_templates_per_dataset, seed)
                  for name, part in test.groupby("dataset", sort=True)}
     sessions = {name: cap_sessions(read_sessions(split_dir / file, id_field), settings.max_sessions_per_dataset,
                                    seed)
                 for name, (file, id_field, _) in SESSION_SETS.items()}
     return EvalData(train=train, templates=templates, sessions=sessions,
-                    seen={t.strip() for t in train["template"]})
+                    seen={t.strip() for t in train["template"]}, validation=validation)
 
 def unseen_only(sessions: list[dict[str, Any]], seen: set[str]) -> list[dict[str, Any]]:
     """Sessions with every line of a training template removed (no leakage); empty sessions dropped."""
