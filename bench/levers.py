@@ -77,6 +77,7 @@ def measure(model_dir: Path, adapter: Path | None, evaluate: Any, k: int) -> dic
 
     from tasks.common.retrieval import INDEX_FILE, TemplateIndex
     from tasks.common.settings import load_settings
+    from tasks.evaluate import bootstrap_settings
     from tasks.evaluation.calibration import apply_threshold, as_scores, choose_threshold
     from tasks.evaluation.inference import open_engine
     from tasks.evaluation.intervals import f1_interval
@@ -100,6 +101,7 @@ def measure(model_dir: Path, adapter: Path | None, evaluate: Any, k: int) -> dic
     finally:
         engine.close()
     calibration = choose_threshold(validation["label"].astype(int).tolist(), val_scores)
+    bootstrap = bootstrap_settings(evaluate)
     row: dict[str, Any] = {"threshold": round(calibration.threshold, 4),
                            "validation_ap": round(calibration.average_precision, 3),
                            "score_seconds": round(time.monotonic() - started, 1)}
@@ -110,9 +112,9 @@ def measure(model_dir: Path, adapter: Path | None, evaluate: Any, k: int) -> dic
         row[dataset] = {
             "n": len(frame), "abnormal": int(truth.sum()), "missing_scores": int(frame["missing"].sum()),
             "f1": round(float(f1_score(truth, predicted, zero_division=0)), 3),
-            "f1_ci": f1_interval(truth, predicted, evaluate.bootstrap),
+            "f1_ci": f1_interval(truth, predicted, bootstrap),
             "macro_f1": round(float(f1_score(truth, predicted, average="macro", zero_division=0)), 3),
-            "macro_f1_ci": f1_interval(truth, predicted, evaluate.bootstrap, statistic="macro_f1"),
+            "macro_f1_ci": f1_interval(truth, predicted, bootstrap, statistic="macro_f1"),
             "ap": round(float(average_precision_score(truth, frame["score"])), 3),
         }
     return row
