@@ -28,9 +28,10 @@ def bgl_2k() -> Path:
 
 
 def main() -> None:
-    from serving.client import Client, endpoint_from_state
-    from serving.detect import FORMATS, Detector
+    from serving.client import client_for, endpoint_from_state
+    from serving.detect import http_detector
     from tasks.common.settings import load_settings
+    from tasks.detection.formats import FORMATS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replays", type=int, default=50)
@@ -47,7 +48,7 @@ def main() -> None:
             update={"cache_file": f"{folder}/cache.sqlite", "drain_state": f"{folder}/drain.bin"})
 
         def run(**overrides: object) -> dict:
-            with Detector(params.model_copy(update=overrides), endpoint=endpoint, progress=False) as detector:
+            with http_detector(params.model_copy(update=overrides), endpoint, progress=False) as detector:
                 started = time.perf_counter()
                 summary = detector.run(io.BytesIO(data), io.StringIO())
                 summary["wall_s"] = time.perf_counter() - started
@@ -68,9 +69,7 @@ def main() -> None:
         pattern = FORMATS["bgl"][0]
         lines = text.decode("utf-8", errors="replace").splitlines()[: args.naive_lines]
         contents = [("bgl", match.group("content") if (match := pattern.match(line)) else line) for line in lines]
-        with Client(endpoint, concurrency=params.concurrency, max_retries=params.max_retries,
-                    backoff_s=params.backoff_s, timeout_s=params.timeout_s, max_tokens=int(params.max_tokens),
-                    max_log_chars=params.max_line_chars) as client:
+        with client_for(endpoint, params) as client:
             started = time.perf_counter()
             client.classify(contents)
             naive_s = time.perf_counter() - started

@@ -13,9 +13,11 @@ from pydantic import Field
 
 from flows.common import file_text, pipeline_lock, publish_markdown, run_stages, start_run
 from tasks.common.config import repo_root
+from tasks.common.contracts import CALIBRATION_FILE
 from tasks.common.dvc_ops import lock_hashes
 from tasks.common.settings import Settings
 from tasks.evaluate import evaluate_adapter
+from tasks.evaluation.report import CANDIDATE_PREDICTIONS
 from tasks.release import registry
 from tasks.release.gate import GateVerdict, evaluate_gate, same_test_data
 from tasks.release.pyfunc import model_config
@@ -42,6 +44,13 @@ def request_approval(verdict: GateVerdict, timeout_s: int = 24 * 3600) -> Approv
         timeout=timeout_s, key="approval")
 
 
+def calibration(settings: Settings) -> dict[str, Any] | None:
+    """The candidate's verdict threshold written by the evaluate stage (None when it fitted none)."""
+    path = repo_root() / settings.evaluate.out_dir / CALIBRATION_FILE
+    value = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return value or None
+
+
 def candidate_digest(settings: Settings) -> str:
     """The DVC md5 of the candidate adapter: the same adapter is never registered twice."""
     return lock_hashes().get("grpo", {}).get(settings.grpo.out_dir, "")
@@ -56,37 +65,45 @@ def current_champion(model_name: str) -> dict[str, Any] | None:
 @task(name="re-evaluate-champion")
 def champion_on_current_data(candidate: dict[str, Any], champion: dict[str, Any] | None,
                              settings: Settings) -> dict[str, Any] | None:
-    """The champion's metrics on the candidate's test data, re-measured when its stored ones used other data.
+    """The champion's metrics and per-item predictions on the candidate's test data, re-measured when its stored
+    ones used other data or it has no per-item predictions (registered before they were kept).
 
     After a data or cap change the stored F1s do not compare; rather than refuse every candidate
     (the `champion_same_test_data` rule), evaluate the champion's adapter again, like with like.
     """
-    if champion is None or same_test_data(candidate, champion["metrics"]):
+    if champion is None or (same_test_data(candidate, champion["metrics"]) and champion.get("items")):
         return champion
     version = champion["version"]
-    print(f"champion v{version} was measured on other test data: re-evaluating it on the current test data")
+    why = "has no per-item predictions" if same_test_data(candidate, champion["metrics"]) else \
+        "was measured on other test data"
+    print(f"champion v{version} {why}: re-evaluating it on the current test data")
     dest = repo_root() / ".cache" / "champion-eval" / str(version)
     adapter = registry.download_adapter(f"{settings.registry.model_name}/{version}", dest)
-    return {"version": version, "metrics": evaluate_adapter(adapter, settings.evaluate), "re_evaluated": True}
+    metrics, items = evaluate_adapter(adapter, settings.evaluate, settings.detect, settings.index)
+    return {"version": version, "metrics": metrics, "items": items, "re_evaluated": True}
 
 
 @task(name="gate")
-def gate(metrics: dict[str, Any], champion: dict[str, Any] | None, settings: Settings) -> GateVerdict:
-    """The verdict as data, published as an artifact."""
+def gate(metrics: dict[str, Any], items: dict[str, Any], champion: dict[str, Any] | None,
+         settings: Settings) -> GateVerdict:
+    """The verdict as data (the candidate's per-item predictions paired with the champion's), as an artifact."""
     verdict = evaluate_gate(metrics, champion["metrics"] if champion else None, settings.gate,
-                            champion_version=champion["version"] if champion else None)
+                            champion_version=champion["version"] if champion else None, candidate_items=items,
+                            champion_items=champion.get("items") if champion else None)
     publish_markdown("gate-verdict", verdict.to_markdown(), "Every gate rule: threshold, measured, pass/fail")
     return verdict
 
 
 @task(name="register", retries=2, retry_delay_seconds=5)
-def register(metrics: dict[str, Any], verdict: GateVerdict, digest: str, settings: Settings) -> str:
+def register(metrics: dict[str, Any], items: dict[str, Any], verdict: GateVerdict, digest: str,
+             settings: Settings) -> str:
     """A new registry version for every evaluated candidate (@challenger when its gate passed)."""
     root = repo_root()
     name = settings.registry.model_name
     version = registry.register_candidate(
         root / settings.grpo.out_dir, root / settings.base_model.out_dir, metrics, verdict, {CANDIDATE_TAG: digest},
-        name=name, model_config=model_config(settings.evaluate), params=settings.model_dump(),
+        name=name, model_config=model_config(settings.evaluate), params=settings.model_dump(), predictions=items,
+        calibration=calibration(settings), index_dir=root / settings.index.out_dir if settings.index.k else None,
     )
     card = registry.model_card_text(version, name=name)
     publish_markdown("model-card", card, f"Model card of version {version}")
@@ -111,6 +128,8 @@ def _release(settings: Settings) -> dict[str, Any]:
     name = settings.registry.model_name
     stages = run_stages(["evaluate"])
     metrics = json.loads((repo_root() / settings.evaluate.metrics_file).read_text(encoding="utf-8"))
+    items_file = repo_root() / settings.evaluate.out_dir / CANDIDATE_PREDICTIONS
+    items = json.loads(items_file.read_text(encoding="utf-8")) if items_file.is_file() else {}
     table = file_text(f"{settings.evaluate.out_dir}/eval.md", "(no report)")
     publish_markdown("evaluation-report", table, "Candidate beside the baselines, per dataset and level")
     result: dict[str, Any] = {"stages": stages, "table_md": table, "promoted": False, "profile": settings.profile}
@@ -124,8 +143,8 @@ def _release(settings: Settings) -> dict[str, Any]:
         print(result["reason"])
         return result
 
-    verdict = gate(metrics, champion_on_current_data(metrics, current_champion(name), settings), settings)
-    version = register(metrics, verdict, digest, settings)
+    verdict = gate(metrics, items, champion_on_current_data(metrics, current_champion(name), settings), settings)
+    version = register(metrics, items, verdict, digest, settings)
     result.update(version=version, verdict=verdict.to_dict(), verdict_md=verdict.to_markdown())
     if not verdict.passed:
         result["reason"] = "gate failed: " + ", ".join(rule.name for rule in verdict.failed)

@@ -28,7 +28,9 @@ def serve(
     stop: Annotated[bool, typer.Option("--stop", help="Stop the live server.")] = False,
     model_name: Annotated[str | None, typer.Option(help="Registered model (default: registry.model_name).")] = None,
     alias: Annotated[str, typer.Option(help="Registry alias to serve.")] = "champion",
-    adapter: Annotated[Path | None, typer.Option(help="Serve this LoRA adapter folder instead.")] = None,
+    adapter: Annotated[Path | None, typer.Option(
+        help="Serve this LoRA adapter folder instead (or a downloaded version's artifacts folder: its "
+             "calibration.json and index come along).")] = None,
     base: Annotated[Path | None, typer.Option(help="Base model for --adapter (default: base_model.out_dir).")] = None,
     version: Annotated[str, typer.Option(help="Version label for --adapter.")] = "local",
     merged: Annotated[bool | None, typer.Option("--merged/--lora", help="Merge the adapter into the weights.")] = None,
@@ -36,7 +38,7 @@ def serve(
 ) -> None:
     """Deploy models:/<name>@champion with health and smoke checks and a blue/green switch (or --status/--stop)."""
     from serving import server
-    from serving.resolve import ModelRef, resolve_champion
+    from serving.resolve import local_model_ref, resolve_champion
     from tasks.common.config import repo_root
     from tasks.common.errors import InputError
     from tasks.common.settings import load_settings
@@ -58,7 +60,7 @@ def serve(
     try:
         if adapter is not None:
             base_dir = base or repo_root() / settings.base_model.out_dir
-            ref = ModelRef(name, version, str(Path(base_dir).resolve()), str(adapter.resolve()))
+            ref = local_model_ref(name, version, base_dir, adapter)
         else:
             ref = resolve_champion(name, alias, fallback_base_dir=repo_root() / settings.base_model.out_dir)
         typer.echo(f"deploying {ref.name} v{ref.version} (adapter {ref.adapter_dir}); vLLM takes about a minute…",
@@ -83,10 +85,11 @@ def detect(
     progress: Annotated[bool, typer.Option(help="Progress bar on files.")] = True,
 ) -> None:
     """Verdicts with rationales for raw log lines; new templates only go to the model, the rest come from the cache."""
-    from serving.client import EndpointError
-    from serving.detect import Detector, default_endpoint, print_summary
+    from serving.detect import default_endpoint, http_detector
     from tasks.common.errors import InputError
     from tasks.common.settings import load_settings
+    from tasks.detection.detector import print_summary
+    from tasks.detection.verdicts import ClassifierError
 
     try:
         settings = load_settings()
@@ -98,14 +101,14 @@ def detect(
     endpoint = default_endpoint(detect_settings, settings.serve, settings.registry.model_name,
                                 settings.base_model.out_dir)
     try:
-        with Detector(detect_settings, endpoint=endpoint, progress=progress) as detector:
+        with http_detector(detect_settings, endpoint, progress=progress) as detector:
             if out == "-":
                 result = detector.run(file, sys.stdout, fmt)
             else:
                 Path(out).parent.mkdir(parents=True, exist_ok=True)
                 with Path(out).open("w", encoding="utf-8") as handle:
                     result = detector.run(file, handle, fmt)
-    except (EndpointError, InputError) as exc:
+    except (ClassifierError, InputError) as exc:
         _fail(f"detect stopped: {exc}")
     print_summary(result)
     if summary is not None:

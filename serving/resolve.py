@@ -30,6 +30,9 @@ class ModelRef:
     version: str
     base_model_dir: str
     adapter_dir: str | None  # None serves the base model alone (no smoke "differs" rule)
+    threshold: float | None = None  # the version's verdict threshold (calibration.json); None: the rationale decides
+    index_dir: str | None = None  # the version's retrieval index (its `index` artifact)
+    neighbours: int = 0  # labelled neighbours per prompt (0: the version's prompts carry none)
 
     def to_dict(self) -> dict[str, Any]:
         """As plain data."""
@@ -64,6 +67,22 @@ def _base_dir(tags: dict[str, str], adapter_dir: Path, root: Path, fallback: Pat
     return str(fallback.resolve())
 
 
+def local_model_ref(name: str, version: str, base_model_dir: str | Path, folder: str | Path) -> ModelRef:
+    """A ModelRef for a local adapter folder, or a downloaded version's artifacts folder holding one.
+
+    The verdict threshold and index are read as for a registered version (calibration.json in the adapter
+    folder, the `index` folder beside it); an adapter without calibration.json gets none. Raises InputError when the
+    folder holds no adapter or its calibration is unreadable.
+    """
+    from tasks.release.pyfunc import read_calibration  # the registry convention owns the calibration file
+
+    folder = Path(folder).resolve()
+    adapter = find_adapter_dir(folder)
+    threshold, index_dir, neighbours = read_calibration(adapter)
+    return ModelRef(name, version, str(Path(base_model_dir).resolve()), str(adapter), threshold, index_dir,
+                    neighbours)
+
+
 def resolve_champion(model_name: str, alias: str = "champion", dest_root: str | Path | None = None, *,
                      fallback_base_dir: Path) -> ModelRef:
     """Resolve `models:/<model_name>@<alias>` and download its artifacts once into .serve/models/<name>/<version>.
@@ -91,4 +110,7 @@ def resolve_champion(model_name: str, alias: str = "champion", dest_root: str | 
             (staging / ".complete").write_text(json.dumps({"source": version.source}) + "\n", encoding="utf-8")
     adapter = find_adapter_dir(dest)
     base = _base_dir(dict(version.tags or {}), adapter, dest, Path(fallback_base_dir))
-    return ModelRef(model_name, str(version.version), base, str(adapter))
+    from tasks.release.pyfunc import read_calibration  # the registry convention owns the calibration file
+
+    threshold, index_dir, neighbours = read_calibration(adapter)
+    return ModelRef(model_name, str(version.version), base, str(adapter), threshold, index_dir, neighbours)

@@ -238,6 +238,9 @@ def merge_adapter(ref: ModelRef, out_dir: Path) -> Path:
 def smoke_test(client: Client, base_model: str | None, min_valid_rate: float, max_tokens: int) -> SmokeReport:
     """Every smoke template answered in the trained format (at `min_valid_rate`), at least one unlike the base's.
 
+    When the version has a verdict threshold, an answer counts as valid only if it was also scored (the answer
+    token's log-probs came back) and its rationale still ends in an answer word.
+
     `base_model` is the base's served name (LoRA serving); None (merged weights) skips the "differs" rule,
     which merge_adapter has already enforced on the weights.
     """
@@ -250,8 +253,11 @@ def smoke_test(client: Client, base_model: str | None, min_valid_rate: float, ma
     for i, verdict in enumerate(verdicts):
         base_text = base_answers[i] if base_answers is not None else None
         differs = base_text is None or verdict.raw.strip() != base_text.strip()
-        report.rows.append({"dataset": verdict.dataset, "template": verdict.template, "valid": verdict.valid,
-                            "answer": verdict.verdict, "differs_from_base": differs, "completion": verdict.raw[:300]})
+        # With a threshold the verdict is scored; the rationale must still end in a readable answer word.
+        valid = verdict.valid and (verdict.score is None or verdict.answer is not None)
+        report.rows.append({"dataset": verdict.dataset, "template": verdict.template, "valid": valid,
+                            "answer": verdict.verdict, "score": verdict.score, "differs_from_base": differs,
+                            "completion": verdict.raw[:300]})
         report.differs += int(differs)
     valid = sum(row["valid"] for row in report.rows)
     report.valid_rate = valid / len(report.rows)
@@ -379,10 +385,12 @@ def _deploy_locked(ref: ModelRef, settings: ServeSettings, force: bool) -> dict[
     try:
         ready_s = _wait_healthy(proc, settings.host, port, settings.health_timeout_s, log)
         lora = ref.adapter_dir is not None and not settings.merged
-        endpoint = Endpoint(f"http://{settings.host}:{port}/v1", ref.name, str(ref.version), _api_key(settings))
+        special = tuple(special_tokens_in(model_dir))
+        endpoint = Endpoint(f"http://{settings.host}:{port}/v1", ref.name, str(ref.version), _api_key(settings),
+                            special, ref.threshold, ref.index_dir, ref.neighbours)
         budget = int(settings.smoke_max_tokens)  # type: ignore[arg-type]  # resolved by Settings (evaluate's budget)
         client = Client(endpoint, concurrency=4, max_retries=2, backoff_s=0.5, timeout_s=settings.smoke_timeout_s,
-                        max_tokens=budget, max_log_chars=2000)
+                        max_tokens=budget, max_log_chars=2000, rationales="all")
         try:
             report = smoke_test(client, ref.name + BASE_SUFFIX if lora else None, settings.smoke_min_valid_rate,
                                 budget)
@@ -403,7 +411,8 @@ def _deploy_locked(ref: ModelRef, settings: ServeSettings, force: bool) -> dict[
         "pid": proc.pid, "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "ready_s": round(ready_s, 1),
         "base": ref.base_model_dir, "adapter": ref.adapter_dir, "merged": not lora and ref.adapter_dir is not None,
         "model_dir": model_dir, "log": str(log), "api_key_env": settings.api_key_env,
-        "special_tokens": list(special_tokens_in(model_dir)),  # defanged in log text by every client
+        "special_tokens": list(special),  # defanged in log text by every client
+        "threshold": ref.threshold, "index_dir": ref.index_dir, "neighbours": ref.neighbours,
         "smoke": asdict(report) | {"passed": report.passed},
     }
     write_json_atomic(state_path(settings), state)

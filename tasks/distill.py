@@ -1,9 +1,12 @@
 """distill stage: a CoT rationale for every training template, conditioned on its corrected label.
 
 The teacher (tasks.data.teachers: `lexicon` offline, or any OpenAI-compatible endpoint) writes a
-completion per template; each is validated with `tasks.prompt.parse_completion` (format, and an
-answer equal to the label) or rejected and counted. Accepted ones become chat examples built by
-`tasks.prompt.training_messages`, so the SFT data has exactly the format serving expects.
+completion per template; each is validated with `tasks.common.prompt.parse_completion` (format, and an
+answer equal to the label) or rejected and counted. Each accepted template becomes two chat examples built
+by `tasks.common.prompt.training_messages`, so the SFT data has exactly the format serving expects: the
+`explain` task (rationale, then verdict) and the `verdict` task (the verdict alone, read as a score at
+serving). Each prompt carries the template's k nearest labelled training templates (the index stage),
+never itself or a near-duplicate of it; a seeded `index.bare_fraction` of the prompts carries none.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from typing import Any
 import pandas as pd
 from rich.progress import Progress
 
-from tasks.common.config import repo_root
+from tasks.common.config import repo_root, resolve_path
 from tasks.common.errors import InputError
 from tasks.common.files import atomic_path, read_labelled_templates, write_text_atomic
-from tasks.common.prompt import label_name, parse_completion, training_messages
-from tasks.common.settings import DistillSettings, load_settings
+from tasks.common.prompt import EXPLAIN, VERDICT, label_name, parse_completion, training_messages
+from tasks.common.retrieval import INDEX_FILE, TemplateIndex
+from tasks.common.settings import DistillSettings, IndexSettings, load_settings
 from tasks.common.tracking import stage_run
 from tasks.data.teachers import Teacher, make_teacher
 
@@ -77,14 +81,39 @@ def judge(answer: str | Exception, label: int) -> tuple[str | None, str | None]:
     return parsed.think, None
 
 
-def distill(train_file: Path, out_file: Path, report_file: Path, teacher: Teacher) -> dict[str, Any]:
-    """Write the SFT dataset (one chat example per accepted rationale) and the distillation report."""
+def training_neighbours(index: TemplateIndex | None, templates: list[str], settings: IndexSettings,
+                        seed: int) -> list[list[tuple[str, int]]]:
+    """For each training template, the neighbours its prompts show: the k nearest labelled templates other than
+    itself and below `near_duplicate_similarity` to it; [] for a seeded `bare_fraction` of them (or no index)."""
+    import numpy as np
+
+    if index is None or settings.k == 0:
+        return [[] for _ in templates]
+    rng = np.random.default_rng(seed)
+    found = index.search(templates, settings.k + 3, exclude_same=True)  # room for the near-duplicates dropped
+    out = []
+    for near in found:
+        kept = [(n.template, n.label) for n in near if n.similarity < settings.near_duplicate_similarity]
+        out.append([] if rng.random() < settings.bare_fraction else kept[:settings.k])
+    return out
+
+
+def distill(train_file: Path, out_file: Path, report_file: Path, teacher: Teacher,
+            index: TemplateIndex | None = None, retrieval: IndexSettings | None = None,
+            seed: int = 0) -> dict[str, Any]:
+    """Write the SFT dataset (an explain and a verdict example per accepted rationale, with neighbours from
+    `index` as `retrieval` says) and the distillation report; returns the report."""
     frame = load_train(train_file)
     items = [(str(t), int(y), str(d)) for t, y, d in zip(frame["template"], frame["label"], frame["dataset"],
                                                           strict=True)]
+    shown: dict[str, list[list[tuple[str, int]]]] = {
+        task: (training_neighbours(index, [t for t, _, _ in items], retrieval, seed + offset)
+               if retrieval is not None else [[] for _ in items])
+        for offset, task in enumerate((EXPLAIN, VERDICT))}
     rows, rejected, failures = [], Counter(), []
     per_dataset: dict[str, Counter[str]] = {}
-    for (template, label, dataset), answer in zip(items, completions(teacher, items), strict=True):
+    for position, ((template, label, dataset), answer) in enumerate(zip(items, completions(teacher, items),
+                                                                       strict=True)):
         rationale, reason = judge(answer, label)
         counts = per_dataset.setdefault(dataset, Counter())
         counts["total"] += 1
@@ -95,20 +124,25 @@ def distill(train_file: Path, out_file: Path, report_file: Path, teacher: Teache
                 failures.append(f"{type(answer).__name__}: {answer}")
             continue
         counts["accepted"] += 1
-        messages = training_messages(template, rationale, label, dataset)
-        rows.append({"messages": messages, "prompt": messages[:-1], "completion": messages[-1:],
-                     "template": template, "dataset": dataset, "label": label, "rationale": rationale})
+        for task in (EXPLAIN, VERDICT):
+            neighbours = shown[task][position]
+            messages = training_messages(template, rationale, label, dataset, neighbours=neighbours, task=task)
+            rows.append({"messages": messages, "prompt": messages[:-1], "completion": messages[-1:],
+                         "template": template, "dataset": dataset, "label": label, "rationale": rationale,
+                         "task": task, "neighbours": [list(n) for n in neighbours]})
     if not rows:
         raise RuntimeError(f"teacher '{teacher.name}' produced no acceptable rationale for {len(items)} templates "
                            f"(rejected: {dict(rejected)}; first errors: {failures})")
-    words = [len(row["rationale"].split()) for row in rows]
+    words = [len(row["rationale"].split()) for row in rows if row["task"] == EXPLAIN]
     report = {
-        "teacher": teacher.name, "total": len(items), "accepted": len(rows), "rejected_total": sum(rejected.values()),
+        "teacher": teacher.name, "total": len(items), "accepted": len(rows) // 2,
+        "examples": {task: sum(r["task"] == task for r in rows) for task in (EXPLAIN, VERDICT)},
+        "examples_with_neighbours": sum(bool(r["neighbours"]) for r in rows), "rejected_total": sum(rejected.values()),
         "rejected": {reason: rejected.get(reason, 0) for reason in ("format_invalid", "label_disagrees",
                                                                      "request_failed")},
         "per_dataset": {name: {k: c.get(k, 0) for k in ("total", "accepted", "rejected")}
                         for name, c in per_dataset.items()},
-        "accepted_abnormal": sum(row["label"] for row in rows),
+        "accepted_abnormal": sum(row["label"] for row in rows if row["task"] == EXPLAIN),
         "mean_rationale_words": round(statistics.mean(words), 1), "min_rationale_words": min(words),
         "max_rationale_words": max(words), "request_errors": failures,
     }
@@ -122,17 +156,20 @@ def distill(train_file: Path, out_file: Path, report_file: Path, teacher: Teache
     return report
 
 
-def run(settings: DistillSettings) -> dict[str, Any]:
+def run(settings: DistillSettings, retrieval: IndexSettings, seed: int) -> dict[str, Any]:
     """The stage (paths relative to the repo root); returns the distillation report. Raises InputError for
     bad training data or teacher settings (before any request), RuntimeError when no rationale is accepted."""
     root = repo_root()
     teacher = make_teacher(settings, root)  # checks the teacher's settings before any work
-    return distill(root / settings.train_file, root / settings.out_file, root / settings.report_file, teacher)
+    index = TemplateIndex.load(resolve_path(retrieval.out_dir) / INDEX_FILE) if retrieval.k else None
+    return distill(root / settings.train_file, root / settings.out_file, root / settings.report_file, teacher,
+                   index, retrieval, seed)
 
 
 def main() -> None:
-    settings = load_settings().distill
-    report = run(settings)
+    everything = load_settings()
+    settings = everything.distill
+    report = run(settings, everything.index, everything.split.seed)
     with stage_run("distill", teacher=report["teacher"]):
         import mlflow
 

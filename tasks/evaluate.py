@@ -1,10 +1,14 @@
-"""evaluate stage: the candidate beside the baselines, on the same test data, in one table (the paper's Table 2).
+"""evaluate stage: the candidate beside the baselines, on every test item, with intervals (the paper's Table 2).
 
-Test sets: template level on the BGL and Spirit test templates; session level on the BGL_2k 100-line windows
-and the HDFS test sessions (tasks/evaluation/testdata.py). Every method classifies each unique template once
-(tasks/evaluation/inference.py for the LLMs, tasks/evaluation/baselines.py for the lexical baselines);
-tasks/evaluation/metrics.py scores the verdicts and tasks/evaluation/report.py writes them.
-Outputs: reports/metrics.json (DVC metrics), reports/eval/ (eval.md, plots, predictions.jsonl), an MLflow run.
+Test sets (tasks/evaluation/testdata.py, served.py): the whole BGL and Spirit template test splits, the
+BGL_2k windows and HDFS sessions (and their unseen-only subsets), and the served path: detect's own code on
+raw BGL_2k lines (alert tags; expert-corrected template labels) and on Thunderbird_2k (false alarms). Every
+method answers each (dataset, template) once: the lexical and retrieval baselines (baselines.py), the
+SFT-only adapter (the paper's "without RL"), the zero-shot base model on a fixed sample, and the candidate,
+which answers the served sets through the detector (tasks/evaluation/served.py). metrics.py scores every
+set with 95% stratified bootstrap intervals; the candidate's paired differences to the best baseline are
+computed on the same items. Outputs: reports/metrics.json (DVC metrics; schema in tasks/common/contracts.py),
+reports/eval/ (eval.md, plots, predictions.jsonl, candidate_predictions.json), an MLflow run.
 """
 
 from __future__ import annotations
@@ -21,32 +25,78 @@ import pandas as pd
 
 from tasks.common.config import repo_root
 from tasks.common.contracts import CANDIDATE, LLM_BASELINES, RULE_METHODS, Metrics
-from tasks.common.files import write_json_atomic
-from tasks.common.settings import EvaluateSettings, load_settings
-from tasks.evaluation.metrics import MethodResult, score
-from tasks.evaluation.report import flat_metrics, markdown_table, sets_of, write_outputs
-from tasks.evaluation.testdata import SESSION_SETS, EvalData, load_test_data, unseen_only
+from tasks.common.files import read_labelled_templates, write_json_atomic
+from tasks.common.prompt import ABNORMAL, NORMAL
+from tasks.common.retrieval import INDEX_FILE, TemplateIndex
+from tasks.common.settings import DetectSettings, EvaluateSettings, IndexSettings, load_settings
+from tasks.detection.verdicts import TemplateVerdict
+from tasks.evaluation.calibration import Calibration, choose_threshold
+from tasks.evaluation.intervals import BootstrapSettings, paired_mean_f1_difference
+from tasks.evaluation.metrics import Evaluation, MethodResult, score
+from tasks.evaluation.rationales import rationale_report
+from tasks.evaluation.report import flat_metrics, main_sets, markdown_table, write_outputs
+from tasks.evaluation.served import InProcessClassifier, detect_log, read_labelled_log, served_sets
+from tasks.evaluation.testdata import SESSION_SETS, EvalData, EvalSet, Key, load_test_data
 
-METHODS = (*RULE_METHODS, *LLM_BASELINES, CANDIDATE)
+ANSWER_WORD = f"{CANDIDATE}_answer_word"  # ablation: without calibration (the paper's parsed answer)
+NO_RETRIEVAL = f"{CANDIDATE}_no_retrieval"  # ablation: without retrieval (bare prompts)
+METHODS = (*RULE_METHODS, *LLM_BASELINES, NO_RETRIEVAL, ANSWER_WORD, CANDIDATE)
 
 
-def rule_method(name: str, items: list[tuple[str, str]], predict: Callable[[list[str]], np.ndarray]) -> MethodResult:
-    """A lexical baseline's verdict on every (dataset, template) item, timed."""
+def load_index(retrieval: IndexSettings | None, root: Path) -> TemplateIndex | None:
+    """The index stage's retrieval index, None when prompts carry no neighbours (k 0 or no settings)."""
+    if retrieval is None or retrieval.k == 0:
+        return None
+    return TemplateIndex.load(root / retrieval.out_dir / INDEX_FILE)
+
+
+def rationale_summary(candidate: MethodResult, index: TemplateIndex | None, k: int) -> dict[str, Any]:
+    """Component match and quote grounding of the candidate's rationales (tasks/evaluation/rationales.py), over
+    all and per verdict, with a few examples of each verdict for the report."""
+    items = {ABNORMAL: [], NORMAL: []}
+    for (dataset, template), v in candidate.verdicts.items():
+        if v.get("rationale"):
+            near = [n.template for n in index.search([template], k)[0]] if index is not None and k else []
+            items[ABNORMAL if v["label"] else NORMAL].append((v["rationale"], template, dataset, near))
+    return {"all": rationale_report([*items[ABNORMAL], *items[NORMAL]]),
+            **{verdict: rationale_report(rows) for verdict, rows in items.items()},
+            "examples": {verdict: [{"log": log, "rationale": r} for r, log, _, _ in rows[:3]]
+                         for verdict, rows in items.items()}}
+
+
+def rule_method(name: str, keys: Sequence[Key], predict: Callable[[list[str]], np.ndarray], engine: str,
+                scores: Callable[[list[str]], np.ndarray] | None = None) -> MethodResult:
+    """A lexical or retrieval baseline's verdict (and score, when it has one) on every (dataset, template) key."""
     started = time.perf_counter()
-    labels = predict([t for _, t in items]) if items else np.array([], dtype=int)
+    texts = [t for _, t in keys]
+    labels = predict(texts) if keys else np.array([], dtype=int)
+    values = scores(texts) if scores is not None and keys else [None] * len(keys)
     seconds = time.perf_counter() - started
-    verdicts = {item: {"label": int(y), "valid": None, "rationale_words": None} for item, y in zip(items, labels,
-                                                                                                      strict=True)}
-    return MethodResult(name, verdicts, seconds, "scikit-learn" if name == "tfidf_lr" else "regex", False)
+    verdicts = {key: {"label": int(y), "score": None if v is None else float(v), "valid": None,
+                      "rationale_words": None} for key, y, v in zip(keys, labels, values, strict=True)}
+    return MethodResult(name, verdicts, seconds, engine, False)
 
 
-def llm_method(name: str, engine: Any, items: list[tuple[str, str]], adapter_dir: Path | None) -> MethodResult:
-    """An LLM method's verdict on every item through `engine` (base model alone when `adapter_dir` is None)."""
-    run_ = engine.classify([t for _, t in items], [d for d, _ in items], adapter_dir=adapter_dir)
-    verdicts = {(p.dataset, p.template): {"label": p.label, "valid": p.valid, "verdict": p.verdict,
-                                          "rationale_words": p.rationale_words, "rationale": p.rationale,
-                                          "completion": p.completion}
-                for p in run_.predictions}
+def _llm_verdict(p: Any) -> dict[str, Any]:
+    """A verdict dict from an engine Prediction (tasks.evaluation.inference)."""
+    return {"label": p.label, "valid": p.valid, "verdict": p.verdict, "rationale_words": p.rationale_words,
+            "rationale": p.rationale, "completion": p.completion}
+
+
+def _served_verdict(v: TemplateVerdict) -> dict[str, Any]:
+    """A verdict dict from what the detector was told (tasks.detection.verdicts.TemplateVerdict); `valid` is the
+    rationale's format when one was written (its answer word was readable), None when none was written."""
+    return {"label": int(v.verdict == ABNORMAL), "score": v.score, "valid": (v.answer is not None) if v.raw else None,
+            "verdict": v.verdict, "rationale_words": len(v.rationale.split()), "rationale": v.rationale,
+            "completion": v.raw}
+
+
+def llm_method(name: str, engine: Any, keys: Sequence[Key], adapter_dir: Path | None,
+               neighbours: Any = None) -> MethodResult:
+    """An LLM method's written answer (rationale, then the answer word) on every key through `engine` (the base
+    model alone when `adapter_dir` is None); `neighbours[i]` are shown with key i."""
+    run_ = engine.classify([t for _, t in keys], [d for d, _ in keys], adapter_dir=adapter_dir, neighbours=neighbours)
+    verdicts = {(p.dataset, p.template): _llm_verdict(p) for p in run_.predictions}
     return MethodResult(name, verdicts, run_.seconds, run_.engine, True, run_.notes)
 
 
@@ -65,9 +115,85 @@ def check_inputs(settings: EvaluateSettings, root: Path, methods: Sequence[str])
             check_model_dirs(base, adapter)
 
 
-def evaluate_all(settings: EvaluateSettings, root: Path | None = None,
-                 engine_factory: Callable[..., Any] | None = None) -> tuple[Metrics, EvalData, dict[str, MethodResult]]:
-    """Run every method on the same test data; returns (metrics.json content, the data, raw method results).
+def bootstrap_settings(settings: EvaluateSettings) -> BootstrapSettings:
+    """The interval settings of `evaluate.bootstrap`, seeded with `evaluate.seed`."""
+    return BootstrapSettings(settings.bootstrap.resamples, settings.bootstrap.confidence, settings.seed)
+
+
+def _served(settings: EvaluateSettings, detect: DetectSettings, root: Path, classifier: InProcessClassifier,
+            data: EvalData) -> tuple[list[EvalSet], dict[str, Any]]:
+    served = settings.served
+    bgl = read_labelled_log("bgl2k", root / served.bgl_log, "bgl", served.max_lines)
+    thunderbird = read_labelled_log("thunderbird", root / served.thunderbird_log, "thunderbird", served.max_lines)
+    corrected = read_labelled_templates(root / served.corrected_templates, ("dataset", "template", "label"),
+                                        missing_hint="run `dvc repro correct`", what="corrected templates")
+    return served_sets(detect_log(bgl, detect, classifier), detect_log(thunderbird, detect, classifier),
+                       corrected, data.seen, served.window_lines)
+
+
+def differences(results: dict[str, MethodResult], sets: Sequence[EvalSet], metrics: dict[str, Any],
+                bootstrap: BootstrapSettings) -> dict[str, dict[str, Any]]:
+    """Paired F1 differences on the same items, per set with anomalies: the candidate minus the best lexical or
+    retrieval baseline on that set (by point F1), and minus the SFT-only adapter (the RL ablation)."""
+    out: dict[str, dict[str, Any]] = {}
+    candidate = results.get(CANDIDATE)
+    if candidate is None:
+        return out
+    for eval_set in sets:
+        if not eval_set.positives_expected or not candidate.answers(eval_set):
+            continue
+        rows: dict[str, Any] = {}
+        baselines = [m for m in RULE_METHODS if m in results and results[m].answers(eval_set)]
+        if baselines:
+            best = max(baselines, key=lambda m: metrics[m][eval_set.name]["f1"])
+            rows["best_baseline"] = best
+        others = [("best_baseline", rows.get("best_baseline")), ("sft_only", "sft_only")]
+        for label, other in others:
+            if other is None or other not in results or not results[other].answers(eval_set):
+                continue
+            paired = (eval_set.labels, candidate.predictions(eval_set), results[other].predictions(eval_set))
+            diff = paired_mean_f1_difference({eval_set.name: paired}, bootstrap)
+            rows[f"vs_{label}"] = {"method": other, "f1_difference": diff.difference,
+                                   "ci": list(diff.interval) if diff.interval else None}
+        out[eval_set.name] = rows
+    return out
+
+
+def item_predictions(result: MethodResult, sets: Sequence[EvalSet]) -> dict[str, dict[str, Any]]:
+    """Per set: item ids, labels and the method's 0/1 predictions (the gate pairs the champion's with them)."""
+    return {s.name: {"ids": list(s.ids), "labels": s.labels.tolist(), "pred": result.predictions(s).tolist(),
+                     "digest": s.digest()}
+            for s in sets if s.positives_expected and result.answers(s)}
+
+
+def scored_method(name: str, engine: Any, adapter: Path | None, keys: Sequence[Key], data: EvalData,
+                  neighbours: Callable[[Sequence[Key]], Any]) -> tuple[MethodResult, Calibration | None]:
+    """A method judged by its calibrated verdict score: the threshold fitted on the validation fold, then every
+    key scored and thresholded. Without a validation fold the threshold is 0.5 (the argmax of the two words).
+
+    `neighbours(keys)` gives the labelled templates shown with each key (None: bare prompts).
+    """
+    val_keys, val_labels = data.validation_keys()
+    calibration = None
+    threshold = 0.5
+    seconds = 0.0
+    if val_keys and sum(val_labels):
+        val_run = engine.score([t for _, t in val_keys], [d for d, _ in val_keys], adapter, neighbours(val_keys))
+        calibration = choose_threshold(val_labels, val_run.scores)
+        threshold, seconds = calibration.threshold, val_run.seconds
+    run_ = engine.score([t for _, t in keys], [d for d, _ in keys], adapter, neighbours(keys))
+    verdicts = {key: {"label": int(s is not None and s >= threshold), "score": s, "valid": None,
+                      "rationale_words": None} for key, s in zip(keys, run_.scores, strict=True)}
+    result = MethodResult(name, verdicts, run_.seconds + seconds, run_.engine, True)
+    result.notes.append(f"verdict score ≥ {threshold:.4f}" + (" (fitted on the validation fold)" if calibration
+                                                              else " (no validation fold)"))
+    return result, calibration
+
+
+def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path | None = None,
+                 engine_factory: Callable[..., Any] | None = None, retrieval: IndexSettings | None = None,
+                 ) -> Evaluation:
+    """Run every method on the same test data and score it; see the module docstring.
 
     Raises InputError for missing or malformed test data or model folders, before any model loads.
     """
@@ -78,62 +204,132 @@ def evaluate_all(settings: EvaluateSettings, root: Path | None = None,
     methods = [m for m in METHODS if m == CANDIDATE or m in settings.baselines]
     check_inputs(settings, root, methods)
     data = load_test_data(settings, root)
-    items = data.items()
+    sets = data.sets()
+    samples = data.sample_sets(settings.zero_shot_sample, settings.seed) if "zero_shot" in methods else []
+    keys = list(dict.fromkeys(k for s in sets for k in s.unique_keys()))
     results: dict[str, MethodResult] = {}
+    calibrations: dict[str, dict[str, Any]] = {}
+    paths = model_paths(settings, root)
+    index = load_index(retrieval, root)
+    k = retrieval.k if retrieval is not None else 0
+
+    def with_neighbours(batch: Sequence[Key]) -> list[list[tuple[str, int]]] | None:
+        if index is None or k == 0:
+            return None
+        return index.prompt_neighbours([t for _, t in batch], k)
+
+    factory = engine_factory or open_engine
+    engine = factory(root / settings.base_model_dir, settings.engine, batch_size=settings.batch_size,
+                     max_new_tokens=settings.max_new_tokens, dtype=settings.dtype,
+                     max_model_len=settings.max_model_len, kvcache_gib=settings.kvcache_space_gib,
+                     threads=settings.torch_threads)
+    try:
+        candidate, calibration = scored_method(CANDIDATE, engine, paths[CANDIDATE], keys, data, with_neighbours)
+        explained = llm_method("explain", engine, keys, paths[CANDIDATE], with_neighbours(keys))
+        for key, answer in explained.verdicts.items():  # the rationale beside the scored verdict
+            candidate.verdicts[key].update({**answer, "label": candidate.verdicts[key]["label"],
+                                            "answer_label": answer["label"]})
+        candidate.seconds += explained.seconds
+        results[ANSWER_WORD] = MethodResult(  # the paper's verdict: the word the model wrote, no score
+            ANSWER_WORD, {key: {**v, "label": v["answer_label"]} for key, v in candidate.verdicts.items()},
+            candidate.seconds, candidate.engine, True, ["the answer word the model wrote, no score or threshold"])
+        threshold = calibration.threshold if calibration else 0.5
+        classifier = InProcessClassifier(engine, paths[CANDIDATE], version="candidate", threshold=threshold,
+                                         neighbours=with_neighbours, rationales=detect.rationales)
+        served, served_info = _served(settings, detect, root, classifier, data)
+        candidate.verdicts.update({key: _served_verdict(v) for key, v in classifier.answers.items()
+                                   if key not in candidate.verdicts})
+        candidate.seconds += classifier.seconds
+        results[CANDIDATE] = candidate
+        if calibration:
+            calibrations[CANDIDATE] = calibration.to_dict()
+        if index is not None and k:
+            bare, bare_calibration = scored_method(NO_RETRIEVAL, engine, paths[CANDIDATE], keys, data, lambda b: None)
+            results[NO_RETRIEVAL] = bare
+            if bare_calibration:
+                calibrations[NO_RETRIEVAL] = bare_calibration.to_dict()
+        if "sft_only" in methods:
+            sft, sft_calibration = scored_method("sft_only", engine, paths["sft_only"], keys, data, with_neighbours)
+            results["sft_only"] = sft
+            if sft_calibration:
+                calibrations["sft_only"] = sft_calibration.to_dict()
+        if "zero_shot" in methods:
+            sample_keys = list(dict.fromkeys(k for s in samples for k in s.unique_keys()))
+            results["zero_shot"] = llm_method("zero_shot", engine, sample_keys, None)
+    finally:
+        engine.close()
+    engine_name, engine_notes = engine.name, list(engine.notes)
+
+    all_keys = list(dict.fromkeys([*keys, *(k for s in served for k in s.unique_keys())]))
     if "keywords" in methods:
-        results["keywords"] = rule_method("keywords", items, baselines.keyword_predict)
+        results["keywords"] = rule_method("keywords", all_keys, baselines.keyword_predict, "regex")
     if "tfidf_lr" in methods:
         started = time.perf_counter()
-        model = baselines.fit_tfidf_lr(data.train["template"], data.train["label"],
-                                       ngram_max=settings.tfidf.ngram_max, c=settings.tfidf.C, seed=settings.seed)
-        fit_s = time.perf_counter() - started
-        results["tfidf_lr"] = rule_method("tfidf_lr", items, lambda ts: baselines.tfidf_lr_predict(model, ts))
-        results["tfidf_lr"].notes.append(f"fitted on {len(data.train)} training templates in {fit_s:.2f} s")
-    llm = [m for m in methods if m in (*LLM_BASELINES, CANDIDATE)]
-    engine_name, engine_notes = None, []
-    if llm:
-        factory = engine_factory or open_engine
-        engine = factory(root / settings.base_model_dir, settings.engine, batch_size=settings.batch_size,
-                         max_new_tokens=settings.max_new_tokens, dtype=settings.dtype,
-                         max_model_len=settings.max_model_len, kvcache_gib=settings.kvcache_space_gib,
-                         threads=settings.torch_threads)
-        try:
-            paths = model_paths(settings, root)
-            for method in llm:
-                results[method] = llm_method(method, engine, items, paths[method])
-        finally:
-            engine.close()
-        engine_name, engine_notes = engine.name, list(engine.notes)
+        model = baselines.fit_tfidf_lr(data.train["template"], data.train["label"], ngram_max=settings.tfidf.ngram_max,
+                                       c=settings.tfidf.C, seed=settings.seed)
+        results["tfidf_lr"] = rule_method("tfidf_lr", all_keys, lambda ts: baselines.tfidf_lr_predict(model, ts),
+                                          "scikit-learn", lambda ts: baselines.tfidf_lr_scores(model, ts))
+        results["tfidf_lr"].notes.append(f"fitted on {len(data.train)} training templates in "
+                                         f"{time.perf_counter() - started:.2f} s")
+    if {"knn_1", "knn_vote"} & set(methods):
+        knn = index or TemplateIndex(data.train["template"], data.train["label"], data.train["dataset"])
+        if "knn_1" in methods:
+            results["knn_1"] = rule_method("knn_1", all_keys, lambda ts: baselines.knn_1_predict(knn, ts),
+                                           "scikit-learn")
+        if "knn_vote" in methods:
+            votes = settings.knn.k
+            results["knn_vote"] = rule_method(
+                "knn_vote", all_keys, lambda ts: (baselines.knn_vote_scores(knn, ts, votes) >= 0.5).astype(int),
+                "scikit-learn", lambda ts: baselines.knn_vote_scores(knn, ts, votes))
+
+    all_sets = [*sets, *served, *samples]
+    bootstrap = bootstrap_settings(settings)
+    ordered = {name: results[name] for name in METHODS if name in results}
+    scored = {name: score(result, all_sets, bootstrap) for name, result in ordered.items()}
     metrics: Metrics = {
+        "schema": 2,
         "engine": engine_name,
         "engine_notes": engine_notes,
         "candidate": CANDIDATE,
-        "methods": {name: score(result, data) for name, result in results.items()},
+        "methods": scored,
+        "differences": differences(ordered, all_sets, scored, bootstrap),
+        "calibration": calibrations,
+        "ablations": {ANSWER_WORD: "without calibration: the answer word the model wrote",
+                      NO_RETRIEVAL: "without retrieval: bare prompts, no neighbours",
+                      "sft_only": "without RL: the SFT adapter"},
+        "rationales": rationale_summary(results[CANDIDATE], index, k),
         "speed": {name: {"engine": r.engine, "unique_templates": len(r.verdicts), "seconds": round(r.seconds, 2),
-                         "templates_per_s": round(r.templates_per_s, 4)} for name, r in results.items()},
-        "test_data": {"digests": data.digests(),
+                         "templates_per_s": round(r.templates_per_s, 4)} for name, r in ordered.items()},
+        "test_data": {"digests": {s.name: s.digest() for s in all_sets},
+                      "sets": {s.name: {"family": s.family, "n": len(s.ids), "abnormal": int(s.labels.sum()),
+                                        "note": s.note} for s in all_sets},
                       "templates": {d: {"n": len(f), "abnormal": int(f["label"].sum())}
                                     for d, f in data.templates.items()},
-                      "sessions": {n: {"n": len(s), "abnormal": sum(x["label"] for x in s),
-                                       "unseen_n": len(unseen_only(s, data.seen))} for n, s in data.sessions.items()},
-                      "unique_templates_classified": len(items), "train_templates": len(data.train)},
-        "params": {k: getattr(settings, k) for k in ("max_templates_per_dataset", "max_sessions_per_dataset",
-                                                      "max_new_tokens", "batch_size", "dtype", "torch_threads",
-                                                      "seed")},
+                      "sessions": {n: {"n": len(s), "abnormal": sum(x["label"] for x in s)}
+                                   for n, s in data.sessions.items()},
+                      "served": served_info,
+                      "validation": {"n": len(data.validation_keys()[0]), "abnormal": sum(data.validation_keys()[1])},
+                      "unique_templates_classified": len(keys), "train_templates": len(data.train)},
+        "bootstrap": {"resamples": bootstrap.resamples, "confidence": bootstrap.confidence, "seed": bootstrap.seed,
+                      "method": "percentile, stratified by label (scipy.stats.bootstrap)"},
+        "params": {k_: getattr(settings, k_) for k_ in ("max_templates_per_dataset", "max_sessions_per_dataset",
+                                                        "zero_shot_sample", "max_new_tokens", "batch_size", "dtype",
+                                                        "torch_threads", "seed")} | {"neighbours_k": k},
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    return metrics, data, results
+    return Evaluation(metrics, data, ordered, all_sets)
 
 
-def evaluate_adapter(adapter_dir: str | Path, settings: EvaluateSettings, root: Path | None = None) -> Metrics:
-    """metrics.json content for one adapter alone (no baselines) on the current test data.
+def evaluate_adapter(adapter_dir: str | Path, settings: EvaluateSettings, detect: DetectSettings,
+                     retrieval: IndexSettings, root: Path | None = None) -> tuple[Metrics, dict[str, dict[str, Any]]]:
+    """metrics.json content and per-item predictions for one adapter alone (no baselines) on the current data.
 
-    For the gate when the champion's stored metrics were measured on other test data (data or caps changed):
+    For the gate when the champion's stored results were measured on other test data (data or caps changed):
     re-evaluate the champion's adapter (tasks.release.registry.download_adapter) here, then compare like with like.
     """
     alone = settings.model_copy(update={"baselines": [], "candidate_dir": str(Path(adapter_dir).resolve())})
-    metrics, _, _ = evaluate_all(alone, root)
-    return metrics
+    evaluation = evaluate_all(alone, detect, root, retrieval=retrieval)
+    return evaluation.metrics, item_predictions(evaluation.results[CANDIDATE], evaluation.sets)
 
 
 def adapter_meta(path: Path | None) -> dict[str, Any]:
@@ -147,7 +343,7 @@ def adapter_meta(path: Path | None) -> dict[str, Any]:
     return {}
 
 
-def log_to_mlflow(metrics: Metrics, data: EvalData, settings: EvaluateSettings, root: Path, out_dir: Path,
+def log_to_mlflow(evaluation: Evaluation, settings: EvaluateSettings, root: Path, out_dir: Path,
                   metrics_file: Path) -> str:
     """The evaluate run: params, flat metrics, report + plots + predictions, and the datasets as inputs;
     returns the MLflow run id."""
@@ -155,6 +351,7 @@ def log_to_mlflow(metrics: Metrics, data: EvalData, settings: EvaluateSettings, 
 
     from tasks.common.tracking import flatten_params, stage_run
 
+    metrics, data = evaluation.metrics, evaluation.data
     candidate_meta = adapter_meta(model_paths(settings, root)[CANDIDATE])
     tags = {"engine": str(metrics.get("engine")), "candidate": CANDIDATE}
     for key in ("adapter_sha256", "mlflow_run_id", "run_id"):
@@ -182,23 +379,25 @@ def log_to_mlflow(metrics: Metrics, data: EvalData, settings: EvaluateSettings, 
         return run_.info.run_id
 
 
-def run(settings: EvaluateSettings, root: Path | None = None, *, track: bool = True) -> Metrics:
+def run(settings: EvaluateSettings, detect: DetectSettings, retrieval: IndexSettings, root: Path | None = None, *,
+        track: bool = True) -> Metrics:
     """The stage: evaluate, write the outputs, log to MLflow (unless `track` is False); returns metrics.json."""
     root = root or repo_root()
-    metrics, data, results = evaluate_all(settings, root)
+    evaluation = evaluate_all(settings, detect, root, retrieval=retrieval)
     out_dir, metrics_file = root / settings.out_dir, root / settings.metrics_file
-    write_outputs(metrics, data, results, out_dir, metrics_file)
+    write_outputs(evaluation, item_predictions(evaluation.results[CANDIDATE], evaluation.sets), out_dir,
+                  metrics_file)
     if track:
-        metrics["mlflow_run_id"] = log_to_mlflow(metrics, data, settings, root, out_dir, metrics_file)
-        write_json_atomic(metrics_file, metrics)
-    return metrics
+        evaluation.metrics["mlflow_run_id"] = log_to_mlflow(evaluation, settings, root, out_dir, metrics_file)
+        write_json_atomic(metrics_file, evaluation.metrics)
+    return evaluation.metrics
 
 
 def main() -> None:
-    settings = load_settings().evaluate
-    metrics = run(settings)
-    print(markdown_table(metrics, [s for s in sets_of(metrics) if not s.endswith("_unseen")]))
-    print(f"engine: {metrics['engine']}; report: {settings.out_dir}/eval.md")
+    settings = load_settings()
+    metrics = run(settings.evaluate, settings.detect, settings.index)
+    print(markdown_table(metrics, main_sets(metrics)))
+    print(f"engine: {metrics['engine']}; report: {settings.evaluate.out_dir}/eval.md")
 
 
 if __name__ == "__main__":

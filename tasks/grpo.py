@@ -24,7 +24,7 @@ from typing import Any
 from tasks.common.config import resolve_path
 from tasks.common.errors import InputError
 from tasks.common.files import atomic_path, sha256_json, write_json_atomic
-from tasks.common.prompt import defang_messages
+from tasks.common.prompt import EXPLAIN, defang_messages
 from tasks.common.settings import GrpoSettings, load_settings
 from tasks.common.tokenizers import special_tokens_of
 from tasks.training.callbacks import install_callbacks
@@ -108,7 +108,8 @@ def build_dataset(records: list[dict[str, Any]], tokenizer: Any, max_prompt_leng
         if len(ids) > max_prompt_length:
             dropped += 1
             continue
-        rows.append({"prompt": prompt, **{k: r[k] for k in ("label", "template", "rationale", "dataset")}})
+        rows.append({"prompt": prompt, "task": r.get("task", EXPLAIN),
+                     **{k: r[k] for k in ("label", "template", "rationale", "dataset")}})
     return Dataset.from_list(rows), dropped
 
 

@@ -1,8 +1,9 @@
-"""sft stage: CoT supervised fine-tuning of a LoRA adapter on the distilled rationales.
+"""sft stage: CoT supervised fine-tuning of a LoRA adapter on the distilled rationales and verdicts.
 
 trl SFTTrainer on a conversational prompt/completion dataset: the prompt (system + user) is rendered with
 the base model's chat template and masked out of the loss (labels -100), so the model learns only the
-assistant turn `<think>…</think><answer>…</answer>`. The SmolLM2 template has no `{% generation %}`
+assistant turn: `<think>…</think><answer>…</answer>` (explain task) or `<answer>…</answer>` (verdict task,
+the one the calibrated score reads). The SmolLM2 template has no `{% generation %}`
 markers, so trl's `assistant_only_loss` would fail on it; completion-only loss works with any template, and
 `check_prompt_masked` verifies it on the tokenised data before training starts.
 
@@ -21,7 +22,7 @@ from typing import Any
 from tasks.common.config import resolve_path
 from tasks.common.errors import InputError
 from tasks.common.files import sha256_json, write_json_atomic
-from tasks.common.prompt import defang_messages
+from tasks.common.prompt import ANSWER_OPEN, defang_messages
 from tasks.common.settings import SftSettings, load_settings
 from tasks.common.tokenizers import special_tokens_of
 from tasks.training.callbacks import install_callbacks
@@ -67,12 +68,13 @@ def build_dataset(records: list[dict[str, Any]], tokenizer: Any, max_length: int
 
 
 def check_prompt_masked(trainer: Any, tokenizer: Any) -> int:
-    """Assert the loss sees only the assistant turn: prompt tokens are -100, the rest starts at `<think>`."""
+    """Assert the loss sees only the assistant turn: prompt tokens are -100, the rest starts at `<think>` (the
+    explain task) or `<answer>` (the verdict task)."""
     example = trainer.train_dataset[0]
     labels = example["labels"]
     masked = sum(1 for x in labels if x == -100)
     trained = tokenizer.decode([x for x in labels if x != -100])
-    if masked == 0 or not trained.lstrip().startswith("<think>"):
+    if masked == 0 or not trained.lstrip().startswith(("<think>", ANSWER_OPEN)):
         raise RuntimeError(
             f"completion-only loss is not in effect: {masked} masked tokens, trained text "
             f"starts {trained[:60]!r}; the prompt would be trained on"
@@ -87,8 +89,11 @@ class PreparedSft(Prepared):
     masked: int = 0  # prompt tokens masked out of the loss in the first example
 
 
-def prepare_sft(settings: SftSettings) -> PreparedSft:
+def prepare_sft(settings: SftSettings, *, full_finetune: bool = False) -> PreparedSft:
     """Check the inputs (data, base model, LoRA targets), build the trainer and pick the checkpoint to resume.
+
+    `full_finetune` trains every weight instead of a LoRA adapter (bench/levers.py measures it against LoRA;
+    the pipeline's grpo, registry and serving take a LoRA adapter).
 
     Raises InputError (naming file and field) for bad data, a missing base model, LoRA targets that do not
     exist, or data that is all longer than `max_length`; RuntimeError when the prompt would be trained on.
@@ -128,7 +133,8 @@ def prepare_sft(settings: SftSettings) -> PreparedSft:
         completion_only_loss=True,
         packing=False,
     )
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=None if full_finetune else lora)
     masked = check_prompt_masked(trainer, tokenizer)
     trainable, total = count_parameters(trainer.model)
     if trainable == 0:

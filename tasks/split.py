@@ -55,8 +55,11 @@ def load_templates(path: Path) -> pd.DataFrame:
 
 
 def split_dataset(frame: pd.DataFrame, test_fraction: float, train_rate: float | None, seed: int,
-                  source: str | Path = "templates") -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """One dataset: stratified split, then normals subsampled in train to reach `train_rate`."""
+                  source: str | Path = "templates", validation_fraction: float = 0.0,
+                  ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """One dataset: stratified train/test split; `validation_fraction` of the training part held out (stratified,
+    at the natural anomaly rate: it chooses the verdict threshold); then normals subsampled in what remains
+    for training to reach `train_rate`. Returns (train, test, validation, stats)."""
     from sklearn.model_selection import train_test_split
 
     dataset = str(frame["dataset"].iloc[0])
@@ -67,6 +70,11 @@ def split_dataset(frame: pd.DataFrame, test_fraction: float, train_rate: float |
     train_idx, test_idx = train_test_split(frame.index.to_numpy(), test_size=test_fraction, stratify=labels,
                                            random_state=seed)
     train, test = frame.loc[sorted(train_idx)], frame.loc[sorted(test_idx)]
+    validation = train.iloc[:0]
+    if validation_fraction > 0:
+        fit_idx, validation_idx = train_test_split(train.index.to_numpy(), test_size=validation_fraction,
+                                                   stratify=train["label"].astype(int), random_state=seed)
+        train, validation = train.loc[sorted(fit_idx)], train.loc[sorted(validation_idx)]
     abnormal, normal = train[train["label"] == 1], train[train["label"] == 0]
     dropped = 0
     if train_rate is not None and len(abnormal):
@@ -82,8 +90,9 @@ def split_dataset(frame: pd.DataFrame, test_fraction: float, train_rate: float |
         "train_anomaly_rate": round(float(train["label"].mean()), 4), "train_normals_dropped": dropped,
         "test": len(test), "test_abnormal": int(test["label"].sum()),
         "test_anomaly_rate": round(float(test["label"].mean()), 4),
+        "validation": len(validation), "validation_abnormal": int(validation["label"].sum()),
     }
-    return train[SPLIT_COLUMNS], test[SPLIT_COLUMNS], stats
+    return train[SPLIT_COLUMNS], test[SPLIT_COLUMNS], validation[SPLIT_COLUMNS], stats
 
 
 def bgl_windows(path: Path, window_lines: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -139,7 +148,8 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def split_all(templates_file: Path, bgl_structured: Path, hdfs_test: Path, out_dir: Path, report_file: Path, *,
-              seed: int, test_fraction: float, train_anomaly_rate: float | None, window_lines: int) -> dict[str, Any]:
+              seed: int, test_fraction: float, train_anomaly_rate: float | None, window_lines: int,
+              validation_fraction: float) -> dict[str, Any]:
     """Template split + session test sets + leakage, written all-or-nothing into `out_dir`; returns the report.
 
     Raises InputError naming the file, line and field of bad input; nothing is written then.
@@ -147,19 +157,23 @@ def split_all(templates_file: Path, bgl_structured: Path, hdfs_test: Path, out_d
     frame = load_templates(templates_file)
     windows, bgl_stats = bgl_windows(bgl_structured, window_lines)
     sessions, hdfs_stats = hdfs_sessions(hdfs_test)
-    trains, tests, per_dataset = [], [], {}
+    trains, tests, validations, per_dataset = [], [], [], {}
     for dataset, part in frame.groupby("dataset", sort=False):
-        train, test, stats = split_dataset(part, test_fraction, train_anomaly_rate, seed, templates_file)
+        train, test, validation, stats = split_dataset(part, test_fraction, train_anomaly_rate, seed, templates_file,
+                                                       validation_fraction)
         trains.append(train)
         tests.append(test)
+        validations.append(validation)
         per_dataset[str(dataset)] = stats
     train_all = pd.concat(trains, ignore_index=True).astype({"label": "int64"})
     test_all = pd.concat(tests, ignore_index=True).astype({"label": "int64"})
+    validation_all = pd.concat(validations, ignore_index=True).astype({"label": "int64"})
     train_set = {t.strip() for t in train_all["template"]}
     test_set = {t.strip() for t in test_all["template"]}
     report = {
         "seed": seed, "test_fraction": test_fraction, "train_anomaly_rate": train_anomaly_rate,
-        "templates": per_dataset, "totals": {"train": len(train_all), "test": len(test_all)},
+        "validation_fraction": validation_fraction, "templates": per_dataset,
+        "totals": {"train": len(train_all), "test": len(test_all), "validation": len(validation_all)},
         "sessions": {"bgl2k": {k: v for k, v in bgl_stats.items() if k != "input"},
                      "hdfs": {k: v for k, v in hdfs_stats.items() if k != "input"}},
         "leakage": {"bgl2k": leakage(windows, train_set, test_set), "hdfs": leakage(sessions, train_set, test_set)},
@@ -168,6 +182,8 @@ def split_all(templates_file: Path, bgl_structured: Path, hdfs_test: Path, out_d
     with atomic_dir(out_dir) as staging:
         train_all.to_parquet(staging / "train.parquet", index=False)
         test_all.to_parquet(staging / "test.parquet", index=False)
+        if len(validation_all):  # no fold (validation_fraction 0): no file, and no threshold is fitted
+            validation_all.to_parquet(staging / "validation.parquet", index=False)
         _write_jsonl(staging / "sessions_bgl2k.jsonl", windows)
         _write_jsonl(staging / "sessions_hdfs.jsonl", sessions)
     write_text_atomic(report_file, json.dumps(report, indent=2) + "\n")
@@ -182,7 +198,7 @@ def run(settings: SplitSettings) -> dict[str, Any]:
         root / settings.templates_file, root / settings.bgl_structured, root / settings.hdfs_test,
         root / settings.out_dir, root / settings.report_file, seed=settings.seed,
         test_fraction=settings.test_fraction, train_anomaly_rate=settings.train_anomaly_rate,
-        window_lines=settings.window_lines,
+        window_lines=settings.window_lines, validation_fraction=settings.validation_fraction,
     )
 
 
@@ -192,8 +208,8 @@ def main() -> None:
     with stage_run("split"):
         import mlflow
 
-        mlflow.log_params({k: getattr(settings, k) for k in ("seed", "test_fraction", "train_anomaly_rate",
-                                                                  "window_lines")})
+        mlflow.log_params({k: getattr(settings, k) for k in ("seed", "test_fraction", "validation_fraction",
+                                                              "train_anomaly_rate", "window_lines")})
         metrics = {f"{d}_{k}": v for d, s in report["templates"].items() for k, v in s.items()}
         metrics.update({f"leakage_{name}_in_train": v["in_train"] for name, v in report["leakage"].items()})
         metrics.update(bgl2k_windows=report["sessions"]["bgl2k"]["windows"],

@@ -20,11 +20,12 @@ from tasks.release.gate import evaluate_gate
 
 REPO = Path(__file__).resolve().parents[1]
 GATE = GateSettings(min_f1={"template_bgl": 0.3, "template_spirit": 0.3}, min_recall_abnormal=0.3,
-                    max_format_invalid_rate=0.2, champion_margin=0.0, max_regression_per_dataset=0.05,
-                    require_approval=False)
+                    max_false_alarm_rate={}, max_format_invalid_rate=0.2, champion_margin=0.0,
+                    max_regression_per_dataset=0.05, require_approval=False)
 MD5 = {"raw": "1f3870be274f6c49b3e31a0c6728957f.dir", "corrections": "6f8db599de986fab7a21625b7916589c",
        "reviews": "0c7a5b4b0cf9a8dbb4c5b2e6a1b4c3d2.dir", "corrected": "9e107d9d372bb6826bd81d3542a419d6",
-       "split": "e4d909c290d0fb1ca068ffaddf22cbd0.dir", "distilled": "d41d8cd98f00b204e9800998ecf8427e"}
+       "split": "e4d909c290d0fb1ca068ffaddf22cbd0.dir", "distilled": "d41d8cd98f00b204e9800998ecf8427e",
+       "index": "5d41402abc4b2a76b9719d911017c592.dir"}
 
 
 @dataclass
@@ -36,8 +37,9 @@ class World:
     runs: dict[str, str]
 
 
-def make_adapter(base_model_dir: Path, out: Path, seed: int) -> Path:
-    """A real peft LoRA adapter on the base model (random B so it changes outputs), saved untrained."""
+def make_adapter(base_model_dir: Path, out: Path, seed: int, scale: float = 1.0) -> Path:
+    """A real peft LoRA adapter on the base model (random B so it changes outputs), saved untrained; `scale`
+    multiplies B (a small one keeps the base model's answers readable)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -46,7 +48,12 @@ def make_adapter(base_model_dir: Path, out: Path, seed: int) -> Path:
     model = AutoModelForCausalLM.from_pretrained(str(base_model_dir), dtype=torch.float32)
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
                         init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(str(out))
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(scale)
+    peft_model.save_pretrained(str(out))
     return out
 
 
@@ -62,6 +69,7 @@ def write_dvc_lock(root: Path) -> None:
                              entry("corrections/reviews", MD5["reviews"])],
                     "outs": [entry("data/corrected/templates.parquet", MD5["corrected"])]},
         "split": {"cmd": "python -m tasks.split", "outs": [entry("data/split", MD5["split"])]},
+        "index": {"cmd": "python -m tasks.index", "outs": [entry("models/index", MD5["index"])]},
         "distill": {"cmd": "python -m tasks.distill", "outs": [entry("data/sft/train.jsonl", MD5["distilled"])]},
     }}
     (root / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False), encoding="utf-8")
@@ -133,15 +141,31 @@ def candidate_metrics(bgl: float, spirit: float, *, hdfs: float = 0.5, valid: fl
     return metrics
 
 
+def candidate_items(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Per-item predictions with the metrics' F1 on each template set: 100 anomalies, 300 normal items, the first
+    c anomalies caught and no false alarm, c = 100·F1/(2−F1); a higher F1 catches a superset (paired gains)."""
+    out = {}
+    for name in ("template_bgl", "template_spirit"):
+        f1 = metrics["methods"]["rationanomaly"][name]["f1"]
+        caught = round(100 * f1 / (2 - f1))
+        out[name] = {"ids": [str(i) for i in range(400)], "labels": [1] * 100 + [0] * 300,
+                     "pred": [1] * caught + [0] * (100 - caught) + [0] * 300,
+                     "digest": metrics["test_data"]["digests"][name]}
+    return out
+
+
 def release(world: World, name: str, metrics: dict[str, Any], approver: str = "alice",
             reason: str = "beats the champion") -> tuple[str, Any]:
     """gate → register → promote (when the gate passed), as the release flow does."""
     from tasks.release.registry import champion_metrics, promote, register_candidate
 
     champion = champion_metrics(name)
+    items = candidate_items(metrics)
     verdict = evaluate_gate(metrics, champion["metrics"] if champion else None, GATE,
-                            champion_version=champion["version"] if champion else None)
-    version = register_candidate(world.grpo, world.base, metrics, verdict, **register_kwargs(world, name))
+                            champion_version=champion["version"] if champion else None, candidate_items=items,
+                            champion_items=champion["items"] if champion else None)
+    version = register_candidate(world.grpo, world.base, metrics, verdict, predictions=items,
+                                 **register_kwargs(world, name))
     if verdict.passed:
         promote(version, approver, reason, name=name)
     return version, verdict

@@ -15,11 +15,16 @@ from typing import Any
 
 import pytest
 
-from serving.client import Client, Endpoint, EndpointError
-from serving.detect import Detector, detect_format, make_miner
+from serving.client import Endpoint, EndpointError, client_for
+from serving.detect import http_detector
 from tasks.common.settings import DetectSettings, load_settings
+from tasks.detection.formats import detect_format
+from tasks.detection.miner import make_miner
+from tasks.detection.verdicts import ClassifierError
 
 REPO = Path(__file__).resolve().parents[1]
+DETECT = load_settings(REPO / "params.yaml").detect  # the shipped detect knobs
+QUESTION = re.compile(r"Log \([^)]*\):\n(?P<log>.*)\n\nIs this log", re.DOTALL)
 ABNORMAL_WORDS = re.compile(r"\berror\b|fail|fatal|\bexception\b|abort|severed", re.IGNORECASE)
 
 BGL = [
@@ -58,6 +63,7 @@ class FakeChatServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", port), _Handler)
         self.mode, self.fail_first, self.down_after, self.api_key = mode, fail_first, down_after, api_key
         self.prompts: list[str] = []
+        self.kinds: list[str] = []  # per answered request: score (log-probs asked) or explain
         self.requests = 0
         self.lock = threading.Lock()
         self.stopped = threading.Event()
@@ -100,7 +106,7 @@ class _Handler(BaseHTTPRequestHandler):
         if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
             self._send(401, {"error": "bad api key"})
             return
-        user = body["messages"][-1]["content"]
+        user = next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
         with server.lock:
             if server.requests <= server.fail_first:
                 self._send(503, {"error": "warming up"})
@@ -110,7 +116,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             server.prompts.append(user)
-        log = user.split("\n", 1)[1].rsplit("\n\nIs this log", 1)[0]
+            server.kinds.append("score" if body.get("logprobs") else "explain")
+        log = QUESTION.search(user).group("log")  # type: ignore[union-attr]
+        if body.get("logprobs"):  # a scoring request (serving.client.Client.score): the answer token's top-k
+            first, second = ("ab", "normal") if ABNORMAL_WORDS.search(log) else ("normal", "ab")
+            top = [{"token": first, "logprob": -0.1}, {"token": second, "logprob": -2.4},
+                   {"token": "The", "logprob": -5.0}]
+            self._send(200, {"id": "x", "object": "chat.completion", "model": body["model"], "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": first}, "finish_reason": "length",
+                 "logprobs": {"content": [{"token": first, "logprob": -0.1, "top_logprobs": top}]}}]})
+            return
         if server.mode == "echo":
             text = user
         else:
@@ -146,11 +161,13 @@ def detect_params(tmp_path: Path, **overrides: Any) -> DetectSettings:
                                       "max_retries": 3, "timeout_s": 10, "concurrency": 1, **overrides})
 
 
-def run_detect(tmp_path: Path, url: str, data: bytes, version: str = "1", **overrides: Any
-               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def run_detect(tmp_path: Path, url: str, data: bytes, version: str = "1", endpoint: dict[str, Any] | None = None,
+               **overrides: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """detect over HTTP; `endpoint`: Endpoint fields besides the URL, model and version (threshold, index)."""
     params = detect_params(tmp_path, **overrides)
     out = io.StringIO()
-    with Detector(params, endpoint=Endpoint(url, "rationanomaly", version), progress=False) as detector:
+    with http_detector(params, Endpoint(url, "rationanomaly", version, **(endpoint or {})),
+                       progress=False) as detector:
         summary = detector.run(io.BytesIO(data), out)
     return summary, [json.loads(line) for line in out.getvalue().splitlines()]
 
@@ -228,8 +245,8 @@ def test_a_model_switch_during_the_run_stops_it_instead_of_mixing_versions(tmp_p
                                                                             chat_server: Any) -> None:
     server = chat_server()
     params = detect_params(tmp_path)
-    with (Detector(params, endpoint=Endpoint(server.url, "m", "2"), model_version="1", progress=False) as detector,
-          pytest.raises(EndpointError, match="changed from version 1 to 2")):
+    with (http_detector(params, Endpoint(server.url, "m", "2"), model_version="1", progress=False) as detector,
+          pytest.raises(ClassifierError, match="changed from version 1 to 2")):
         detector.run(io.BytesIO(lines_file(BGL)), io.StringIO())
 
 
@@ -262,6 +279,41 @@ def test_template_records_carry_the_rationale_once(tmp_path: Path, chat_server: 
     assert tlb["model_version"] == "1"
 
 
+def test_a_versions_threshold_decides_and_only_abnormal_templates_get_a_rationale(tmp_path: Path,
+                                                                                  chat_server: Any) -> None:
+    server = chat_server()
+    _, records = run_detect(tmp_path, server.url, lines_file(BGL), endpoint={"threshold": 0.5},
+                            rationales="abnormal")
+    templates = [r for r in records if r["kind"] == "template"]
+    abnormal = [t for t in templates if t["verdict"] == "abnormal"]
+    assert len(abnormal) == 2 and len(templates) == 3  # parity error, TLB error; alignment exceptions
+    for t in templates:  # the fake gives 0.9 to the word it would answer, 0.1 to the other
+        assert t["score"] == pytest.approx(0.909, abs=1e-3) if t in abnormal else t["score"] < 0.1
+        assert bool(t["rationale"]) == (t in abnormal)
+    assert server.kinds.count("score") == 3 and server.kinds.count("explain") == 2
+    # a stricter threshold on the same scores: nothing abnormal, nothing to explain (a new version: no cache)
+    server.kinds.clear()
+    _, records = run_detect(tmp_path, server.url, lines_file(BGL), version="2", endpoint={"threshold": 0.95})
+    assert {r["verdict"] for r in records if r["kind"] == "template"} == {"normal"}
+    assert server.kinds == ["score"] * 3
+
+
+def test_the_versions_index_puts_labelled_neighbours_into_every_prompt(tmp_path: Path, chat_server: Any) -> None:
+    from tasks.common.prompt import NEIGHBOURS_HEADER
+    from tasks.common.retrieval import INDEX_FILE, TemplateIndex
+
+    (tmp_path / "index").mkdir()
+    TemplateIndex(["instruction cache parity error corrected", "ciod: generated core files", "data TLB error"],
+                  [1, 0, 1], ["bgl"] * 3).save(tmp_path / "index" / INDEX_FILE)
+    server = chat_server()
+    run_detect(tmp_path, server.url, lines_file(BGL[:1]), rationales="all",
+               endpoint={"threshold": 0.5, "index_dir": str(tmp_path / "index"), "neighbours": 2})
+    assert server.kinds == ["score", "explain"]
+    for prompt in server.prompts:  # the same neighbours for the score and the rationale
+        assert prompt.startswith(NEIGHBOURS_HEADER + "\n- abnormal: instruction cache parity error corrected\n")
+        assert prompt.count("\n- ") == 2
+
+
 def test_a_pipe_gets_verdicts_while_it_is_still_open(tmp_path: Path, chat_server: Any) -> None:
     server = chat_server()
     read_fd, write_fd = os.pipe()
@@ -269,7 +321,7 @@ def test_a_pipe_gets_verdicts_while_it_is_still_open(tmp_path: Path, chat_server
 
     def run() -> None:
         params = detect_params(tmp_path, flush_s=0.2)
-        with (Detector(params, endpoint=Endpoint(server.url, "m", "1"), progress=False) as detector,
+        with (http_detector(params, Endpoint(server.url, "m", "1"), progress=False) as detector,
               os.fdopen(read_fd, "rb") as handle):
             result["summary"] = detector.run(handle, out)
 
@@ -358,9 +410,9 @@ def test_endpoint_down_stops_with_a_clear_error_keeps_answers_and_a_rerun_resume
 
 def test_a_wrong_api_key_fails_at_once_without_retries(tmp_path: Path, chat_server: Any) -> None:
     server = chat_server(api_key="s3cret")
-    with Client(Endpoint(server.url, "m", "1", api_key="s3cret"), max_retries=3, backoff_s=0.01) as client:
+    with client_for(Endpoint(server.url, "m", "1", api_key="s3cret"), DETECT, max_retries=3, backoff_s=0.01) as client:
         assert client.classify_one("disk failed").verdict == "abnormal"
-    with (Client(Endpoint(server.url, "m", "1", api_key="wrong"), max_retries=3, backoff_s=0.01) as client,
+    with (client_for(Endpoint(server.url, "m", "1", api_key="wrong"), DETECT, max_retries=3, backoff_s=0.01) as client,
           pytest.raises(EndpointError, match="HTTP 401")):
         client.classify_one("disk failed")
     assert server.requests == 2
@@ -369,7 +421,7 @@ def test_a_wrong_api_key_fails_at_once_without_retries(tmp_path: Path, chat_serv
 def test_concurrent_classify_keeps_input_order(chat_server: Any) -> None:
     server = chat_server()
     items = [("bgl", f"node {i} {'failed' if i % 3 == 0 else 'ok'} word{i}") for i in range(24)]
-    with Client(Endpoint(server.url, "m", "1"), concurrency=6) as client:
+    with client_for(Endpoint(server.url, "m", "1"), DETECT, concurrency=6) as client:
         verdicts = client.classify(items)
     assert [v.template for v in verdicts] == [t for _, t in items]
     assert [v.verdict for v in verdicts] == ["abnormal" if i % 3 == 0 else "normal" for i in range(24)]

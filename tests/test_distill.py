@@ -69,7 +69,7 @@ def train_file(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     shipped = load_settings(Path(__file__).resolve().parents[1] / "params.yaml").split
     split_all(folder / "templates.parquet", mirror / "loghub/BGL/BGL_2k.log_structured.csv",
               mirror / "hdfs_sessions/session_test.jsonl", folder / "split", folder / "split.json",
-              seed=shipped.seed, test_fraction=shipped.test_fraction,
+              seed=shipped.seed, test_fraction=shipped.test_fraction, validation_fraction=shipped.validation_fraction,
               train_anomaly_rate=shipped.train_anomaly_rate, window_lines=shipped.window_lines)
     return folder / "split/train.parquet"
 
@@ -80,16 +80,23 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def test_lexicon_distills_every_real_training_template(train_file: Path, tmp_path: Path):
     report = distill(train_file, tmp_path / "train.jsonl", tmp_path / "distill.json", LexiconTeacher())
-    assert report["total"] == report["accepted"] == 1134 and report["rejected_total"] == 0
-    assert report["per_dataset"]["bgl"]["accepted"] == 447 and report["accepted_abnormal"] == 67 + 103
+    assert report["total"] == report["accepted"] == 907 and report["rejected_total"] == 0
+    assert report["per_dataset"]["bgl"]["accepted"] == 360 and report["accepted_abnormal"] == 54 + 82
+    assert report["examples"] == {"explain": 907, "verdict": 907} and report["examples_with_neighbours"] == 0
     assert 40 <= report["mean_rationale_words"] <= 70
     rows = read_jsonl(tmp_path / "train.jsonl")
-    assert len({row["rationale"] for row in rows}) >= 0.99 * len(rows)
+    explain = [row for row in rows if row["task"] == "explain"]
+    assert len({row["rationale"] for row in explain}) >= 0.99 * len(explain)
     for row in rows[:50]:
-        assert row["messages"] == training_messages(row["template"], row["rationale"], row["label"], row["dataset"])
+        assert row["messages"] == training_messages(row["template"], row["rationale"], row["label"], row["dataset"],
+                                                    task=row["task"])
         assert row["prompt"] + row["completion"] == row["messages"]
-        parsed = parse_completion(row["completion"][0]["content"])
-        assert parsed.valid and parsed.label == row["label"] and parsed.think == row["rationale"]
+        answer = row["completion"][0]["content"]
+        if row["task"] == "explain":
+            parsed = parse_completion(answer)
+            assert parsed.valid and parsed.label == row["label"] and parsed.think == row["rationale"]
+        else:
+            assert answer == f"<answer>{('normal', 'abnormal')[row['label']]}</answer>"
     assert json.loads((tmp_path / "distill.json").read_text()) == report
 
 
@@ -189,7 +196,7 @@ def test_openai_teacher_rejects_disagreeing_labels_and_caches_every_answer(chat_
     assert chat_server.requests["FLAKY mount: RPC: Timed out"] == 2, "a 500 is retried by the client"
     edram = next(b["messages"][-1]["content"] for b in chat_server.bodies if "EDRAM" in b["messages"][-1]["content"])
     assert "The expert label is: abnormal" in edram, "the teacher is conditioned on the corrected label"
-    rows = read_jsonl(tmp_path / "sft.jsonl")
+    rows = [row for row in read_jsonl(tmp_path / "sft.jsonl") if row["task"] == "explain"]
     assert [row["template"] for row in rows] == ["<*> error detected in EDRAM bank <*>",
                                                   "ciod: generated <*> core files", "FLAKY mount: RPC: Timed out"]
     first_output = (tmp_path / "sft.jsonl").read_bytes()
@@ -231,3 +238,23 @@ def test_bad_training_file_fails_before_distilling_and_keeps_the_last_output(tmp
     with pytest.raises(InputError, match=r"bad\.parquet:\d+ field 'label': label 3 is not 0/1"):
         distill(tmp_path / "bad.parquet", out, tmp_path / "d.json", LexiconTeacher())
     assert out.read_bytes() == before
+
+
+def test_training_neighbours_never_show_the_example_itself_or_a_near_twin():
+    from tasks.common.retrieval import TemplateIndex
+    from tasks.distill import training_neighbours
+
+    templates = [log for _, log, _ in LOGS] + ["instruction cache parity error corrected!", "ACPI: Interpreter on"]
+    labels = [y for _, _, y in LOGS] + [0, 0]
+    index = TemplateIndex(templates, labels, ["bgl"] * len(templates))
+    settings = load_settings(Path(__file__).resolve().parents[1] / "params.yaml").index.model_copy(
+        update={"k": 3, "bare_fraction": 0.0})
+    shown = training_neighbours(index, templates, settings, seed=0)
+    for template, near in zip(templates, shown, strict=True):
+        assert len(near) == 3 and template not in [t for t, _ in near]
+        similarity = {n.template: n.similarity for n in index.search([template], len(templates))[0]}
+        assert all(similarity[other] < settings.near_duplicate_similarity for other, _ in near)
+    # the near-twin (only punctuation differs) is the closest template, yet never shown
+    assert "instruction cache parity error corrected!" not in [t for t, _ in shown[0]]
+    bare = training_neighbours(index, templates * 20, settings.model_copy(update={"bare_fraction": 0.3}), seed=1)
+    assert 0.15 < sum(not near for near in bare) / len(bare) < 0.45  # a share trained without neighbours

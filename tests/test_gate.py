@@ -12,8 +12,8 @@ from tasks.common.settings import GateSettings, load_settings
 from tasks.release.gate import GateVerdict, evaluate_gate
 
 PARAMS = GateSettings(min_f1={"template_bgl": 0.5, "template_spirit": 0.5}, min_recall_abnormal=0.4,
-                      max_format_invalid_rate=0.2, champion_margin=0.01, max_regression_per_dataset=0.05,
-                      require_approval=False)
+                      max_false_alarm_rate={}, max_format_invalid_rate=0.2, champion_margin=0.01,
+                      max_regression_per_dataset=0.05, require_approval=False)
 DIGESTS = {"template_bgl": "aaa", "template_spirit": "bbb", "session_bgl2k": "ccc", "session_hdfs": "ddd"}
 
 
@@ -58,20 +58,59 @@ def test_low_recall_and_many_invalid_answers_fail_their_rules() -> None:
     assert rule(verdict, "max_format_invalid_rate.template_bgl").measured == pytest.approx(0.5)
 
 
+LABELS = [1] * 40 + [0] * 160
+
+
+def items(caught: int, alarms: int, sets: tuple[str, ...] = ("template_bgl", "template_spirit"),
+          first: int = 0) -> dict[str, Any]:
+    """Per-item predictions as tasks.evaluate.item_predictions writes them: `caught` of the 40 anomalies flagged
+    (from the `first` on), and `alarms` of the 160 normal items."""
+    pred = [int(first <= i < first + caught) for i in range(40)] + [1] * alarms + [0] * (160 - alarms)
+    return {name: {"ids": [str(i) for i in range(200)], "labels": LABELS, "pred": pred, "digest": DIGESTS[name]}
+            for name in sets}
+
+
+def f1_of(caught: int, alarms: int) -> float:
+    return 2 * caught / (2 * caught + alarms + (40 - caught))
+
+
 def test_candidate_must_beat_the_champion_by_the_margin() -> None:
-    champion = metrics(0.7, 0.6)
-    same = evaluate_gate(metrics(0.7, 0.6), champion, PARAMS, champion_version="3")
-    assert [r.name for r in same.failed] == ["champion_margin"]
-    assert rule(same, "champion_margin").measured == pytest.approx(0.0)
-    better = evaluate_gate(metrics(0.75, 0.62), champion, PARAMS, champion_version="3")
+    champion = metrics(f1_of(30, 10), f1_of(30, 10))
+    worse = evaluate_gate(metrics(f1_of(27, 10), f1_of(27, 10)), champion, PARAMS, champion_version="3",
+                          candidate_items=items(27, 10), champion_items=items(30, 10))
+    assert [r.name for r in worse.failed] == ["champion_margin"]
+    assert rule(worse, "champion_margin").measured == pytest.approx(f1_of(27, 10) - f1_of(30, 10), abs=1e-6)
+    assert rule(worse, "champion_margin").interval[0] < -PARAMS.champion_margin
+    better = evaluate_gate(metrics(f1_of(38, 4), f1_of(38, 4)), champion, PARAMS, champion_version="3",
+                           candidate_items=items(38, 4), champion_items=items(30, 10))
     assert better.passed
-    assert rule(better, "champion_margin").measured == pytest.approx(0.035)
+    assert rule(better, "champion_margin").measured == pytest.approx(f1_of(38, 4) - f1_of(30, 10), abs=1e-6)
+    assert rule(better, "champion_margin").interval[0] > -PARAMS.champion_margin
     assert better.champion_version == "3"
+
+
+def test_a_point_gain_inside_the_noise_promotes_nothing_and_says_why() -> None:
+    champion = metrics(f1_of(30, 10), f1_of(30, 10))
+    # one more anomaly caught in all (a higher point F1), but 5 the champion caught are now missed
+    candidate = metrics(f1_of(31, 10), f1_of(31, 10))
+    verdict = evaluate_gate(candidate, champion, PARAMS, champion_version="3",
+                            candidate_items=items(31, 10, first=5), champion_items=items(30, 10))
+    margin = rule(verdict, "champion_margin")
+    assert margin.measured > 0 and margin.interval[0] < -PARAMS.champion_margin < margin.interval[1]
+    assert not verdict.passed and [r.name for r in verdict.failed] == ["champion_margin"]
+    assert "champion_margin" in verdict.summary() and "lower end must exceed -0.0100" in margin.detail
+
+
+def test_without_per_item_predictions_the_champion_is_never_replaced_blindly() -> None:
+    verdict = evaluate_gate(metrics(0.9, 0.9), metrics(0.5, 0.5), PARAMS, candidate_items=items(38, 4))
+    assert [r.name for r in verdict.failed] == ["champion_margin"]
+    assert "no per-item predictions of the champion" in rule(verdict, "champion_margin").detail
 
 
 def test_a_regression_on_one_dataset_fails_even_when_the_mean_improves() -> None:
     champion = metrics(0.6, 0.6, hdfs=0.9)
-    verdict = evaluate_gate(metrics(0.8, 0.7, hdfs=0.7), champion, PARAMS)
+    verdict = evaluate_gate(metrics(0.8, 0.7, hdfs=0.7), champion, PARAMS, candidate_items=items(38, 4),
+                            champion_items=items(30, 10))
     assert [r.name for r in verdict.failed] == ["max_regression.session_hdfs"]
     assert rule(verdict, "max_regression.session_hdfs").measured == pytest.approx(0.2)
     assert "F1 0.9000 → 0.7000" in rule(verdict, "max_regression.session_hdfs").detail
@@ -94,10 +133,11 @@ def test_release_re_evaluates_a_champion_measured_on_other_test_data(monkeypatch
     monkeypatch.setattr(release, "repo_root", lambda: tmp_path)
     monkeypatch.setattr(release.registry, "download_adapter", lambda ref, dest: tmp_path / ref)
     monkeypatch.setattr(release, "evaluate_adapter",
-                        lambda adapter, params: evaluated.append(str(adapter)) or metrics(0.6, 0.6))
+                        lambda adapter, evaluate, detect, retrieval: evaluated.append(str(adapter))
+                        or (metrics(0.6, 0.6), items(30, 10)))
     settings = load_settings(Path(__file__).resolve().parents[1] / "params.yaml")
     candidate = metrics(0.8, 0.8)
-    current = {"version": "3", "metrics": metrics(0.5, 0.5)}
+    current = {"version": "3", "metrics": metrics(0.5, 0.5), "items": items(30, 10)}
     assert release.champion_on_current_data.fn(candidate, current, settings) is current
     assert release.champion_on_current_data.fn(candidate, None, settings) is None
     assert evaluated == []
@@ -106,7 +146,10 @@ def test_release_re_evaluates_a_champion_measured_on_other_test_data(monkeypatch
     fresh = release.champion_on_current_data.fn(candidate, stale, settings)
     assert len(evaluated) == 1 and evaluated[0].endswith("/3")
     assert fresh["re_evaluated"] and fresh["version"] == "3"
+    assert fresh["items"] == items(30, 10)
     assert rule(evaluate_gate(candidate, fresh["metrics"], PARAMS), "champion_same_test_data").passed
+    unpaired = {"version": "3", "metrics": metrics(0.5, 0.5), "items": None}  # registered before items were kept
+    assert release.champion_on_current_data.fn(candidate, unpaired, settings)["re_evaluated"]
 
 
 def test_missing_test_set_fails_instead_of_passing_silently() -> None:
@@ -125,7 +168,7 @@ def test_verdict_serialises_and_renders_every_rule() -> None:
     assert again.passed is False and again.require_approval is True
     text = verdict.to_markdown()
     assert text.startswith("# Gate: FAILED")
-    assert "| min_f1.template_spirit | 0.5000 | 0.3000 | **FAIL** |" in text
+    assert "| min_f1.template_spirit | 0.5000 | 0.3000 | — | **FAIL** |" in text
     assert "against champion v1" in text and "approval is required" in text
     assert len([line for line in text.splitlines() if line.startswith("| ") and "rule" not in line]) == \
         len(verdict.rules)

@@ -11,6 +11,7 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_
 
 from tasks.evaluation.baselines import FAILURE_WORDS, fit_tfidf_lr, keyword_hits, keyword_predict, tfidf_lr_predict
 from tasks.evaluation.inference import cut_at_stop, to_prediction
+from tasks.evaluation.intervals import BootstrapSettings
 from tasks.evaluation.metrics import MethodResult, binary_metrics, score
 from tasks.evaluation.testdata import EvalData, cap_sessions, cap_stratified, unseen_only
 
@@ -105,12 +106,19 @@ def test_unseen_only_drops_training_templates_and_relabels_windows() -> None:
     assert [s["id"] for s in unseen_only(data.sessions["hdfs"], data.seen)] == ["blk_1"]
 
 
+BOOTSTRAP = BootstrapSettings(resamples=1000, confidence=0.95, seed=7)
+
+
+def keys_of(data: EvalData) -> list[tuple[str, str]]:
+    return list(dict.fromkeys(k for s in data.sets() for k in s.unique_keys()))
+
+
 def test_session_is_abnormal_when_any_of_its_templates_is() -> None:
     data = _data()
     verdicts = {item: {"label": int(item[1] in {"a", "x", "seen abnormal"}), "valid": True, "rationale_words": 3}
-                for item in data.items()}
+                for item in keys_of(data)}
     verdicts[("bgl", "b")]["valid"] = False  # an unreadable answer on a template used in sessions
-    blocks = score(MethodResult("m", verdicts, 1.0, "test", True), data)
+    blocks = score(MethodResult("m", verdicts, 1.0, "test", True), data.sets(), BOOTSTRAP)
     assert blocks["template_bgl"]["f1"] == 1.0
     assert blocks["session_bgl2k"]["confusion_matrix"] == [[1, 0], [0, 2]]
     assert blocks["session_bgl2k"]["format_invalid"] == 1
@@ -122,7 +130,7 @@ def test_session_is_abnormal_when_any_of_its_templates_is() -> None:
 
 
 def test_items_are_classified_once_per_dataset_and_template() -> None:
-    items = _data().items()
+    items = keys_of(_data())
     assert len(items) == len(set(items))
     assert ("bgl", "b") in items and ("hdfs", "y") in items and ("bgl", "seen normal") in items
 

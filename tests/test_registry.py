@@ -14,7 +14,8 @@ from tasks.common.settings import GateSettings
 from tasks.release import registry
 from tasks.release.gate import evaluate_gate
 
-NO_RULES = GateSettings(min_f1={}, min_recall_abnormal=None, max_format_invalid_rate=None, champion_margin=0.0,
+NO_RULES = GateSettings(min_f1={}, min_recall_abnormal=None, max_false_alarm_rate={}, max_format_invalid_rate=None,
+                        champion_margin=0.0,
                         max_regression_per_dataset=None, require_approval=False)
 
 
@@ -188,18 +189,78 @@ def test_request_approval_outside_a_flow_says_so(world: World) -> None:
     assert set(ApprovalInput.model_fields) >= {"approver", "approve", "reason"}
 
 
+def index_folder(path: Path) -> Path:
+    from tasks.common.retrieval import INDEX_FILE, TemplateIndex
+
+    path.mkdir(parents=True, exist_ok=True)
+    TemplateIndex(["ciod: failed to read message prefix", "generating core"], [1, 0], ["bgl", "bgl"]).save(
+        path / INDEX_FILE)
+    return path
+
+
+def register_calibrated(world: World, name: str, threshold: float, adapter: Path | None = None) -> str:
+    metrics = candidate_metrics(0.6, 0.5)
+    verdict = evaluate_gate(metrics, None, NO_RULES)
+    calibration = {"threshold": threshold, "neighbours": 2, "average_precision": 0.7, "n": 40, "abnormal": 6}
+    version = registry.register_candidate(adapter or world.grpo, world.base, metrics, verdict,
+                                          calibration=calibration,
+                                          index_dir=index_folder(world.root / "models" / "index"),
+                                          **register_kwargs(world, name))
+    registry.promote(version, "alice", "calibrated", name=name)
+    return version
+
+
+def test_the_threshold_and_index_travel_with_the_version_to_serving(world: World, tmp_path: Path) -> None:
+    from serving.resolve import local_model_ref, resolve_champion
+    from tasks.common.errors import InputError
+    from tasks.common.retrieval import INDEX_FILE
+
+    version = register_calibrated(world, "calibrated", 0.37)
+    assert versions("calibrated")[version]["verdict.threshold"] == "0.37"
+    ref = resolve_champion("calibrated", dest_root=tmp_path / "serve", fallback_base_dir=world.base)
+    assert (ref.threshold, ref.neighbours) == (0.37, 2)
+    assert (Path(str(ref.index_dir)) / INDEX_FILE).is_file()
+    assert Path(ref.adapter_dir).parent == Path(str(ref.index_dir)).parent  # artifacts/adapter, artifacts/index
+    # the same read from a downloaded artifacts folder (`serve --adapter`, detect.version_dir)
+    local = local_model_ref("m", "local", world.base, Path(ref.adapter_dir).parent)
+    assert (local.threshold, local.index_dir, local.neighbours) == (0.37, ref.index_dir, 2)
+    assert local_model_ref("m", "local", world.base, world.grpo).threshold is None  # an adapter never evaluated
+    # a calibration the artifacts cannot honour is refused by name, before anything is served
+    broken = tmp_path / "broken"
+    (broken / "adapter").mkdir(parents=True)
+    for f in Path(ref.adapter_dir).iterdir():
+        (broken / "adapter" / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(InputError, match=r"index\.pkl does not exist") as raised:
+        local_model_ref("m", "local", world.base, broken)
+    assert "calibration.json" in str(raised.value)
+    (broken / "adapter" / "calibration.json").write_text('{"threshold": 3.5}')
+    with pytest.raises(InputError, match="not a probability"):
+        local_model_ref("m", "local", world.base, broken)
+
+
 @pytest.mark.slow
-def test_champion_loads_back_through_the_models_uri_and_classifies(world: World) -> None:
+def test_champion_loads_back_through_the_models_uri_and_classifies(world: World, tmp_path: Path) -> None:
     import mlflow.pyfunc
     import pandas as pd
 
     version, _ = release(world, "loadback", candidate_metrics(0.6, 0.5))
     model = mlflow.pyfunc.load_model("models:/loadback@champion", model_config={"max_new_tokens": 6})
-    out = model.predict(pd.DataFrame({"log": ["ciod: failed to read message prefix", ""], "dataset": ["bgl"] * 2}))
-    assert list(out.columns) == ["verdict", "label", "valid", "rationale", "completion"]
-    assert len(out) == 2 and set(out["verdict"]) <= {"normal", "abnormal"}
+    logs = pd.DataFrame({"log": ["ciod: failed to read message prefix", ""], "dataset": ["bgl"] * 2})
+    out = model.predict(logs)
+    assert list(out.columns) == ["verdict", "label", "score", "valid", "rationale", "completion"]
+    assert len(out) == 2 and set(out["verdict"]) <= {"normal", "abnormal"} and out["score"].isna().all()
     assert os.path.isdir(model._model_impl.python_model.adapter_dir)
     assert registry.aliases("loadback")["champion"] == version
+    # a calibrated version scores every row: threshold 0 flags every scored row, with the index's neighbours
+    gentle = make_adapter(world.base, tmp_path / "gentle", seed=3, scale=0.01)  # answers like the base model
+    (gentle / "training_meta.json").write_bytes((world.grpo / "training_meta.json").read_bytes())
+    register_calibrated(world, "loadback-calibrated", 0.0, gentle)
+    model = mlflow.pyfunc.load_model("models:/loadback-calibrated@champion", model_config={"max_new_tokens": 6})
+    assert model._model_impl.python_model.index is not None
+    out = model.predict(logs)
+    scored = out["score"].notna()
+    assert scored.any() and out["score"][scored].between(0, 1).all()
+    assert (out["verdict"][scored] == "abnormal").all() and (out["valid"] == scored).all()
 
 
 def test_release_flow_lookups_find_the_card_and_an_already_registered_candidate(world: World) -> None:

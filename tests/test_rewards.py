@@ -216,3 +216,19 @@ def test_the_frozen_lm_finds_a_fluent_rationale_more_coherent_than_word_salad(ba
     good, bad = coherence_reward(texts, [1, 1], cfg=CFG, perplexity=scorer)
     assert good > bad >= 0.0
     assert scorer is perplexity_scorer(str(base_model_dir), 4), "the LM is loaded once"
+
+
+def test_a_verdict_task_completion_is_read_in_its_own_format_and_earns_no_think_part():
+    """The verdict task (the scored answer word the gate measures) is trained by GRPO with the same answer table;
+    its completion is `<answer>x</answer>` alone, so the explain format would call it invalid."""
+    texts = ["<answer>abnormal</answer>", "<answer>Normal</answer>", completion(GOOD, "abnormal"), "abnormal"]
+    task = ["verdict"] * 4
+    kwargs = {"completions": texts, "label": [1, 1, 1, 1], "template": [LOG] * 4, "rationale": [REFERENCE] * 4,
+              "task": task}
+    assert format_reward(**kwargs, cfg=CFG) == [CFG.format_valid] * 2 + [CFG.format_invalid] * 2
+    answers = answer_reward(**kwargs, cfg=CFG)
+    assert answers[0] == CFG.answer_true_abnormal and answers[1] < answers[0]
+    assert grounding_reward(**kwargs) == [0.0] * 4 and brevity_reward(**kwargs) == [0.0] * 4
+    explain = {**kwargs, "task": ["explain"] * 4}
+    assert format_reward(**explain, cfg=CFG)[:2] == [CFG.format_invalid] * 2  # no <think>: invalid there
+    assert grounding_reward(**explain)[2] > 0

@@ -25,14 +25,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from serving import server
-from serving.client import Client, EndpointError, endpoint_from_state
-from serving.detect import Detector
+from serving.client import EndpointError, client_for, endpoint_from_state
+from serving.detect import http_detector
 from serving.resolve import ModelRef
 from serving.smoke import SMOKE_SET
 from tasks.common.errors import InputError
 from tasks.common.settings import ServeSettings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
+DETECT = load_settings(REPO / "params.yaml").detect  # the shipped detect knobs
 TEST_CACHE = REPO / ".cache" / "test-assets"
 HIDDEN = 576
 
@@ -230,7 +231,8 @@ def live(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path, tiny_ad
 
 
 def ask(state_file: str, template: str = "instruction cache parity error corrected", max_tokens: int = 16) -> str:
-    with Client(endpoint_from_state(state_file), max_retries=2, max_tokens=max_tokens) as client:
+    with client_for(endpoint_from_state(state_file), DETECT, max_retries=2, max_tokens=max_tokens,
+                    rationales="all") as client:
         return client.classify_one(template, "bgl").raw
 
 
@@ -256,7 +258,7 @@ def test_32_concurrent_clients_get_answers_with_zero_errors(live: dict[str, Any]
 
     def one_client(template: str) -> float:
         started = time.perf_counter()
-        with Client(endpoint_from_state(state_file), max_retries=1, max_tokens=16, timeout_s=300) as client:
+        with client_for(endpoint_from_state(state_file), DETECT, max_retries=1, max_tokens=16, timeout_s=300) as client:
             client.classify_one(template, "bgl")
         return time.perf_counter() - started
 
@@ -335,7 +337,7 @@ def test_killing_the_server_mid_stream_is_reported_and_detection_resumes_after_a
         "max_retries": 3, "backoff_s": 0.2, "max_tokens": 32, "timeout_s": 60})
 
     def run() -> dict[str, Any]:
-        with Detector(detect, endpoint=lambda: endpoint_from_state(params.state_file), progress=False) as det:
+        with http_detector(detect, lambda: endpoint_from_state(params.state_file), progress=False) as det:
             return det.run(io.BytesIO(data), io.StringIO())
 
     failure: list[BaseException] = []

@@ -35,7 +35,8 @@ SHIPPED = load_settings(Path(__file__).resolve().parents[1] / "params.yaml").spl
 
 def do_split(corrected: Path, out: Path, bgl: Path, hdfs: Path, **kwargs) -> dict:
     """split_all with the shipped `split` settings, except what `kwargs` overrides."""
-    knobs = {k: getattr(SHIPPED, k) for k in ("seed", "test_fraction", "train_anomaly_rate", "window_lines")}
+    knobs = {k: getattr(SHIPPED, k) for k in ("seed", "test_fraction", "train_anomaly_rate", "window_lines",
+                                              "validation_fraction")}
     return split_all(corrected, bgl, hdfs, out / "split", out / "split.json", **{**knobs, **kwargs})
 
 
@@ -48,31 +49,36 @@ def shipped(corrected: Path, mirror: Path, tmp_path_factory: pytest.TempPathFact
 def test_template_split_is_stratified_at_the_papers_train_anomaly_rate(shipped):
     report, folder = shipped
     bgl, spirit = report["templates"]["bgl"], report["templates"]["spirit"]
-    assert (bgl["train"], bgl["train_abnormal"], bgl["test"], bgl["test_abnormal"]) == (447, 67, 707, 45)
-    assert (spirit["train"], spirit["train_abnormal"], spirit["test"], spirit["test_abnormal"]) == (687, 103, 519, 69)
+    assert (bgl["train"], bgl["train_abnormal"], bgl["test"], bgl["test_abnormal"]) == (360, 54, 707, 45)
+    assert (spirit["train"], spirit["train_abnormal"], spirit["test"], spirit["test_abnormal"]) == (547, 82, 519, 69)
+    # a fifth of the training part is held out at the natural anomaly rate, to choose the verdict threshold
+    assert (bgl["validation"], bgl["validation_abnormal"], spirit["validation"], spirit["validation_abnormal"]) == \
+        (212, 13, 156, 21)
     assert bgl["train_anomaly_rate"] == pytest.approx(0.15, abs=0.002)
     assert spirit["test_anomaly_rate"] == pytest.approx(172 / 1297, abs=0.002)  # test keeps the natural rate
     train, test = pd.read_parquet(folder / "train.parquet"), pd.read_parquet(folder / "test.parquet")
-    assert list(train.columns) == list(test.columns) == ["dataset", "template", "label"]
+    validation = pd.read_parquet(folder / "validation.parquet")
+    assert list(train.columns) == list(test.columns) == list(validation.columns) == ["dataset", "template", "label"]
     assert len(test) == 1226 and int(test["label"].sum()) == 45 + 69
-    keys = {(d, t) for d, t in train[["dataset", "template"]].itertuples(index=False)}
-    assert not keys & {(d, t) for d, t in test[["dataset", "template"]].itertuples(index=False)}
+    keys = [{(d, t) for d, t in part[["dataset", "template"]].itertuples(index=False)}
+            for part in (train, test, validation)]
+    assert not keys[0] & keys[1] and not keys[0] & keys[2] and not keys[1] & keys[2]
 
 
 def test_split_is_deterministic_for_a_seed(shipped, corrected: Path, mirror: Path, tmp_path: Path):
     _, folder = shipped
     do_split(corrected, tmp_path, mirror / BGL_STRUCTURED, mirror / HDFS_TEST)
-    for name in ("train.parquet", "test.parquet", "sessions_bgl2k.jsonl", "sessions_hdfs.jsonl"):
+    for name in ("train.parquet", "test.parquet", "validation.parquet", "sessions_bgl2k.jsonl", "sessions_hdfs.jsonl"):
         assert (tmp_path / "split" / name).read_bytes() == (folder / name).read_bytes(), name
     other = do_split(corrected, tmp_path / "seed7", mirror / BGL_STRUCTURED, mirror / HDFS_TEST, seed=7)
     assert (tmp_path / "seed7/split/train.parquet").read_bytes() != (folder / "train.parquet").read_bytes()
-    assert other["templates"]["bgl"]["train"] == 447
+    assert other["templates"]["bgl"]["train"] == 360
 
 
 def test_null_train_anomaly_rate_keeps_every_training_normal(corrected: Path, mirror: Path, tmp_path: Path):
     report = do_split(corrected, tmp_path, mirror / BGL_STRUCTURED, mirror / HDFS_TEST, train_anomaly_rate=None)
     bgl = report["templates"]["bgl"]
-    assert bgl["train_normals_dropped"] == 0 and bgl["train"] + bgl["test"] == 1766
+    assert bgl["train_normals_dropped"] == 0 and bgl["train"] + bgl["validation"] + bgl["test"] == 1766
 
 
 def test_bgl_2k_is_cut_into_100_line_windows_abnormal_if_any_line_is(shipped):
@@ -154,3 +160,24 @@ def test_bad_split_params_are_named(corrected: Path, mirror: Path, tmp_path: Pat
     params["split"]["train_anomaly_rate"] = 1.5
     with pytest.raises(InputError, match=r"field 'split\.train_anomaly_rate'"):
         validate_settings(params)
+
+
+def test_the_retrieval_index_holds_training_templates_only(shipped, tmp_path: Path) -> None:
+    """Prompts show expert-labelled neighbours: never a validation or test template (no label leak)."""
+    import pandas as pd
+
+    from tasks import index as index_stage
+    from tasks.common.retrieval import INDEX_FILE, TemplateIndex
+    from tasks.common.settings import IndexSettings
+
+    _, split_dir = shipped
+    settings = IndexSettings(train_file=str(split_dir / "train.parquet"), out_dir=str(tmp_path / "index"), k=3,
+                             bare_fraction=0.3, near_duplicate_similarity=0.95)
+    meta = index_stage.run(settings)
+    index = TemplateIndex.load(tmp_path / "index" / INDEX_FILE)
+    train = pd.read_parquet(split_dir / "train.parquet")
+    held_out = set(pd.read_parquet(split_dir / "test.parquet")["template"]) | set(
+        pd.read_parquet(split_dir / "validation.parquet")["template"])
+    assert meta["templates"] == len(index) == len(train) and set(index.templates) == set(train["template"])
+    found = {n.template for row in index.search(sorted(held_out), 3) for n in row}
+    assert found and not found & held_out

@@ -18,16 +18,26 @@ from typing import Any, NotRequired, TypedDict
 # A registered version's artifact naming its base model (folder + weights sha256): written by the registry,
 # read by serving.resolve and the pyfunc model.
 BASE_REF_FILE = "base_model_ref.json"
+# The candidate's verdict threshold and its validation figures: written by evaluate, stored in the registered
+# adapter folder, read by serving, detect, the client and the pyfunc model.
+CALIBRATION_FILE = "calibration.json"
+# A registered version's retrieval index folder, beside its adapter folder (artifacts/index, artifacts/adapter).
+INDEX_ARTIFACT = "index"
 CANDIDATE = "rationanomaly"  # the method name of the candidate the gate judges, in metrics.json and reports
-RULE_METHODS = ("keywords", "tfidf_lr")  # lexical baselines (tasks/evaluation/baselines.py)
+RULE_METHODS = ("keywords", "tfidf_lr", "knn_1", "knn_vote")  # lexical and retrieval baselines (baselines.py)
 LLM_BASELINES = ("zero_shot", "sft_only")  # the base model alone; the SFT adapter (paper's "without RL")
 
 
 class SetMetrics(TypedDict, total=False):
-    """One method on one test set. Counts are items (templates or sessions); rates are in [0, 1].
+    """One method on one test set. Counts are items (templates, sessions, log lines or windows); rates and
+    F1 are in [0, 1]; intervals are [low, high] 95% stratified bootstrap bounds (None when a class has
+    fewer than 2 items).
 
-    `confusion_matrix` is [[TN, FP], [FN, TP]] with abnormal = positive. The format fields are None for
-    methods that write no answer (the lexical baselines).
+    `f1` is abnormal-class F1 (the primary figure); `macro_f1` the unweighted mean of both classes' F1 and
+    `weighted_f1` their support-weighted mean (what averaged tables report). `confusion_matrix` is
+    [[TN, FP], [FN, TP]] with abnormal = positive. A set without anomalies (positives_expected False)
+    reports `false_alarm_rate` instead of intervals of F1. The format fields are None for methods that
+    write no answer (the lexical and retrieval baselines).
     """
 
     n: int
@@ -35,6 +45,14 @@ class SetMetrics(TypedDict, total=False):
     precision: float
     recall: float
     f1: float
+    f1_ci: list[float] | None
+    macro_f1: float
+    macro_f1_ci: list[float] | None
+    weighted_f1: float
+    false_alarm_rate: float
+    false_alarm_rate_ci: list[float] | None
+    average_precision: float  # of the verdict score, for methods that have one
+    disagreement_rate: float  # share of written answers whose word differs from the scored verdict
     accuracy: float
     confusion_matrix: list[list[int]]
     format_valid_rate: float | None
@@ -59,8 +77,11 @@ class TestDataSummary(TypedDict):
     so metrics measured on other data are never compared, and the counts."""
 
     digests: dict[str, str]
+    sets: dict[str, dict[str, Any]]  # per set: family, items, abnormal, note
     templates: dict[str, dict[str, int]]
     sessions: dict[str, dict[str, int]]
+    served: dict[str, Any]  # how the served-path sets were built (lines, mined and matched templates)
+    validation: dict[str, int]  # the fold the thresholds were fitted on
     unique_templates_classified: int
     train_templates: int
 
@@ -68,12 +89,18 @@ class TestDataSummary(TypedDict):
 class Metrics(TypedDict):
     """reports/metrics.json: every method on every test set (`methods[method][set]`)."""
 
+    schema: int  # 2: every test item, intervals, served path, calibration
     engine: str | None
     engine_notes: list[str]
     candidate: str
     methods: dict[str, dict[str, SetMetrics]]
+    differences: dict[str, dict[str, Any]]  # per set: candidate − best baseline / − sft_only, paired, with interval
+    calibration: dict[str, dict[str, Any]]  # per scored method: the threshold and its validation figures
+    ablations: dict[str, str]  # method name → what it leaves out
+    rationales: dict[str, Any]  # component match and quote grounding of the candidate's rationales, examples
     speed: dict[str, MethodSpeed]
     test_data: TestDataSummary
+    bootstrap: dict[str, Any]
     params: dict[str, Any]
     created_at: str
     mlflow_run_id: NotRequired[str]
@@ -98,6 +125,9 @@ class ServeState(TypedDict):
     log: str
     api_key_env: str | None
     special_tokens: list[str]  # the served tokenizer's special tokens, defanged in log text by every client
+    threshold: float | None  # the version's verdict threshold (calibration.json); None: the rationale's word decides
+    index_dir: str | None  # the version's retrieval index folder (None: its prompts carry no neighbours)
+    neighbours: int  # labelled neighbours per prompt
     smoke: dict[str, Any]
 
 

@@ -1,6 +1,11 @@
 """The one owner of the prompt and answer format, used by distill, sft, grpo, evaluate and serving.
 
-A completion is `<think>rationale</think><answer>normal|abnormal</answer>`.
+Two tasks share one answer format. `explain` (the paper's CoT): the completion is
+`<think>rationale</think><answer>normal|abnormal</answer>`. `verdict`: the completion is
+`<answer>normal|abnormal</answer>` alone; the scoring pass prefills `<answer>` and reads the probability of
+the answer word from the next token's log-probabilities (`verdict_score`): the calibrated verdict score.
+A prompt may carry the k most similar expert-labelled training templates (`neighbours`), each on its own
+line with its label written by this module; log text can hold no line break, so it cannot pose as one.
 Casing rule: the verdict inside <answer> is read after stripping whitespace and lowercasing,
 so `<answer>Normal </answer>` is the valid verdict `normal`; anything else there is invalid.
 Each tag must appear exactly once, think before answer, nothing but whitespace after </answer>.
@@ -13,8 +18,9 @@ any `<|...|>` and every special-token string of the tokenizer that will read the
 from __future__ import annotations
 
 import functools
+import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 NORMAL, ABNORMAL = "normal", "abnormal"
@@ -30,7 +36,20 @@ SYSTEM_PROMPT = (
     "what it does, the key facts in the log, and the deduction. Then give the verdict inside "
     "<answer></answer> as exactly one word: normal or abnormal."
 )
+VERDICT_SYSTEM_PROMPT = (
+    "You are a site reliability engineer who reads system logs from supercomputers "
+    "(BGL, Spirit, Thunderbird) and distributed systems (HDFS). Decide whether a log template "
+    "reports an anomaly. Give only the verdict inside <answer></answer> as exactly one word: normal or abnormal."
+)
+EXPLAIN, VERDICT = "explain", "verdict"
+TASKS = (EXPLAIN, VERDICT)
 USER_TEMPLATE = "Log ({dataset}):\n{log}\n\nIs this log normal or abnormal?"
+NEIGHBOURS_HEADER = "Similar logs an expert labelled:"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+TOP_LOGPROBS = 20  # next-token alternatives read for the verdict score (vLLM's default maximum)
+# First tokens the answer word can start with (SmolLM2 splits `abnormal` into `ab` + `normal`); compared after
+# strip and lowercase, so `Normal`, ` normal` and `Ab` count too.
+ABNORMAL_STARTS, NORMAL_STARTS = ("ab", "abnormal", "abn"), ("normal", "norm", "nor")
 
 _TAG_RE = re.compile(r"</?\s*(think|answer)\s*>", re.IGNORECASE)
 # The shape of chat-template control tokens of ChatML, Llama 3, Qwen, Phi... (`<|im_start|>`, `<|eot_id|>`),
@@ -101,19 +120,57 @@ def sanitize_log(log: str, max_chars: int = 2000, special_tokens: Iterable[str] 
     return text.strip()
 
 
+Neighbours = Sequence[tuple[str, int]]  # (template, 0/1 expert label), most similar first
+
+
 def user_prompt(log: str, dataset: str = "system log", max_chars: int = 2000,
-                special_tokens: Iterable[str] = ()) -> str:
-    """The user turn for one log: the log text (sanitized, at most `max_chars`) and the question."""
-    return USER_TEMPLATE.format(dataset=dataset, log=sanitize_log(log, max_chars, special_tokens))
+                special_tokens: Iterable[str] = (), neighbours: Neighbours = ()) -> str:
+    """The user turn for one log: the labelled neighbours (when given), the log text (sanitized, at most
+    `max_chars`) and the question. Neighbour texts are sanitized like log text; their labels come from here."""
+    question = USER_TEMPLATE.format(dataset=dataset, log=sanitize_log(log, max_chars, special_tokens))
+    if not neighbours:
+        return question
+    tokens = tuple(special_tokens)
+    lines = [f"- {label_name(label)}: {sanitize_log(template, 300, tokens)}" for template, label in neighbours]
+    return NEIGHBOURS_HEADER + "\n" + "\n".join(lines) + "\n\n" + question
 
 
 def prompt_messages(log: str, dataset: str = "system log", max_chars: int = 2000,
-                    special_tokens: Iterable[str] = ()) -> list[dict[str, str]]:
-    """Chat messages up to (not including) the assistant turn; `special_tokens`: the reading tokenizer's."""
+                    special_tokens: Iterable[str] = (), *, neighbours: Neighbours = (),
+                    task: str = EXPLAIN) -> list[dict[str, str]]:
+    """Chat messages up to (not including) the assistant turn; `special_tokens`: the reading tokenizer's;
+    `task`: `explain` (rationale, then verdict) or `verdict` (the verdict alone)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     return [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": user_prompt(log, dataset, max_chars, special_tokens)},
+        {"role": "system", "content": SYSTEM_PROMPT if task == EXPLAIN else VERDICT_SYSTEM_PROMPT},
+        {"role": "user", "content": user_prompt(log, dataset, max_chars, special_tokens, neighbours)},
     ]
+
+
+def scoring_messages(log: str, dataset: str = "system log", max_chars: int = 2000,
+                     special_tokens: Iterable[str] = (), *, neighbours: Neighbours = ()) -> list[dict[str, str]]:
+    """The verdict task with the assistant turn opened by `<answer>`: continued (not closed) by the chat
+    template, the model's next token is the first token of the answer word (`verdict_score` reads it)."""
+    return [*prompt_messages(log, dataset, max_chars, special_tokens, neighbours=neighbours, task=VERDICT),
+            {"role": "assistant", "content": ANSWER_OPEN}]
+
+
+def verdict_score(top_logprobs: Mapping[str, float]) -> float | None:
+    """P(abnormal) against P(normal) from the log-probabilities of the answer word's first token.
+
+    `top_logprobs` maps token text to log-probability (the top-k the engine returned). Every token that starts
+    `abnormal` (`ab`, `Ab`, ` abnormal`...) counts for abnormal, every one that starts `normal` for normal;
+    None when neither is among them (the model would not answer there).
+
+    >>> round(verdict_score({"ab": -0.2, "normal": -1.8, "The": -4.0}), 3)
+    0.832
+    """
+    abnormal = sum(math.exp(lp) for token, lp in top_logprobs.items()
+                   if token.strip().lower() in ABNORMAL_STARTS)
+    normal = sum(math.exp(lp) for token, lp in top_logprobs.items() if token.strip().lower() in NORMAL_STARTS)
+    total = abnormal + normal
+    return abnormal / total if total > 0 else None
 
 
 def format_completion(rationale: str, label: int | str) -> str:
@@ -121,9 +178,24 @@ def format_completion(rationale: str, label: int | str) -> str:
     return f"<think>{rationale.strip()}</think><answer>{label_name(label)}</answer>"
 
 
-def training_messages(log: str, rationale: str, label: int | str, dataset: str = "system log") -> list[dict[str, str]]:
-    """A full chat example for SFT: system, user, assistant."""
-    return [*prompt_messages(log, dataset), {"role": "assistant", "content": format_completion(rationale, label)}]
+def verdict_completion(label: int | str) -> str:
+    """The assistant turn of the verdict task: `<answer>normal|abnormal</answer>`."""
+    return f"{ANSWER_OPEN}{label_name(label)}{ANSWER_CLOSE}"
+
+
+def training_messages(log: str, rationale: str, label: int | str, dataset: str = "system log", *,
+                      neighbours: Neighbours = (), task: str = EXPLAIN) -> list[dict[str, str]]:
+    """A full chat example for SFT: system, user, assistant (the rationale is not used by the verdict task)."""
+    completion = format_completion(rationale, label) if task == EXPLAIN else verdict_completion(label)
+    return [*prompt_messages(log, dataset, neighbours=neighbours, task=task),
+            {"role": "assistant", "content": completion}]
+
+
+def parse_verdict(text: str | None) -> str | None:
+    """The verdict of a verdict-task completion `<answer>x</answer>` (casing rule as above); None otherwise."""
+    match = re.fullmatch(r"\s*<answer>(?P<answer>[^<]*)</answer>\s*", text or "")
+    answer = match.group("answer").strip().lower() if match else None
+    return answer if answer in LABELS else None
 
 
 @dataclass(frozen=True)

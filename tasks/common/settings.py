@@ -67,6 +67,7 @@ class SplitSettings(Section):
     seed: int
     test_fraction: float = Field(gt=0, lt=1)
     train_anomaly_rate: float | None = Field(gt=0, lt=1)
+    validation_fraction: float = Field(ge=0, lt=1)  # of the training templates, held out to choose the threshold
     window_lines: int = Field(gt=0)
     templates_file: str
     bgl_structured: str
@@ -97,6 +98,18 @@ class DistillSettings(Section):
     train_file: str
     out_file: str
     report_file: str
+
+
+class IndexSettings(Section):
+    """`index`: the retrieval index of labelled training templates and how prompts use it (tasks/index.py)."""
+
+    train_file: str
+    out_dir: str
+    k: int = Field(ge=0)  # neighbours in a prompt (0: prompts carry none)
+    # share of training examples written with no neighbours, so a bare prompt (a plain OpenAI client) still works
+    bare_fraction: float = Field(ge=0, le=1)
+    # a training example never sees a neighbour this similar (cosine) to itself: near-duplicates would leak its label
+    near_duplicate_similarity: float = Field(gt=0, le=1)
 
 
 # ---- training -------------------------------------------------------------------------------------------------
@@ -222,6 +235,29 @@ class TfidfSettings(Section):
     C: float = Field(gt=0)
 
 
+class KnnSettings(Section):
+    """`evaluate.knn`: the retrieval baselines, nearest labelled training templates by TF-IDF cosine."""
+
+    k: int = Field(ge=1)  # neighbours of the k-NN vote (knn_vote); knn_1 is the single nearest
+
+
+class BootstrapIntervalSettings(Section):
+    """`evaluate.bootstrap`: stratified percentile bootstrap of every F1 and rate (tasks/evaluation/intervals.py)."""
+
+    resamples: int = Field(ge=1000)
+    confidence: float = Field(gt=0, lt=1)
+
+
+class ServedEvalSettings(Section):
+    """`evaluate.served`: labelled raw logs the served path (detect's own code) is measured on."""
+
+    bgl_log: str  # first field `-` = normal, anything else an alert
+    thunderbird_log: str  # a system never trained on, with no alert line: false alarms
+    corrected_templates: str  # the expert-corrected LogPrompt templates the BGL lines are matched to
+    window_lines: int = Field(ge=1)
+    max_lines: int | None = Field(ge=1)  # the first lines of each log only (null: every line)
+
+
 class EvaluateSettings(Section):
     """`evaluate`: the candidate beside the baselines on the same test data (the paper's Table 2)."""
 
@@ -234,6 +270,7 @@ class EvaluateSettings(Section):
     seed: int
     max_templates_per_dataset: int | None = Field(ge=1)
     max_sessions_per_dataset: int | None = Field(ge=1)
+    zero_shot_sample: int = Field(ge=1)  # templates per dataset the zero-shot base model answers (a fixed sample)
     batch_size: int = Field(ge=1)
     max_new_tokens: int = Field(ge=1)
     dtype: Literal["bfloat16", "float32", "float16"]
@@ -241,17 +278,23 @@ class EvaluateSettings(Section):
     kvcache_space_gib: int = Field(ge=1)
     torch_threads: Threads | None
     engine: Literal["auto", "vllm", "transformers"]
-    baselines: list[Literal["keywords", "tfidf_lr", "zero_shot", "sft_only"]]
+    baselines: list[Literal["keywords", "tfidf_lr", "knn_1", "knn_vote", "zero_shot", "sft_only"]]
     tfidf: TfidfSettings
+    knn: KnnSettings
+    bootstrap: BootstrapIntervalSettings
+    served: ServedEvalSettings
 
 
 class GateSettings(Section):
     """`gate`: every promotion rule (tasks/release/gate.py)."""
 
-    min_f1: dict[str, float]
-    min_recall_abnormal: float | None
+    min_f1: dict[str, float]  # test set → minimum abnormal-class F1 (point value; the verdict shows the interval)
+    min_recall_abnormal: float | None  # on every set of min_f1
+    max_false_alarm_rate: dict[str, float]  # set without anomalies → most lines (or templates) flagged abnormal
     max_format_invalid_rate: float | None
-    champion_margin: float
+    # The candidate replaces the champion only when the lower end of the paired interval of their mean F1
+    # difference over the min_f1 sets is above -champion_margin.
+    champion_margin: float = Field(ge=0)
     max_regression_per_dataset: float | None
     require_approval: bool
 
@@ -306,6 +349,8 @@ class DetectSettings(Section):
     max_new_templates: int = Field(ge=1)
     max_open_sessions: int = Field(ge=1)
     max_tokens: int | None = Field(ge=1)  # null: evaluate.max_new_tokens
+    # which templates get a written rationale besides their scored verdict: abnormal ones, all, or none
+    rationales: Literal["abnormal", "all", "none"]
     timeout_s: float = Field(gt=0)
     max_retries: int = Field(ge=1)
     backoff_s: float = Field(ge=0)
@@ -314,6 +359,7 @@ class DetectSettings(Section):
     model: str | None
     model_version: str | None
     tokenizer_dir: str | None  # with base_url: the served tokenizer (null: base_model.out_dir)
+    version_dir: str | None  # with base_url: the served version's artifacts (threshold, index); null: none
 
 
 class Settings(Section):
@@ -324,6 +370,7 @@ class Settings(Section):
     base_model: BaseModelSettings
     correct: CorrectSettings
     split: SplitSettings
+    index: IndexSettings
     distill: DistillSettings
     sft: SftSettings
     grpo: GrpoSettings

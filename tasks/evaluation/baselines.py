@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from tasks.common.retrieval import TOKEN_PATTERN
+
 # A transparent rule set: a template is abnormal when it contains any of these words (case-insensitive,
 # at word starts, so "failed"/"failure" match "fail"). Chosen from the words operators grep for,
 # not tuned on the test set; it is meant to show what naive rules catch and what they miss.
@@ -48,7 +50,7 @@ def fit_tfidf_lr(templates: Sequence[str], labels: Sequence[int], *, ngram_max: 
     y = np.asarray(labels, dtype=int)
     if len(set(y.tolist())) < 2:
         raise ValueError("TF-IDF + LR needs training templates of both labels")
-    vectorizer = TfidfVectorizer(lowercase=True, token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z_]+\b",
+    vectorizer = TfidfVectorizer(lowercase=True, token_pattern=TOKEN_PATTERN,
                                  ngram_range=(1, int(ngram_max)), sublinear_tf=True)
     model = LogisticRegression(C=float(c), class_weight="balanced", max_iter=2000, random_state=seed)
     pipeline = make_pipeline(vectorizer, model)
@@ -56,6 +58,21 @@ def fit_tfidf_lr(templates: Sequence[str], labels: Sequence[int], *, ngram_max: 
     return pipeline
 
 
+def tfidf_lr_scores(model: Any, templates: Sequence[str]) -> np.ndarray:
+    """P(abnormal) of a fitted TF-IDF + logistic regression pipeline, one per template."""
+    return np.asarray(model.predict_proba(list(templates))[:, 1], dtype=float)
+
+
 def tfidf_lr_predict(model: Any, templates: Sequence[str]) -> np.ndarray:
     """0/1 verdicts of a fitted TF-IDF + logistic regression pipeline, one per template."""
     return np.asarray(model.predict(list(templates)), dtype=int)
+
+
+def knn_1_predict(index: Any, templates: Sequence[str]) -> np.ndarray:
+    """The label of the nearest labelled training template (tasks.common.retrieval.TemplateIndex), per template."""
+    return np.array([found[0].label if found else 0 for found in index.search(list(templates), 1)], dtype=int)
+
+
+def knn_vote_scores(index: Any, templates: Sequence[str], k: int) -> np.ndarray:
+    """Similarity-weighted share of abnormal labels among the k nearest training templates; abnormal at >= 0.5."""
+    return index.vote(list(templates), k)

@@ -29,12 +29,13 @@ from typing import Any
 
 from tasks.common.config import resolve_threads
 from tasks.common.errors import InputError
-from tasks.common.prompt import parse_completion, prompt_messages
+from tasks.common.prompt import TOP_LOGPROBS, parse_completion, prompt_messages, scoring_messages, verdict_score
 from tasks.common.tokenizers import special_tokens_of
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "vllm", "transformers")
+NeighbourLists = Sequence[Sequence[tuple[str, int]]] | None  # per template: (template, label) shown with it
 STOP = "</answer>"
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -74,6 +75,15 @@ class InferenceRun:
         return {"engine": self.engine, "model": self.model, "templates": len(self.predictions),
                 "seconds": round(self.seconds, 2), "load_seconds": round(self.load_seconds, 2),
                 "templates_per_s": round(self.templates_per_s, 3), "notes": self.notes}
+
+
+@dataclass
+class ScoreRun:
+    """Verdict scores in [0, 1] (None: no answer word among the top tokens) and the seconds they took."""
+
+    scores: list[float | None]
+    engine: str
+    seconds: float
 
 
 def to_prediction(template: str, dataset: str, completion: str | None) -> Prediction:
@@ -139,12 +149,21 @@ class Engine:
         # Room for the answer: longer prompts are cut from the left of the log text by sanitize_log's cap.
         self.max_prompt_tokens = max(32, self.max_model_len - self.max_new_tokens)
 
-    def prompt_ids(self, templates: Sequence[str], datasets: Sequence[str]) -> list[list[int]]:
-        """Token ids of each chat prompt (the tokenizer's chat template with the generation prompt), keeping the
-        end of an over-long prompt."""
-        texts = [self.tokenizer.apply_chat_template(prompt_messages(t, d, special_tokens=self.special_tokens),
-                                                    add_generation_prompt=True, tokenize=False)
-                 for t, d in zip(templates, datasets, strict=True)]
+    def prompt_ids(self, templates: Sequence[str], datasets: Sequence[str],
+                   neighbours: NeighbourLists = None, *, scoring: bool = False) -> list[list[int]]:
+        """Token ids of each chat prompt, keeping the end of an over-long prompt. `scoring`: the verdict task with
+        the assistant turn opened by `<answer>` (tasks.common.prompt.scoring_messages); else the explain task
+        with the generation prompt. `neighbours[i]`: the labelled templates shown with template i."""
+        shown = neighbours if neighbours is not None else [()] * len(templates)
+        texts = []
+        for t, d, near in zip(templates, datasets, shown, strict=True):
+            if scoring:
+                messages = scoring_messages(t, d, special_tokens=self.special_tokens, neighbours=near)
+                texts.append(self.tokenizer.apply_chat_template(messages, continue_final_message=True,
+                                                                tokenize=False))
+            else:
+                messages = prompt_messages(t, d, special_tokens=self.special_tokens, neighbours=near)
+                texts.append(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         # Keep the end of an over-long prompt: it holds the question and the assistant header.
         return [ids[-self.max_prompt_tokens:] for ids in encoded]
@@ -153,8 +172,26 @@ class Engine:
         """One completion per prompt (cut after `</answer>`), with the adapter merged when one is given."""
         raise NotImplementedError
 
+    def next_token_logprobs(self, prompts: list[list[int]], adapter_dir: Path | None) -> list[dict[str, float]]:
+        """The top-TOP_LOGPROBS next tokens of each prompt: token text → log-probability."""
+        raise NotImplementedError
+
+    def score(self, templates: Sequence[str], datasets: Sequence[str], adapter_dir: str | Path | None = None,
+              neighbours: NeighbourLists = None) -> ScoreRun:
+        """The calibrated verdict score of every template: P(abnormal) against P(normal) of the answer word's
+        first token after a prefilled `<answer>` (the verdict task; one forward pass, no generation). A score is
+        None when neither word is among the top tokens."""
+        check_model_dirs(self.base_model_dir, adapter_dir)
+        adapter = Path(adapter_dir) if adapter_dir is not None else None
+        prompts = self.prompt_ids([str(t) for t in templates], [str(d) for d in datasets], neighbours, scoring=True)
+        started = time.perf_counter()
+        load_before = self.load_seconds_total
+        tops = self.next_token_logprobs(prompts, adapter) if prompts else []
+        seconds = time.perf_counter() - started - (self.load_seconds_total - load_before)
+        return ScoreRun([verdict_score(top) for top in tops], self.name, seconds)
+
     def classify(self, templates: Sequence[str], datasets: Sequence[str] | str = "system log",
-                 adapter_dir: str | Path | None = None) -> InferenceRun:
+                 adapter_dir: str | Path | None = None, neighbours: NeighbourLists = None) -> InferenceRun:
         """Classify every template once (the caller dedupes); completions that break the format count as normal."""
         if isinstance(datasets, str):
             datasets = [datasets] * len(templates)
@@ -162,7 +199,7 @@ class Engine:
         adapter = Path(adapter_dir) if adapter_dir is not None else None
         templates = [str(t) for t in templates]
         datasets = [str(d) for d in datasets]
-        prompts = self.prompt_ids(templates, datasets)
+        prompts = self.prompt_ids(templates, datasets, neighbours)
         started = time.perf_counter()
         load_before = self.load_seconds_total
         completions = self.generate(prompts, adapter) if prompts else []
@@ -265,6 +302,30 @@ class TransformersEngine(Engine):
                 progress.advance(bar, len(batch))
         return out
 
+    def next_token_logprobs(self, prompts: list[list[int]], adapter_dir: Path | None) -> list[dict[str, float]]:
+        """One batched forward pass per `batch_size` prompts, logits of the last position only."""
+        import torch
+
+        model = self._model_for(adapter_dir)
+        pad = self.tokenizer.pad_token_id
+        out: list[dict[str, float]] = [{} for _ in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start: start + self.batch_size]
+                width = max(len(prompts[i]) for i in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                    mask[row, width - len(prompts[i]):] = 1
+                logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1].float()
+                top = torch.log_softmax(logits, dim=-1).topk(TOP_LOGPROBS, dim=-1)
+                for row, i in enumerate(batch):
+                    out[i] = {self.tokenizer.decode([int(t)]): float(lp)
+                              for lp, t in zip(top.values[row], top.indices[row], strict=True)}
+        return out
+
     def close(self) -> None:
         self._model = None
         self._model_key = None
@@ -344,6 +405,7 @@ class VllmEngine(Engine):
 
             self._llm = LLM(model=str(model_dir), tokenizer=str(self.base_model_dir), dtype=self.dtype,
                             enforce_eager=True, max_model_len=self.max_model_len, max_num_seqs=self.batch_size,
+                            enable_prefix_caching=True,  # the shared system prompt is computed once
                             seed=0, disable_log_stats=True)
         self._model_key = key
         self.load_seconds_total += time.perf_counter() - started
@@ -357,6 +419,20 @@ class VllmEngine(Engine):
                                   include_stop_str_in_output=True)
         outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], sampling, use_tqdm=True)
         return [cut_at_stop(o.outputs[0].text if o.outputs else "") for o in outputs]
+
+    def next_token_logprobs(self, prompts: list[list[int]], adapter_dir: Path | None) -> list[dict[str, float]]:
+        """vLLM with max_tokens=1 and `logprobs=TOP_LOGPROBS`: the alternatives at the first generated position."""
+        from vllm import SamplingParams
+
+        llm = self._llm_for(adapter_dir)
+        sampling = SamplingParams(temperature=0.0, max_tokens=1, logprobs=TOP_LOGPROBS)
+        outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], sampling, use_tqdm=False)
+        tops = []
+        for output in outputs:
+            positions = output.outputs[0].logprobs if output.outputs else None
+            first = positions[0] if positions else {}
+            tops.append({lp.decoded_token: float(lp.logprob) for lp in first.values() if lp.decoded_token is not None})
+        return tops
 
     def close(self) -> None:
         self._free()

@@ -1,5 +1,10 @@
 """The test data every method is scored on, identical for all of them: template test sets per dataset and the
-session sets (BGL_2k 100-line windows, HDFS blocks), read and checked before any model loads."""
+session sets (BGL_2k 100-line windows, HDFS blocks), read and checked before any model loads.
+
+Every set becomes an `EvalSet`: items with 0/1 labels, each item abnormal when any of its (dataset,
+template) keys is judged abnormal (a template item has one key; a session has its templates; a served log
+line has the template detect mined for it). Methods answer keys once; sets map answers to items.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,48 @@ SESSION_SETS = {"bgl2k": ("sessions_bgl2k.jsonl", "window_id", "bgl"), "hdfs": (
 
 SPLIT_COLUMNS = ("dataset", "template", "label")
 
+Key = tuple[str, str]  # (dataset the prompt names, template)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One test set: `labels[i]` (1 = abnormal) of item `ids[i]`, judged abnormal when any of `keys[i]` is.
+
+    `family` is template | session | served; `positives_expected` False for a set with no anomaly by
+    construction (a system never trained on), scored by its false-alarm rate.
+    """
+
+    name: str
+    family: str
+    ids: tuple[str, ...]
+    labels: np.ndarray
+    keys: tuple[tuple[Key, ...], ...]
+    positives_expected: bool = True
+    note: str = ""
+
+    def unique_keys(self) -> list[Key]:
+        """Every (dataset, template) the set's items depend on, once, in first-use order."""
+        return list(dict.fromkeys(key for keys in self.keys for key in keys))
+
+    def digest(self) -> str:
+        """A short hash of the set's content (ids, labels, keys): metrics on other data are never compared."""
+        return _digest([self.ids, self.labels.tolist(), self.keys])
+
+
+def template_set(name: str, frame: pd.DataFrame, dataset: str, note: str = "") -> EvalSet:
+    """Each template of `frame` (template, label) is one item with one key."""
+    templates = frame["template"].astype(str).tolist()
+    return EvalSet(name, "template", tuple(templates), frame["label"].to_numpy(dtype=int),
+                   tuple(((dataset, t),) for t in templates), note=note)
+
+
+def session_set(name: str, sessions: list[dict[str, Any]], dataset: str, note: str = "") -> EvalSet:
+    """Each session is one item, abnormal when any of its templates is (as in the paper)."""
+    return EvalSet(name, "session", tuple(s["id"] for s in sessions),
+                   np.asarray([s["label"] for s in sessions], dtype=int),
+                   tuple(tuple(dict.fromkeys((dataset, t) for t in s["templates"])) for s in sessions), note=note)
+
+
 @dataclass
 class EvalData:
     """Everything every method is scored on, identical for all of them."""
@@ -28,27 +75,29 @@ class EvalData:
     templates: dict[str, pd.DataFrame]  # dataset -> test templates (capped)
     sessions: dict[str, list[dict[str, Any]]]  # bgl2k/hdfs -> sessions
     seen: set[str] = field(default_factory=set)  # training templates, stripped
+    validation: pd.DataFrame | None = None  # the fold the verdict threshold is chosen on (never scored as test)
 
-    def items(self) -> list[tuple[str, str]]:
-        """Unique (dataset, template) pairs to classify: test templates and every session template."""
-        pairs: dict[tuple[str, str], None] = {}
-        for dataset, frame in self.templates.items():
-            pairs.update(dict.fromkeys(zip([dataset] * len(frame), frame["template"], strict=True)))
-        for name, sessions in self.sessions.items():
-            prompt_dataset = SESSION_SETS[name][2]
-            for session in sessions:
-                pairs.update(dict.fromkeys((prompt_dataset, t) for t in session["templates"]))
-        return list(pairs)
+    def validation_keys(self) -> tuple[list[Key], list[int]]:
+        """(dataset, template) keys of the validation fold and their labels ([] without a fold)."""
+        frame = self.validation if self.validation is not None else self.train.iloc[:0]
+        return (list(zip(frame["dataset"], frame["template"], strict=True)),
+                frame["label"].astype(int).tolist())
 
-    def digests(self) -> dict[str, str]:
-        """A short hash of each test set's content, so metrics computed on other data are never compared."""
-        out = {}
-        for dataset, frame in self.templates.items():
-            rows = sorted(zip(frame["template"], frame["label"].astype(int), strict=True))
-            out[f"template_{dataset}"] = _digest(rows)
+    def sets(self) -> list[EvalSet]:
+        """The template sets, the session sets and their unseen-only subsets (training templates removed)."""
+        out = [template_set(f"template_{d}", frame, d) for d, frame in self.templates.items()]
         for name, sessions in self.sessions.items():
-            out[f"session_{name}"] = _digest([(s["id"], s["templates"], s["label"]) for s in sessions])
+            dataset = SESSION_SETS[name][2]
+            out.append(session_set(f"session_{name}", sessions, dataset))
+            out.append(session_set(f"session_{name}_unseen", unseen_only(sessions, self.seen), dataset,
+                                   note="lines of training templates removed"))
         return out
+
+    def sample_sets(self, per_dataset: int, seed: int) -> list[EvalSet]:
+        """A fixed, seeded, stratified sample of `per_dataset` templates per dataset (for the zero-shot model)."""
+        return [template_set(f"template_{d}_sample", cap_stratified(frame, per_dataset, seed), d,
+                             note=f"a fixed sample of {min(per_dataset, len(frame))} templates")
+                for d, frame in self.templates.items()]
 
 def _digest(obj: Any) -> str:
     return sha256_json(obj)[:16]
@@ -114,13 +163,15 @@ def load_test_data(settings: EvaluateSettings, root: Path) -> EvalData:
     seed = settings.seed
     train = read_split_frame(split_dir / "train.parquet")
     test = read_split_frame(split_dir / "test.parquet")
+    validation_file = split_dir / "validation.parquet"
+    validation = read_split_frame(validation_file) if validation_file.is_file() else None
     templates = {str(name): cap_stratified(part.reset_index(drop=True), settings.max_templates_per_dataset, seed)
                  for name, part in test.groupby("dataset", sort=True)}
     sessions = {name: cap_sessions(read_sessions(split_dir / file, id_field), settings.max_sessions_per_dataset,
                                    seed)
                 for name, (file, id_field, _) in SESSION_SETS.items()}
     return EvalData(train=train, templates=templates, sessions=sessions,
-                    seen={t.strip() for t in train["template"]})
+                    seen={t.strip() for t in train["template"]}, validation=validation)
 
 def unseen_only(sessions: list[dict[str, Any]], seen: set[str]) -> list[dict[str, Any]]:
     """Sessions with every line of a training template removed (no leakage); empty sessions dropped."""

@@ -1,14 +1,17 @@
 """gate: a promotion decision as data. Every rule, its threshold, the measured value and pass/fail.
 
 Pure function over metrics dicts (the candidate's and the current champion's, as tasks.evaluate writes
-them), so the same verdict can be recomputed, stored with the model version and shown to a person.
+them) and their per-item predictions, so the same verdict can be recomputed, stored with the model version
+and shown to a person. Each rule row carries the measured value's 95% interval when there is one.
 Rules (params.yaml `gate`):
-- min_f1.<set>: the candidate's F1 on that test set is at least the threshold;
-- min_recall_abnormal: recall on abnormal at least this on every gated set (missed failures are the costly error);
-- max_format_invalid_rate: share of answers that break the format at most this, on every gated set;
-- champion_same_test_data: the champion's metrics were measured on the same test data (else F1s don't compare);
-- champion_margin: mean F1 over the gated sets beats the champion's by at least this;
-- max_regression.<set>: no test set's F1 falls more than this below the champion's.
+- min_f1.<set>: the candidate's abnormal-class F1 on that test set is at least the threshold;
+- min_recall_abnormal.<set>: recall on abnormal at least this on every min_f1 set (missed failures cost most);
+- max_false_alarm_rate.<set>: on a set without anomalies, the share flagged abnormal at most this;
+- max_format_invalid_rate.<set>: share of answers that break the format at most this, on every min_f1 set;
+- champion_same_test_data: the champion's results were measured on the same test data (else they don't compare);
+- champion_margin: the paired bootstrap interval of (candidate − champion) mean F1 over the min_f1 sets lies
+  above −champion_margin, so a gain within sampling noise never replaces the champion (issue 13);
+- max_regression.<set>: no test set's F1 falls more than this below the champion's (point values).
 """
 
 from __future__ import annotations
@@ -20,18 +23,22 @@ from typing import Any
 from tasks.common.contracts import CANDIDATE
 from tasks.common.formatting import fmt_number
 from tasks.common.settings import GateSettings
+from tasks.evaluation.intervals import BootstrapSettings, paired_mean_f1_difference
 
-COMPARED_SETS = ("template_bgl", "template_spirit", "session_bgl2k", "session_hdfs")
+COMPARED_SETS = ("template_bgl", "template_spirit", "session_bgl2k", "session_hdfs", "served_bgl2k_lines_corrected")
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One gate rule: its threshold, the measured value, pass/fail and a detail for a person."""
+    """One gate rule: its threshold, the measured value and its 95% interval [low, high] (None when there is
+    none), pass/fail and a detail for a person."""
+
     name: str
     threshold: float | str | None
     measured: float | str | None
     passed: bool
     detail: str = ""
+    interval: list[float] | None = None
 
 
 @dataclass
@@ -84,9 +91,10 @@ class GateVerdict:
         lines = [f"# Gate: {'PASSED' if self.passed else 'FAILED'}", "",
                  f"Candidate **{self.candidate}** against {champion}."
                  + (" Human approval is required before promotion." if self.require_approval else ""), "",
-                 "| rule | threshold | measured | result | detail |", "|---|---|---|---|---|"]
+                 "| rule | threshold | measured | 95% interval | result | detail |", "|---|---|---|---|---|---|"]
         for r in self.rules:
-            lines.append(f"| {r.name} | {fmt_number(r.threshold, 4)} | {fmt_number(r.measured, 4)} | "
+            interval = f"[{r.interval[0]:.4f}, {r.interval[1]:.4f}]" if r.interval else "—"
+            lines.append(f"| {r.name} | {fmt_number(r.threshold, 4)} | {fmt_number(r.measured, 4)} | {interval} | "
                          f"{'pass' if r.passed else '**FAIL**'} | {r.detail} |")
         return "\n".join(lines) + "\n"
 
@@ -118,32 +126,79 @@ def _f1(block: dict[str, Any], name: str) -> float | None:
     return float(value) if value is not None else None
 
 
+def _bootstrap(metrics: dict[str, Any]) -> BootstrapSettings:
+    b = metrics.get("bootstrap") or {}
+    return BootstrapSettings(int(b.get("resamples", 2000)), float(b.get("confidence", 0.95)), int(b.get("seed", 42)))
+
+
+def champion_margin_rule(candidate_items: dict[str, Any] | None, champion_items: dict[str, Any] | None,
+                         gated: list[str], margin: float, bootstrap: BootstrapSettings) -> Rule:
+    """The paired rule: the interval of (candidate − champion) mean F1 over `gated` must lie above −margin.
+
+    Both item-prediction dicts are tasks.evaluate.item_predictions output; the items must be the same
+    (same digest per set), else the rule fails and says which set differs.
+    """
+    if not gated:
+        return Rule("champion_margin", -margin, None, True, "no gated set")
+    if candidate_items is None or champion_items is None:
+        missing = "candidate" if candidate_items is None else "champion"
+        return Rule("champion_margin", -margin, None, False, f"no per-item predictions of the {missing}: the paired "
+                    "difference cannot be drawn (re-evaluate it on the current test data)")
+    sets: dict[str, tuple[Any, Any, Any]] = {}
+    for name in gated:
+        cand, champ = candidate_items.get(name), champion_items.get(name)
+        if cand is None or champ is None:
+            return Rule("champion_margin", -margin, None, False, f"set {name} missing from the "
+                        f"{'candidate' if cand is None else 'champion'}'s predictions")
+        if cand.get("digest") != champ.get("digest") or cand["ids"] != champ["ids"]:
+            return Rule("champion_margin", -margin, None, False,
+                        f"set {name}: the champion was measured on other items")
+        sets[name] = (cand["labels"], cand["pred"], champ["pred"])
+    diff = paired_mean_f1_difference(sets, bootstrap)
+    interval = list(diff.interval) if diff.interval else None
+    low = interval[0] if interval else diff.difference
+    return Rule("champion_margin", -margin, round(diff.difference, 6), low > -margin,
+                f"candidate − champion mean F1 over {', '.join(gated)}; the interval's lower end must exceed "
+                f"{-margin:+.4f}", interval)
+
+
 def evaluate_gate(candidate: dict[str, Any], champion: dict[str, Any] | None, settings: GateSettings,
-                  *, champion_version: str | None = None, candidate_name: str | None = None) -> GateVerdict:
+                  *, champion_version: str | None = None, candidate_name: str | None = None,
+                  candidate_items: dict[str, Any] | None = None,
+                  champion_items: dict[str, Any] | None = None) -> GateVerdict:
     """The verdict for `candidate` (metrics.json or a method block) against `champion` (same shape, or None).
 
-    Every rule of `settings` becomes a `Rule` with threshold, measured value and pass/fail; nothing raises
-    for a missing test set (that rule fails and says so).
+    `candidate_items` / `champion_items` are the per-item predictions (tasks.evaluate.item_predictions) the
+    paired champion rule resamples. Every rule of `settings` becomes a `Rule`; nothing raises for a missing
+    test set (that rule fails and says so).
     """
-    params = settings.model_dump()
     cand = method_block(candidate, candidate_name) or {}
     champ = method_block(champion)
     rules: list[Rule] = []
-    min_f1: dict[str, float] = {str(k): float(v) for k, v in (params.get("min_f1") or {}).items()}
-    gated = list(min_f1)
+    gated = list(settings.min_f1)
 
-    for name, threshold in min_f1.items():
+    def interval(name: str, key: str) -> list[float] | None:
+        value = cand.get(name, {}).get(key)
+        return list(value) if value else None
+
+    for name, threshold in settings.min_f1.items():
         f1 = _f1(cand, name)
         rules.append(Rule(f"min_f1.{name}", threshold, f1, f1 is not None and f1 >= threshold,
-                          "" if f1 is not None else "test set missing from the candidate's metrics"))
-    if params.get("min_recall_abnormal") is not None:
-        threshold = float(params["min_recall_abnormal"])
+                          "" if f1 is not None else "test set missing from the candidate's metrics",
+                          interval(name, "f1_ci")))
+    if settings.min_recall_abnormal is not None:
+        threshold = settings.min_recall_abnormal
         for name in gated:
             recall = cand.get(name, {}).get("recall")
             rules.append(Rule(f"min_recall_abnormal.{name}", threshold, recall,
                               recall is not None and float(recall) >= threshold))
-    if params.get("max_format_invalid_rate") is not None:
-        threshold = float(params["max_format_invalid_rate"])
+    for name, threshold in settings.max_false_alarm_rate.items():
+        rate = cand.get(name, {}).get("false_alarm_rate")
+        rules.append(Rule(f"max_false_alarm_rate.{name}", threshold, rate, rate is not None and rate <= threshold,
+                          "" if rate is not None else "test set missing from the candidate's metrics",
+                          interval(name, "false_alarm_rate_ci")))
+    if settings.max_format_invalid_rate is not None:
+        threshold = settings.max_format_invalid_rate
         for name in gated:
             valid = cand.get(name, {}).get("format_valid_rate")
             invalid = None if valid is None else round(1.0 - float(valid), 6)
@@ -152,8 +207,7 @@ def evaluate_gate(candidate: dict[str, Any], champion: dict[str, Any] | None, se
                               "" if invalid is not None else "no format-valid rate (not an LLM?)"))
 
     if champ is None:
-        rules.append(Rule("champion_margin", float(params.get("champion_margin", 0.0)), None, True,
-                          "no champion yet: first candidate"))
+        rules.append(Rule("champion_margin", -settings.champion_margin, None, True, "no champion yet: first candidate"))
     else:
         cand_digests, champ_digests = _digests(candidate), _digests(champion)
         shared = sorted(set(cand_digests) & set(champ_digests))
@@ -162,20 +216,10 @@ def evaluate_gate(candidate: dict[str, Any], champion: dict[str, Any] | None, se
             rules.append(Rule("champion_same_test_data", "identical", "differs: " + ", ".join(differ) if differ
                               else "identical", not differ,
                               "re-evaluate the champion on the current test data" if differ else ""))
-        cand_f1 = [_f1(cand, s) for s in gated]
-        champ_f1 = [_f1(champ, s) for s in gated]
-        margin = float(params.get("champion_margin", 0.0))
-        if gated and None not in cand_f1 and None not in champ_f1:
-            cand_mean = sum(cand_f1) / len(cand_f1)  # type: ignore[arg-type]
-            champ_mean = sum(champ_f1) / len(champ_f1)  # type: ignore[arg-type]
-            delta = round(cand_mean - champ_mean, 6)
-            rules.append(Rule("champion_margin", margin, delta, delta >= margin,
-                              f"mean F1 over {', '.join(gated)}: candidate {cand_mean:.4f}, "
-                              f"champion {champ_mean:.4f}"))
-        else:
-            rules.append(Rule("champion_margin", margin, None, False, "F1 missing for a gated set"))
-        if params.get("max_regression_per_dataset") is not None:
-            limit = float(params["max_regression_per_dataset"])
+        rules.append(champion_margin_rule(candidate_items, champion_items, gated, settings.champion_margin,
+                                          _bootstrap(candidate)))
+        if settings.max_regression_per_dataset is not None:
+            limit = settings.max_regression_per_dataset
             for name in COMPARED_SETS:
                 now, before = _f1(cand, name), _f1(champ, name)
                 if now is None or before is None:
@@ -184,5 +228,5 @@ def evaluate_gate(candidate: dict[str, Any], champion: dict[str, Any] | None, se
                 rules.append(Rule(f"max_regression.{name}", limit, drop, drop <= limit,
                                   f"F1 {before:.4f} → {now:.4f}"))
     return GateVerdict(rules=rules, candidate=candidate_name or (candidate or {}).get("candidate", CANDIDATE),
-                   champion_version=champion_version, require_approval=bool(params.get("require_approval", False)),
-                   params=dict(params))
+                       champion_version=champion_version, require_approval=settings.require_approval,
+                       params=settings.model_dump())

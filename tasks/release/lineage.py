@@ -29,6 +29,7 @@ DVC_DATA = {
     "corrected": ("correct", "data/corrected/templates.parquet", "outs"),
     "split": ("split", "data/split", "outs"),
     "distilled": ("distill", "data/sft/train.jsonl", "outs"),
+    "index": ("index", "models/index", "outs"),
 }
 
 

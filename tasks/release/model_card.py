@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from tasks.evaluation.report import markdown_table, sets_of
 from tasks.release.gate import GateVerdict
 
 
-def model_card(name: str, metrics: dict[str, Any], verdict: GateVerdict, record: dict[str, Any]) -> str:
-    """A Markdown card: data, method, metrics table, limits."""
-    from tasks.evaluate import markdown_table, sets_of
+def model_card(name: str, metrics: dict[str, Any], verdict: GateVerdict, record: dict[str, Any],
+               calibration: dict[str, Any] | None = None) -> str:
+    """A Markdown card from the version's metrics (every test set, with 95% intervals), gate verdict, lineage and
+    verdict threshold (`calibration`, evaluate's calibration.json; None for a version without one)."""
 
     data_lines = [f"- {d['name']}: `{d.get('path')}` md5 `{d.get('md5')}`" for d in record.get("data", [])]
     sources = next((d.get("sources") for d in record.get("data", []) if d.get("sources")), []) or []
@@ -17,8 +19,8 @@ def model_card(name: str, metrics: dict[str, Any], verdict: GateVerdict, record:
     c = record.get("corrections", {})
     values = record.get("params", {}).get("values", {})
     sft, grpo = values.get("sft") or {}, values.get("grpo") or {}
-    table = markdown_table(metrics, [s for s in sets_of(metrics) if not s.endswith("_unseen")]) \
-        if metrics.get("methods") else "(no metrics)"
+    table = "\n\n".join(markdown_table(metrics, [s]) for s in sets_of(metrics)
+                          if not s.endswith(("_unseen", "_sample"))) if metrics.get("methods") else "(no metrics)"
     return "\n".join([
         f"# Model card: {name}", "",
         "Explainable log anomaly detection (RationAnomaly, arXiv 2509.14693): given a log template the model "
@@ -28,6 +30,11 @@ def model_card(name: str, metrics: dict[str, Any], verdict: GateVerdict, record:
         f"- CoT-guided SFT with LoRA (r={(sft.get('lora') or {}).get('r')}, {sft.get('max_steps')} steps), then "
         f"GRPO ({grpo.get('max_steps')} steps, {grpo.get('num_generations')} generations) with format, asymmetric "
         "answer and rationale rewards.",
+        (f"- Verdict: P(abnormal) of the answer word after `<answer>` (one forward pass) ≥ "
+         f"{calibration['threshold']:.4f}, fitted on {calibration.get('n')} held-out training templates (validation "
+         f"AP {calibration.get('average_precision', 0):.3f}); prompts carry the {calibration.get('neighbours', 0)} "
+         "most similar expert-labelled training templates (the `index` artifact)." if calibration else
+         "- Verdict: the answer word the model writes after its rationale."),
         f"- Rationale teacher: {record.get('teacher')}. Params sha256 `{record['params'].get('sha256')}` "
         f"(profile {record['params'].get('profile')}). Code commit `{record['code'].get('commit')}`"
         + (" with uncommitted changes" if record["code"].get("dirty") else "") + ".", "",

@@ -17,8 +17,10 @@ from typing import Any
 import mlflow.pyfunc
 
 from tasks.common.config import repo_root
-from tasks.common.contracts import BASE_REF_FILE
+from tasks.common.contracts import BASE_REF_FILE, CALIBRATION_FILE, INDEX_ARTIFACT
 from tasks.common.errors import InputError
+from tasks.common.prompt import ABNORMAL, NORMAL
+from tasks.common.retrieval import INDEX_FILE
 from tasks.common.settings import EvaluateSettings
 
 
@@ -49,8 +51,41 @@ def resolve_base_model(ref: dict[str, Any]) -> Path:
                      f"looked at {', '.join(seen)}", hint="set RATIONANOMALY_BASE_MODEL to its folder")
 
 
+def read_calibration(adapter_dir: Path) -> tuple[float | None, str | None, int]:
+    """The verdict threshold, index folder and neighbour count a version was evaluated with.
+
+    Read from `calibration.json` in the adapter folder (written by the registry) and the `index` artifact
+    folder beside it; a version registered before either (or without retrieval) gives (None, None, 0). Raises
+    InputError when calibration.json is unreadable or names neighbours the version's artifacts do not hold.
+    """
+    file = adapter_dir / CALIBRATION_FILE
+    if not file.is_file():
+        return None, None, 0
+    try:
+        calibration = json.loads(file.read_text(encoding="utf-8"))
+        threshold = float(calibration["threshold"])
+        neighbours = int(calibration.get("neighbours") or 0)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise InputError(file, f"unreadable verdict calibration ({type(exc).__name__}: {exc})", field="threshold",
+                         hint="re-register the version from a fresh `dvc repro evaluate`") from exc
+    if not 0.0 <= threshold <= 1.0:
+        raise InputError(file, f"threshold {threshold} is not a probability in [0, 1]", field="threshold")
+    if neighbours <= 0:
+        return threshold, None, 0
+    index_dir = adapter_dir.parent / INDEX_ARTIFACT
+    if not (index_dir / INDEX_FILE).is_file():
+        raise InputError(file, f"the version's prompts carry {neighbours} neighbours but {index_dir / INDEX_FILE} "
+                         "does not exist", field="neighbours", hint="re-register the version with its index")
+    return threshold, str(index_dir), neighbours
+
+
 class RationAnomalyModel(mlflow.pyfunc.PythonModel):
-    """Log lines in (a DataFrame column `log`, optional `dataset`), verdicts with rationales out."""
+    """Log lines in (a DataFrame column `log`, optional `dataset`), verdicts with scores and rationales out.
+
+    A version with a verdict threshold (calibration.json) answers as the endpoint does: the scored answer word
+    against the threshold, with its retrieval index's neighbours in the prompt; every row also gets a rationale.
+    A version without one answers with the word its rationale ends in (score None).
+    """
 
     def load_context(self, context: Any) -> None:
         from tasks.evaluation.inference import open_engine
@@ -62,6 +97,12 @@ class RationAnomalyModel(mlflow.pyfunc.PythonModel):
         if missing:
             raise InputError("MLmodel", f"model_config lacks {missing}", field="model_config",
                              hint="register the version with tasks.release.pyfunc.model_config(...)")
+        self.threshold, index_dir, self.neighbours = read_calibration(self.adapter_dir)
+        self.index = None
+        if index_dir is not None:
+            from tasks.common.retrieval import TemplateIndex
+
+            self.index = TemplateIndex.load(Path(index_dir) / INDEX_FILE)
         self.engine = open_engine(resolve_base_model(ref), str(config["engine"]),
                                   batch_size=int(config["batch_size"]), max_new_tokens=int(config["max_new_tokens"]),
                                   dtype=str(config["dtype"]), threads=config["torch_threads"])
@@ -71,21 +112,32 @@ class RationAnomalyModel(mlflow.pyfunc.PythonModel):
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"log": list(model_input)})
         logs = frame["log" if "log" in frame.columns else frame.columns[0]].astype(str).tolist()
-        datasets = frame["dataset"].astype(str).tolist() if "dataset" in frame.columns else "system log"
-        run = self.engine.classify(logs, datasets, adapter_dir=self.adapter_dir)
-        return pd.DataFrame({"verdict": [p.verdict or "normal" for p in run.predictions],
-                             "label": [p.label for p in run.predictions], "valid": [p.valid for p in run.predictions],
+        datasets = frame["dataset"].astype(str).tolist() if "dataset" in frame.columns else ["system log"] * len(logs)
+        shown = self.index.prompt_neighbours(logs, self.neighbours) if self.index is not None else None
+        run = self.engine.classify(logs, datasets, adapter_dir=self.adapter_dir, neighbours=shown)
+        written = [p.verdict for p in run.predictions]
+        if self.threshold is None:
+            scores: list[float | None] = [None] * len(logs)
+            verdicts, valid = [w or NORMAL for w in written], [p.valid for p in run.predictions]
+        else:
+            scores = self.engine.score(logs, datasets, self.adapter_dir, shown).scores
+            verdicts = [ABNORMAL if s is not None and s >= self.threshold else NORMAL for s in scores]
+            valid = [s is not None for s in scores]
+        return pd.DataFrame({"verdict": verdicts, "label": [int(v == ABNORMAL) for v in verdicts],
+                             "score": [float("nan") if s is None else s for s in scores], "valid": valid,
                              "rationale": [p.rationale for p in run.predictions],
                              "completion": [p.completion for p in run.predictions]})
 
 
 def pyfunc_signature() -> Any:
-    """Input columns `log` (+ optional `dataset`); output verdict, label, valid, rationale, completion."""
+    """Input columns `log` (+ optional `dataset`); output verdict, label, score (NaN: none), valid, rationale,
+    completion."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
     inputs = Schema([ColSpec("string", "log"), ColSpec("string", "dataset", required=False)])
-    outputs = Schema([ColSpec("string", "verdict"), ColSpec("long", "label"), ColSpec("boolean", "valid"),
+    outputs = Schema([ColSpec("string", "verdict"), ColSpec("long", "label"), ColSpec("double", "score"),
+                      ColSpec("boolean", "valid"),
                       ColSpec("string", "rationale"), ColSpec("string", "completion")])
     return ModelSignature(inputs=inputs, outputs=outputs)
 

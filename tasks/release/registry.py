@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 import mlflow.pyfunc
 
 from tasks.common.config import repo_root
-from tasks.common.contracts import BASE_REF_FILE, CANDIDATE, Metrics
+from tasks.common.contracts import BASE_REF_FILE, CALIBRATION_FILE, CANDIDATE, INDEX_ARTIFACT, Metrics
 from tasks.common.errors import InputError
 from tasks.release.gate import GateVerdict
 from tasks.release.lineage import LINEAGE_FILE, collect_lineage, lineage_tags
@@ -37,6 +37,7 @@ from tasks.release.pyfunc import RationAnomalyModel, pyfunc_requirements, pyfunc
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 CARD_FILE = "model_card.md"
 METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "candidate_predictions.json"  # per test set: item ids, labels, the version's 0/1 predictions
 
 
 class RegistryError(RuntimeError):
@@ -141,21 +142,27 @@ def _slim_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     candidate = metrics.get("candidate", CANDIDATE)
     return {"candidate": candidate, "engine": metrics.get("engine"),
             "methods": {candidate: metrics.get("methods", {}).get(candidate, {})},
-            "test_data": metrics.get("test_data", {}), "mlflow_run_id": metrics.get("mlflow_run_id"),
+            "test_data": metrics.get("test_data", {}), "bootstrap": metrics.get("bootstrap"),
+            "mlflow_run_id": metrics.get("mlflow_run_id"),
             "created_at": metrics.get("created_at")}
 
 
 def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metrics: Metrics | dict[str, Any],
                        verdict: GateVerdict, lineage_tags_extra: dict[str, str] | None = None, *,
                        name: str, model_config: dict[str, Any], params: dict[str, Any] | None = None,
-                       root: Path | None = None, record: dict[str, Any] | None = None) -> str:
+                       predictions: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None,
+                       index_dir: Path | None = None, root: Path | None = None,
+                       record: dict[str, Any] | None = None) -> str:
     """Register an evaluated candidate as a new version; returns the version number (a string).
 
     `@challenger` moves to it only if its gate passed (a failed gate moves no alias). `model_config` is the
-    pyfunc model's (tasks.release.pyfunc.model_config). `record` is the lineage snapshot, collected from the
-    repo (with the effective `params`) when not given. Raises InputError for missing model folders,
-    RegistryUnavailable when the store cannot be reached, RegistryError when registration fails (the
-    version, if one was created, is tagged `failed`).
+    pyfunc model's (tasks.release.pyfunc.model_config); `predictions` the candidate's per-item predictions
+    (tasks.evaluate.item_predictions), kept so a later candidate can be compared with it item by item;
+    `calibration` its verdict threshold (evaluate's calibration.json, written into the adapter folder) and
+    `index_dir` the retrieval index its prompts use (stored as the `index` artifact).
+    `record` is the lineage snapshot, collected from the repo (with the effective `params`) when not given.
+    Raises InputError for missing model folders, RegistryUnavailable when the store cannot be reached,
+    RegistryError when registration fails (the version, if one was created, is tagged `failed`).
     """
     from tasks.evaluation.inference import check_model_dirs
 
@@ -172,7 +179,7 @@ def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metr
         root, adapter_dir=adapter_dir, base_model_dir=base_model_dir, metrics=metrics, params=params)
     base_meta = json.loads(base_meta_file.read_text(encoding="utf-8"))
     slim = _slim_metrics(metrics)
-    card = model_card(name, slim, verdict, record)
+    card = model_card(name, slim, verdict, record, calibration)
 
     from tasks.common.tracking import setup_mlflow, stage_run
 
@@ -182,6 +189,12 @@ def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metr
     try:
         adapter_copy = staging / "adapter"  # stored as artifacts/adapter whatever the folder was called
         shutil.copytree(adapter_dir, adapter_copy)
+        if calibration:  # the threshold travels with the adapter: serving, detect and the pyfunc read it there
+            (adapter_copy / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2), encoding="utf-8")
+        extra_artifacts = {}
+        if index_dir is not None:
+            shutil.copytree(index_dir, staging / INDEX_ARTIFACT)  # beside the adapter: read_calibration finds it
+            extra_artifacts[INDEX_ARTIFACT] = str(staging / INDEX_ARTIFACT)
         ref_file, card_file = staging / BASE_REF_FILE, staging / CARD_FILE
         lineage_file, metrics_file = staging / LINEAGE_FILE, staging / METRICS_FILE
         ref_file.write_text(json.dumps({"path": str(base_model_dir.resolve()), **base_meta}, indent=2),
@@ -189,6 +202,8 @@ def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metr
         card_file.write_text(card, encoding="utf-8")
         lineage_file.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
         metrics_file.write_text(json.dumps(slim, indent=2), encoding="utf-8")
+        predictions_file = staging / PREDICTIONS_FILE
+        predictions_file.write_text(json.dumps(predictions or {}), encoding="utf-8")
         with stage_run("register", candidate=str(adapter_dir)) as run:
             record.setdefault("runs", {})["register"] = {"run_id": run.info.run_id}
             lineage_file.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
@@ -197,7 +212,8 @@ def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metr
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=RationAnomalyModel(),
                 artifacts={"adapter": str(adapter_copy), "base_model_ref": str(ref_file), "model_card": str(card_file),
-                           "lineage": str(lineage_file), "metrics": str(metrics_file)},
+                           "lineage": str(lineage_file), "metrics": str(metrics_file),
+                           "predictions": str(predictions_file), **extra_artifacts},
                 signature=pyfunc_signature(), pip_requirements=pyfunc_requirements(),
                 model_config=model_config,
             )
@@ -207,6 +223,9 @@ def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metr
                     "run.register": run.info.run_id, "registered_at": _now(),
                     "gate.passed": str(verdict.passed).lower(), "gate.verdict": verdict.to_json(),
                     "gate.failed": ",".join(r.name for r in verdict.failed), "metrics": json.dumps(slim),
+                    **({"verdict.threshold": str(calibration["threshold"]),
+                        "verdict.neighbours": str(calibration.get("neighbours", 0)),
+                        "verdict.validation_ap": str(calibration.get("average_precision"))} if calibration else {}),
                     "adapter.dir": str(adapter_dir)}
             for key, value in tags.items():
                 c.set_model_version_tag(name, version, key, value)
@@ -302,19 +321,34 @@ def rollback(actor: str, reason: str, *, name: str) -> dict[str, str | None]:
             "rolled_back": leaving}
 
 
+def version_predictions(name: str, version: str) -> dict[str, Any] | None:
+    """The per-item predictions stored with a version ({set: {ids, labels, pred, digest}}), None when the version
+    has none (registered before they were kept) or they cannot be read."""
+    import mlflow.artifacts
+
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}/artifacts/{PREDICTIONS_FILE}")
+        return json.loads(Path(path).read_text(encoding="utf-8")) or None
+    except Exception:  # MLflow raises several types for a missing artifact; absence is an answer here
+        return None
+
+
 def champion_metrics(name: str) -> dict[str, Any] | None:
-    """The current `@champion`'s stored metrics ({'version', 'metrics'}), or None when there is no champion."""
+    """The current `@champion`'s stored metrics and per-item predictions ({'version', 'metrics', 'items'}; items
+    None when the version has none), or None when there is no champion."""
     c = client(check_registry())
     version = _aliases(c, name).get(CHAMPION)
     if version is None:
         return None
     tags = _version_tags(c, name, version)
+    items = version_predictions(name, version)
     if tags.get("metrics"):
-        return {"version": version, "metrics": json.loads(tags["metrics"])}
+        return {"version": version, "metrics": json.loads(tags["metrics"]), "items": items}
     import mlflow.artifacts
 
     path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}/artifacts/{METRICS_FILE}")
-    return {"version": version, "metrics": json.loads(Path(path).read_text(encoding="utf-8"))}
+    return {"version": version, "metrics": json.loads(Path(path).read_text(encoding="utf-8")), "items": items}
 
 
 def download_adapter(ref: str, dest: str | Path | None = None) -> Path:

@@ -7,7 +7,7 @@ from typing import Any
 
 from tasks.common.errors import InputError
 from tasks.common.files import iter_json_lines, md5_file
-from tasks.common.prompt import label_id, parse_completion
+from tasks.common.prompt import EXPLAIN, TASKS, label_id, parse_completion, parse_verdict
 
 ROLES = ("system", "user", "assistant")
 DATASET_NAME = "sft-cot"  # the MLflow dataset name flows/data.py gives data/sft/train.jsonl
@@ -35,7 +35,8 @@ def load_sft_records(path: str | Path) -> list[dict[str, Any]]:
     Raises InputError naming the file, line and field for a missing file, bad JSON, a wrong message list,
     an assistant turn that breaks the answer format, or a label that disagrees with it.
     Returns one normalised record per line: prompt ([system, user]), completion ([assistant]),
-    template (the log text), dataset, label (0/1) and rationale (the reference think part).
+    template (the log text), dataset, label (0/1), rationale (the reference think part) and task (`explain`,
+    the default, or `verdict`, whose completion is the answer alone).
     """
     path = Path(path)
     if not path.is_file():
@@ -57,27 +58,26 @@ def load_sft_records(path: str | Path) -> list[dict[str, Any]]:
             _check_message(m, role, path, line_no, f"messages[{i}]")
             for i, (m, role) in enumerate(zip(messages, ROLES, strict=True))
         )
-        parsed = parse_completion(assistant)
-        if not parsed.valid:
-            raise InputError(
-                path,
-                "assistant message is not `<think>…</think><answer>normal|abnormal</answer>`",
-                line=line_no,
-                field="messages[2].content",
-                hint=f"found {assistant[:120]!r}",
-            )
-        label = row.get("label", parsed.label)
+        task = row.get("task", EXPLAIN)
+        if task not in TASKS:
+            raise InputError(path, f"task {task!r} is not one of {TASKS}", line=line_no, field="task")
+        if task == EXPLAIN:
+            parsed = parse_completion(assistant)
+            answer = parsed.answer if parsed.valid else None
+            expected = "`<think>…</think><answer>normal|abnormal</answer>`"
+        else:
+            answer, expected = parse_verdict(assistant), "`<answer>normal|abnormal</answer>`"
+        if answer is None:
+            raise InputError(path, f"assistant message is not {expected}", line=line_no, field="messages[2].content",
+                             hint=f"found {assistant[:120]!r}")
+        label = row.get("label", answer)
         try:
             label = label_id(label)
         except (ValueError, TypeError) as exc:
             raise InputError(path, str(exc), line=line_no, field="label") from exc
-        if label != parsed.label:
-            raise InputError(
-                path,
-                f"label {label} disagrees with the assistant's answer '{parsed.answer}'",
-                line=line_no,
-                field="label",
-            )
+        if label != label_id(answer):
+            raise InputError(path, f"label {label} disagrees with the assistant's answer '{answer}'", line=line_no,
+                             field="label")
         records.append(
             {
                 "prompt": [{"role": "system", "content": system}, {"role": "user", "content": user}],
@@ -85,7 +85,8 @@ def load_sft_records(path: str | Path) -> list[dict[str, Any]]:
                 "template": str(row.get("template") or user),
                 "dataset": str(row.get("dataset") or ""),
                 "label": label,
-                "rationale": str(row.get("rationale") or parsed.think),
+                "rationale": str(row.get("rationale") or (parsed.think if task == EXPLAIN else "")),
+                "task": task,
             }
         )
     if not records:

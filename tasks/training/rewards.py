@@ -42,7 +42,17 @@ from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
-from tasks.common.prompt import ABNORMAL, LABELS, NORMAL, Parsed, label_name, parse_completion
+from tasks.common.prompt import (
+    ABNORMAL,
+    EXPLAIN,
+    LABELS,
+    NORMAL,
+    VERDICT,
+    Parsed,
+    label_name,
+    parse_completion,
+    parse_verdict,
+)
 from tasks.common.settings import RewardSettings
 
 COMPONENTS = ("format", "answer", "grounding", "coherence", "brevity")
@@ -59,8 +69,9 @@ def completion_text(completion: str | Sequence[dict[str, str]]) -> str:
 
 
 def think_counts(parsed: Parsed, label: int | str) -> bool:
-    """The rationale is scored only when the format is valid and the verdict right (as in the released code)."""
-    return parsed.valid and parsed.answer == label_name(label)
+    """The rationale is scored only when the format is valid and the verdict right (as in the released code);
+    a verdict-task completion has no rationale to score."""
+    return parsed.valid and bool(parsed.think) and parsed.answer == label_name(label)
 
 
 def format_score(parsed: Parsed, cfg: RewardSettings) -> float:
@@ -159,15 +170,25 @@ def perplexity_scorer(model_dir: str, batch_size: int = 16) -> PerplexityScorer:
 # ---- trl reward functions (batched, one float per completion) -------------------------------------------------
 
 
-def _parsed(completions: Sequence[Any]) -> list[Parsed]:
-    return [parse_completion(completion_text(c)) for c in completions]
+def parse_for_task(text: str, task: str) -> Parsed:
+    """A completion read by its task's format: `explain` think then answer, `verdict` the answer alone."""
+    if task == VERDICT:
+        answer = parse_verdict(text)
+        return Parsed(answer is not None, "", answer)
+    return parse_completion(text)
+
+
+def _parsed(completions: Sequence[Any], task: Sequence[str] | None = None) -> list[Parsed]:
+    tasks = task if task is not None else [EXPLAIN] * len(completions)
+    return [parse_for_task(completion_text(c), t) for c, t in zip(completions, tasks, strict=True)]
 
 
 def format_reward(
-    completions: Sequence[Any], *, cfg: RewardSettings, log_metric: Callable | None = None, **_: Any
+    completions: Sequence[Any], *, cfg: RewardSettings, log_metric: Callable | None = None,
+    task: Sequence[str] | None = None, **_: Any
 ) -> list[float]:
-    """trl reward function: the format score of each completion."""
-    parsed = _parsed(completions)
+    """trl reward function: the format score of each completion (in its task's format)."""
+    parsed = _parsed(completions, task)
     if log_metric is not None:
         log_metric("format_valid_rate", sum(p.valid for p in parsed) / max(1, len(parsed)))
     return [format_score(p, cfg) for p in parsed]
@@ -179,10 +200,12 @@ def answer_reward(
     *,
     cfg: RewardSettings,
     log_metric: Callable | None = None,
+    task: Sequence[str] | None = None,
     **_: Any,
 ) -> list[float]:
-    """Asymmetric verdict reward; also logs its mean per true class (`rewards/answer/<class>`)."""
-    scores = [answer_score(p, y, cfg) for p, y in zip(_parsed(completions), label, strict=True)]
+    """Asymmetric verdict reward, the same table for both tasks (so RL optimises the scored verdict the gate
+    measures); also logs its mean per true class (`rewards/answer/<class>`)."""
+    scores = [answer_score(p, y, cfg) for p, y in zip(_parsed(completions, task), label, strict=True)]
     if log_metric is not None:
         for cls in LABELS:
             values = [s for s, y in zip(scores, label, strict=True) if label_name(y) == cls]
@@ -196,24 +219,26 @@ def grounding_reward(
     label: Sequence[int | str],
     template: Sequence[str],
     rationale: Sequence[str] | None = None,
+    task: Sequence[str] | None = None,
     **_: Any,
 ) -> list[float]:
     """trl reward function: grounding of each rationale in [0, 1], 0 unless the format is valid and the answer right."""
     references = rationale if rationale is not None else [None] * len(completions)
     return [
         grounding_score(p.think, log, ref) if think_counts(p, y) else 0.0
-        for p, y, log, ref in zip(_parsed(completions), label, template, references, strict=True)
+        for p, y, log, ref in zip(_parsed(completions, task), label, template, references, strict=True)
     ]
 
 
 def brevity_reward(
-    completions: Sequence[Any], label: Sequence[int | str], rationale: Sequence[str] | None = None, **_: Any
+    completions: Sequence[Any], label: Sequence[int | str], rationale: Sequence[str] | None = None,
+    task: Sequence[str] | None = None, **_: Any
 ) -> list[float]:
     """trl reward function: closeness of each rationale's length to the reference's, 0 unless the answer is right."""
     references = rationale if rationale is not None else [None] * len(completions)
     return [
         brevity_score(p.think, ref) if think_counts(p, y) else 0.0
-        for p, y, ref in zip(_parsed(completions), label, references, strict=True)
+        for p, y, ref in zip(_parsed(completions, task), label, references, strict=True)
     ]
 
 
@@ -223,10 +248,11 @@ def coherence_reward(
     *,
     cfg: RewardSettings,
     perplexity: Callable[[Sequence[str]], list[float]],
+    task: Sequence[str] | None = None,
     **_: Any,
 ) -> list[float]:
     """Perplexity-based fluency of the rationale; the LM runs only on completions that pass the gate."""
-    parsed = _parsed(completions)
+    parsed = _parsed(completions, task)
     scored = [i for i, (p, y) in enumerate(zip(parsed, label, strict=True)) if think_counts(p, y)]
     out = [0.0] * len(parsed)
     if scored:

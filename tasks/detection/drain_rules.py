@@ -5,7 +5,7 @@ whose tokens agree at `sim_th` of their positions and writes `<*>` where they di
 `node card R12-M0-N4 status: OK` and `node card R12-M0-N4 status: FAILED` became one template
 `node card R12-M0-N4 status: <*>`, and the FAILED line inherited the verdict of the OK lines. Here two
 differing tokens may merge into `<*>` only when both carry a value: a digit, or a mask `<*>` from the
-regex masks (serving.detect.MASKS), the same test drain3 uses to route tokens (`has_numbers`). A token
+regex masks (tasks.detection.formats.MASKS), the same test drain3 uses to route tokens (`has_numbers`). A token
 without a digit (`OK`/`FAILED`, `Started`/`Paused`, `user=alice`/`user=bob`, `sda`/`sdb`) is part of
 the template's text: lines that differ there are different templates, and such a token never fills an
 existing `<*>`. Cost: where a word really is a variable (user or device names) each spelling is one more

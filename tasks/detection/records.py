@@ -10,7 +10,7 @@ trace is one event with one verdict, counted where its first line is:
   `\\t... 12 more`) or starts with `Caused by:` / `Suppressed:` / `... N more` (the shapes of a Java trace).
 
 A record holds at most `max_lines` lines (then the next continuation starts a new record), and its text is
-fitted to `max_chars` like a single line (serving.framing.fit_line), so a file of indented lines cannot
+fitted to `max_chars` like a single line (tasks.detection.framing.fit_line), so a file of indented lines cannot
 grow one record without bound.
 
 Sessions (issue 15, case 6). Formats with a session key report per-session verdicts as the evaluation
@@ -26,10 +26,10 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from serving.framing import fit_line
 from tasks.common.prompt import ABNORMAL, NORMAL
+from tasks.detection.framing import fit_line
 
-# A line that starts a record of the format: looser than the full header (serving.detect.FORMATS), so a
+# A line that starts a record of the format: looser than the full header (tasks.detection.formats.FORMATS), so a
 # record with an odd program field still starts a record, and `content` still drops the alert tag.
 RECORD_START: dict[str, re.Pattern[str]] = {
     "bgl": re.compile(r"^\S+ \d+ \d{4}\.\d\d\.\d\d \S+ ?(?P<content>.*)$"),
@@ -38,24 +38,32 @@ RECORD_START: dict[str, re.Pattern[str]] = {
     "hdfs": re.compile(r"^\d{6} \d{6} (?P<content>.*)$"),
 }
 GENERIC_CONTINUATION = re.compile(r"^(?:[ \t]|Caused by:|Suppressed:|\.\.\. \d+ more)")
+# LogHub's labelled layouts: every physical line starts with the ground-truth alert tag (`-` = normal).
+TAGGED_FORMATS = ("bgl", "thunderbird", "spirit")
+EMPTY_MESSAGE = "(empty message)"  # what is mined and shown for a record whose message is empty
 SESSION_KEYS: dict[str, re.Pattern[str]] = {"hdfs": re.compile(r"blk_-?\d+")}
 
 
 def record_content(text: str, fmt: str, header: re.Pattern[str] | None) -> str | None:
     """The free text of `text` when it starts an event of format `fmt`; None when it continues one.
 
-    The content follows the full header (`header`, serving.detect.FORMATS) when it matches, else the loose
-    record start, so an odd program field never lets the alert tag through.
+    The content follows the full header (`header`, tasks.detection.formats.FORMATS) when it matches, else the
+    loose record start. In a tagged format (TAGGED_FORMATS) every line starts a record and loses its first
+    field even when no header parses, so the alert tag never reaches drain3 or the model; a record whose
+    message is empty reads EMPTY_MESSAGE, never the raw line.
     """
     match = header.match(text) if header is not None else None
     if match is None:
         start = RECORD_START.get(fmt)
         if start is None:
-            return None if GENERIC_CONTINUATION.match(text) else text.strip() or text
+            return None if GENERIC_CONTINUATION.match(text) else text.strip() or EMPTY_MESSAGE
         match = start.match(text)
         if match is None:
+            if fmt in TAGGED_FORMATS:
+                fields = text.strip().split(None, 1)
+                return fields[1].strip() if len(fields) > 1 else EMPTY_MESSAGE
             return None
-    return match.group("content").strip() or text
+    return match.group("content").strip() or EMPTY_MESSAGE
 
 
 def session_keys(content: str, fmt: str) -> tuple[str, ...]:
@@ -101,7 +109,7 @@ class RecordJoiner:
                 record.chars = len(record.parts[0])
             return None
         if content is None:  # a continuation with nothing to continue, or past max_lines
-            content = text.strip() or text
+            content = text.strip() or EMPTY_MESSAGE
         keys = session_keys(content, self.fmt) if self._keys is not None else ()
         self._open = Record(number, number, [content], keys, chars=len(content))
         return record

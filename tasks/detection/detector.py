@@ -1,0 +1,407 @@
+"""The detector: raw lines in, JSON-lines verdicts out (see tasks/detection/__init__.py for the rules).
+
+Millions of lines share a few thousand templates, so the classifier is asked once per template and the
+answer (verdict, rationale, model version) is kept in SQLite. Each answer is stored the moment it
+arrives: when the classifier fails, the run stops with a clear error and a rerun resumes from the
+cache. Output is JSON lines: a `template` record the first time a template (or its text) appears,
+one `line` record per event (a line, or a multi-line record such as a stack trace: `line` is its first
+line, `last_line` its last), then one `window` record per `window_lines` events, or, for formats with a
+session key (HDFS block ids), one `session` record per session at the end of the input.
+A run may create at most `detect.max_new_templates` new templates; past that it stops before asking the
+classifier, since input where nearly every line is a new template is not a log drain3 can parse.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import select
+import stat
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from tasks.common.config import resolve_path
+from tasks.common.errors import InputError
+from tasks.common.prompt import ABNORMAL
+from tasks.common.settings import DetectSettings
+from tasks.detection.cache import VerdictCache
+from tasks.detection.formats import FORMATS, SESSION_FORMATS, detect_format
+from tasks.detection.framing import LineFramer, fit_line
+from tasks.detection.miner import make_miner
+from tasks.detection.records import Record, RecordJoiner, Sessions
+from tasks.detection.verdicts import Classifier, ClassifierError, TemplateVerdict
+
+
+@dataclass
+class DetectStats:
+    """Counters of one detect run (lines, windows, templates, requests), reported in its summary."""
+    lines: int = 0
+    empty_lines: int = 0
+    invalid_utf8_lines: int = 0
+    replaced_chars: int = 0
+    truncated_lines: int = 0
+    continuation_lines: int = 0  # lines joined to the event before them (stack-trace frames, ...)
+    abnormal_lines: int = 0
+    invalid_answer_lines: int = 0
+    windows: int = 0
+    abnormal_windows: int = 0
+    sessions: int = 0
+    abnormal_sessions: int = 0
+    unsessioned_lines: int = 0  # events of a session format that name no session
+    templates: int = 0
+    new_templates: int = 0
+    requested: int = 0
+    cache_hits: int = 0
+    seconds: float = 0.0
+    line_counts: Counter[int] = field(default_factory=Counter)
+
+
+class Detector:
+    """Raw lines in, JSON-lines verdicts out, configured by the `detect` settings.
+
+    `client` answers for templates the cache lacks (tasks.detection.verdicts.Classifier: the HTTP client of the
+    live endpoint, serving.client.Client, or the candidate in-process for evaluation); the detector closes it.
+    """
+
+    def __init__(self, settings: DetectSettings, client: Classifier, *, model_version: str | None = None,
+                 progress: bool = True) -> None:
+        self.settings = settings
+        self.client = client
+        self.model_version = str(model_version or settings.model_version or client.model_version())
+        self.cache = VerdictCache(resolve_path(settings.cache_file), self.model_version)
+        self.miner = make_miner(resolve_path(settings.drain_state) if settings.drain_state else None,
+                                settings.drain_sim_th, settings.drain_depth)
+        self.progress = progress
+        self._memo: dict[str, int] = {}
+        self._memo_size = settings.memo_size
+        self._emitted: dict[int, str] = {}  # cluster id → template text last written (one run)
+        self._clusters_at_start = self.miner.drain.clusters_counter  # reset per run: the template budget
+
+    def close(self) -> None:
+        self.miner.checkpoint()
+        self.cache.close()
+        self.client.close()
+
+    def __enter__(self) -> Detector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading
+
+    @staticmethod
+    def _chunks(handle: IO[bytes], size: int, flush_s: float,
+                max_bytes: int) -> Iterator[list[tuple[int, bytes, bytes | None]]]:
+        """(line number, head bytes, tail bytes or None) in chunks of `size` lines, framed by LineFramer.
+
+        On a pipe or terminal (`tail -f app.log | rationanomaly detect -`) a partial chunk is also
+        released after `flush_s` seconds without input, so verdicts do not wait for 5,000 more lines.
+        """
+        try:
+            fd: int | None = handle.fileno()
+            stream = not stat.S_ISREG(os.fstat(fd).st_mode)
+        except (OSError, AttributeError, io.UnsupportedOperation):
+            fd, stream = None, False
+        read = (lambda: os.read(fd, 1 << 16)) if stream and fd is not None else (lambda: handle.read(1 << 20))
+        chunk: list[tuple[int, bytes, bytes | None]] = []
+        framer, number = LineFramer(max_bytes), 0
+        while True:
+            if stream and chunk and not select.select([fd], [], [], flush_s)[0]:
+                yield chunk
+                chunk = []
+                continue
+            block = read()
+            if not block:
+                break
+            for head, tail in framer.feed(block):
+                number += 1
+                chunk.append((number, head, tail))
+                if len(chunk) >= size:
+                    yield chunk
+                    chunk = []
+        for head, tail in framer.finish():
+            chunk.append((number + 1, head, tail))
+        if chunk:
+            yield chunk
+
+    def _cluster_id(self, content: str) -> int:
+        """drain3 cluster of a line; identical content is memoised (drain would return the same cluster)."""
+        cid = self._memo.get(content)
+        if cid is None:
+            cid = self.miner.add_log_message(content)["cluster_id"]
+            if self._memo_size > 0:
+                if len(self._memo) >= self._memo_size:
+                    self._memo.clear()
+                self._memo[content] = cid
+        return cid
+
+    # -- classification
+
+    def _classify(self, templates: dict[str, str], stats: DetectStats) -> None:
+        """Ask the endpoint about templates the cache lacks; each answer is stored as it arrives."""
+        missing = [(dataset, t) for t, dataset in templates.items() if self.cache.get(t) is None]
+        stats.cache_hits += len(templates) - len(missing)
+        if not missing:
+            return
+
+        def store(verdict: TemplateVerdict) -> None:
+            if verdict.model_version != self.model_version:
+                raise ClassifierError(f"the live model changed from version {self.model_version} to "
+                                    f"{verdict.model_version} during the run; rerun to use the new model "
+                                    "(its cache starts empty)")
+            self.cache.put(verdict)
+            stats.requested += 1
+
+        batch = self.settings.batch_size
+        try:
+            for start in range(0, len(missing), batch):
+                self.client.classify(missing[start:start + batch], on_result=store)
+        except ClassifierError as exc:  # same type (an endpoint failure stays one), with how to resume
+            raise type(exc)(f"{exc}. {len(self.cache)} template verdicts are kept in {self.cache.path}; "
+                                "rerun the same command to resume") from exc
+
+    # -- the run
+
+    def run(self, source: str | Path | IO[bytes], out: IO[str], fmt: str = "auto") -> dict[str, Any]:
+        """Detect on a file path, '-' (stdin) or a binary handle; write JSON lines to `out`; return the summary."""
+        stats = DetectStats()
+        started = time.perf_counter()
+        if isinstance(source, str | Path) and str(source) != "-":
+            path = Path(source)
+            if not path.is_file():
+                raise InputError(path, "log file not found")
+            with path.open("rb") as handle:
+                self._run(handle, out, fmt, stats, path.stat().st_size, str(path))
+        else:
+            handle = sys.stdin.buffer if str(source) == "-" else source
+            self._run(handle, out, fmt, stats, None, "stdin")  # type: ignore[arg-type]
+        stats.seconds = time.perf_counter() - started
+        return self.summary(stats)
+
+    @staticmethod
+    def _text(raw: bytes, stats: DetectStats) -> tuple[str, bool]:
+        """UTF-8 with bad bytes replaced (and counted); whether any were."""
+        try:
+            return raw.decode("utf-8"), False
+        except UnicodeDecodeError:
+            text = raw.decode("utf-8", errors="replace")
+            stats.replaced_chars += text.count("\ufffd") - raw.count("\ufffd".encode())
+            return text, True
+
+    def _decode(self, raw: bytes, tail: bytes | None, stats: DetectStats) -> str | None:
+        """A line's text, fitted to max_line_chars before mining (tasks.detection.framing.fit_line); None when empty.
+
+        `tail` is the end of a line the reader cut (longer than its byte bound), None for a whole line.
+        """
+        text, bad = self._text(raw, stats)
+        tail_text = None
+        if tail is not None:
+            tail_text, bad_tail = self._text(tail, stats)
+            bad = bad or bad_tail
+        stats.invalid_utf8_lines += bad
+        if tail_text is None and not text.strip():
+            stats.empty_lines += 1
+            return None
+        text, cut = fit_line(text, self.settings.max_line_chars, tail_text)  # a 1 MB line is no template
+        stats.truncated_lines += cut
+        return text
+
+    def _mine(self, chunk: list[tuple[int, bytes, bytes | None]], joiner: RecordJoiner, final: bool,
+              stats: DetectStats) -> list[tuple[Record, int]]:
+        """(event, cluster id) for each event the chunk completes; `final` also closes the open event."""
+        records = []
+        for number, raw, tail in chunk:
+            text = self._decode(raw, tail, stats)
+            if text is None:
+                continue
+            closed = joiner.add(number, text)
+            if closed is not None:
+                records.append(closed)
+        if final and (closed := joiner.flush()) is not None:
+            records.append(closed)
+        stats.continuation_lines = joiner.continuation_lines
+        return [(record, self._cluster_id(joiner.text(record))) for record in records]
+
+    def _check_template_budget(self, name: str, events: int, stats: DetectStats) -> None:
+        """Stop before asking the model when this run created more than detect.max_new_templates templates."""
+        budget = self.settings.max_new_templates
+        stats.new_templates = self.miner.drain.clusters_counter - self._clusters_at_start
+        if stats.new_templates <= budget:
+            return
+        self.miner.dirty = False  # keep the saved drain state of the last good chunk, not these templates
+        unparseable = stats.new_templates >= events / 2
+        raise InputError(
+            name,
+            f"{stats.new_templates} new templates from {events} events exceed detect.max_new_templates={budget}"
+            + ("; nearly every line is a new template, so this input does not look like a log drain3 can "
+               "parse (JSON lines, binary data, or the wrong --format?)" if unparseable else ""),
+            hint="no model call was made for them; check the input, or raise detect.max_new_templates when a "
+                 "new system really has this many templates",
+        )
+
+    def _run(self, handle: IO[bytes], out: IO[str], fmt: str, stats: DetectStats, size: int | None,
+             name: str) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+        if fmt != "auto" and fmt not in FORMATS:
+            raise InputError(name, f"unknown log format {fmt!r}", hint=f"one of auto, {', '.join(FORMATS)}")
+        window_lines = self.settings.window_lines
+        window: list[int] = [0, 0, 0]  # first line, events, abnormal events
+        window_templates: Counter[int] = Counter()
+        emitted = self._emitted
+        joiner: RecordJoiner | None = None
+        sessions: Sessions | None = None
+        self._clusters_at_start = self.miner.drain.clusters_counter
+        chunk_lines = self.settings.chunk_lines
+        max_chars = self.settings.max_line_chars
+        progress = Progress(TextColumn("detect"), BarColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                            transient=True, disable=not self.progress or size is None)
+        task = progress.add_task(name, total=size)
+        write = out.write
+        try:
+            with progress:
+                # 4 bytes per character at most in UTF-8: a line's kept head holds max_line_chars characters
+                chunks = self._chunks(handle, chunk_lines, self.settings.flush_s, 4 * max_chars)
+                for chunk in chunks:
+                    if fmt == "auto":
+                        sample = (raw.decode("utf-8", errors="replace").strip() for _, raw, _ in chunk[:200])
+                        fmt = detect_format(line for line in sample if line)
+                    pattern, dataset = FORMATS[fmt]
+                    if joiner is None:
+                        joiner = RecordJoiner(fmt, pattern, self.settings.max_record_lines, max_chars)
+                        if fmt in SESSION_FORMATS:
+                            sessions = Sessions(self.settings.max_open_sessions)
+                    # a short chunk is the end of the input or a pause on a pipe: close the open event
+                    parsed = self._mine(chunk, joiner, len(chunk) < chunk_lines, stats)
+                    self._check_template_budget(name, stats.lines + len(parsed), stats)
+                    self._write_events(parsed, dataset, write, stats, window, window_templates, sessions,
+                                       window_lines)
+                    out.flush()
+                    progress.update(task, advance=sum(len(raw) + len(tail or b"") for _, raw, tail in chunk))
+                if joiner is not None and (last := joiner.flush()) is not None:
+                    self._write_events([(last, self._cluster_id(joiner.text(last)))], dataset, write, stats, window,
+                                       window_templates, sessions, window_lines)
+                if window[1]:
+                    self._emit_window(write, window, window_templates, None, stats)
+                for record in sessions.close() if sessions is not None else []:
+                    self._emit_session(write, record, stats)
+                stats.templates = len(emitted)
+                stats.new_templates = self.miner.drain.clusters_counter - self._clusters_at_start
+        finally:
+            out.flush()
+
+    def _write_events(self, parsed: list[tuple[Record, int]], dataset: str, write: Any, stats: DetectStats,
+                      window: list[int], window_templates: Counter[int], sessions: Sessions | None,
+                      window_lines: int) -> None:
+        """Classify the events' new templates, then write template, line and window/session records."""
+        emitted = self._emitted
+        clusters = self.miner.drain.id_to_cluster
+        templates = {cid: clusters[cid].get_template() for cid in {cid for _, cid in parsed}}
+        try:
+            self._classify({t: dataset for t in templates.values()}, stats)
+        finally:
+            self.miner.checkpoint()
+        verdict_of = {}
+        for cid, template in templates.items():
+            cached = self.cache.get(template)
+            assert cached is not None  # _classify stored every template or raised
+            verdict_of[cid] = (cached.verdict if cached.valid else "invalid", cached.verdict == ABNORMAL, cached.valid)
+            if emitted.get(cid) != template:
+                emitted[cid] = template
+                score = None if cached.score is None else round(cached.score, 4)
+                write(json.dumps({"kind": "template", "template_id": cid, "template": template,
+                                  "verdict": verdict_of[cid][0], "score": score, "rationale": cached.rationale,
+                                  "dataset": dataset, "model_version": self.model_version}) + "\n")
+        for record, cid in parsed:
+            label, abnormal, valid = verdict_of[cid]
+            number, last = record.first, record.last
+            stats.lines += 1
+            stats.line_counts[cid] += 1
+            stats.abnormal_lines += abnormal
+            stats.invalid_answer_lines += not valid
+            if last == number:
+                write(f'{{"kind":"line","line":{number},"template_id":{cid},"verdict":"{label}"}}\n')
+            else:
+                write(f'{{"kind":"line","line":{number},"last_line":{last},"template_id":{cid},'
+                      f'"verdict":"{label}"}}\n')
+            if sessions is not None:
+                if not record.keys:
+                    stats.unsessioned_lines += 1
+                for evicted in sessions.add(record.keys, number, last, cid, abnormal):
+                    self._emit_session(write, evicted, stats)
+                continue
+            if window[1] == 0:
+                window[0] = number
+            window[1] += 1
+            if abnormal:
+                window[2] += 1
+                window_templates[cid] += 1
+            if window[1] >= window_lines:
+                self._emit_window(write, window, window_templates, last, stats)
+        stats.templates = len(emitted)
+
+    @staticmethod
+    def _emit_session(write: Any, record: dict[str, Any], stats: DetectStats) -> None:
+        stats.sessions += 1
+        stats.abnormal_sessions += record["verdict"] == ABNORMAL
+        write(json.dumps(record) + "\n")
+
+    def _emit_window(self, write: Any, window: list[int], templates: Counter[int], last: int | None,
+                     stats: DetectStats) -> None:
+        stats.windows += 1
+        stats.abnormal_windows += window[2] > 0
+        write(json.dumps({"kind": "window", "index": stats.windows, "first_line": window[0], "last_line": last,
+                          "lines": window[1], "abnormal_lines": window[2],
+                          "verdict": ABNORMAL if window[2] else "normal",
+                          "abnormal_templates": dict(templates.most_common())}) + "\n")
+        window[:] = [0, 0, 0]
+        templates.clear()
+
+    def summary(self, stats: DetectStats) -> dict[str, Any]:
+        """Counts and the top anomalous templates with their rationales."""
+        top = []
+        for cid, count in stats.line_counts.most_common():
+            template = self._emitted.get(cid)
+            cached = self.cache.get(template) if template is not None else None
+            if cached and cached.verdict == ABNORMAL:
+                top.append({"template_id": cid, "template": template, "lines": count, "score": cached.score,
+                            "rationale": cached.rationale})
+            if len(top) >= self.settings.top_k:
+                break
+        counts = {k: v for k, v in vars(stats).items() if k != "line_counts"}
+        counts["seconds"] = round(stats.seconds, 3)
+        counts["lines_per_s"] = round(stats.lines / stats.seconds, 1) if stats.seconds else None
+        return {"kind": "summary", "model_version": self.model_version, **counts,
+                "cache_entries": len(self.cache), "cache_invalidated": self.cache.invalidated,
+                "drain_state_reset": self.miner.state_reset, "top_anomalous": top}
+
+
+def print_summary(summary: dict[str, Any], console: Any = None) -> None:
+    """A rich table for people: counts, then the top anomalous templates with rationales."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(stderr=True)
+    counts = Table(title=f"detect summary (model version {summary['model_version']})", show_header=False)
+    for key in ("lines", "abnormal_lines", "windows", "abnormal_windows", "sessions", "abnormal_sessions",
+                "templates", "new_templates", "requested", "cache_hits", "invalid_answer_lines", "empty_lines",
+                "invalid_utf8_lines", "truncated_lines", "continuation_lines", "unsessioned_lines", "seconds",
+                "lines_per_s"):
+        counts.add_row(key, str(summary.get(key)))
+    console.print(counts)
+    if summary.get("drain_state_reset"):
+        console.print(f"note: {summary['drain_state_reset']}")
+    if summary["top_anomalous"]:
+        top = Table(title="top anomalous templates")
+        for column in ("lines", "template", "rationale"):
+            top.add_column(column, overflow="fold")
+        for row in summary["top_anomalous"]:
+            top.add_row(str(row["lines"]), row["template"], row["rationale"])
+        console.print(top)

@@ -1,0 +1,82 @@
+"""drain3 with the project's rules: masks for values, ValueDrain (wildcards for values only), checkpointed state."""
+
+from __future__ import annotations
+
+import base64
+import zlib
+from pathlib import Path
+from typing import Any
+
+import jsonpickle
+from drain3 import TemplateMiner
+from drain3.file_persistence import FilePersistence
+from drain3.masking import MaskingInstruction
+from drain3.template_miner_config import TemplateMinerConfig
+
+from tasks.common.files import atomic_path
+from tasks.detection.drain_rules import RULES, ValueDrain
+from tasks.detection.formats import MASKS
+
+
+class _AtomicFilePersistence(FilePersistence):
+    """drain3's FilePersistence, written all-or-nothing so a crash cannot leave a half-written state."""
+
+    def save_state(self, state: bytes) -> None:
+        with atomic_path(self.file_path) as tmp:
+            tmp.write_bytes(state)
+
+
+class _CheckpointMiner(TemplateMiner):
+    """TemplateMiner that snapshots at checkpoints (end of each chunk) instead of on every new cluster.
+
+    Its Drain is tasks.detection.drain_rules.ValueDrain (wildcards for values only, drain3 0.9.3's short-template
+    fix). A saved state mined under other rules is not reused: the miner starts afresh and says so in
+    `state_reset` (template ids restart; verdicts stay cached by template text).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.dirty = False
+        self.state_reset: str | None = None
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.drain, ValueDrain):
+            config = self.config
+            self.drain = ValueDrain(sim_th=config.drain_sim_th, depth=config.drain_depth,
+                                    max_children=config.drain_max_children, max_clusters=config.drain_max_clusters,
+                                    extra_delimiters=config.drain_extra_delimiters, profiler=self.profiler)
+
+    def load_state(self) -> None:
+        """drain3 0.9.1's load_state renames dict keys while iterating them (a RuntimeError on Python 3.11)."""
+        state = self.persistence_handler.load_state()
+        if state is None:
+            return
+        if self.config.snapshot_compress_state:
+            state = zlib.decompress(base64.b64decode(state))
+        drain = jsonpickle.loads(state)
+        if not isinstance(drain, ValueDrain) or getattr(drain, "rules", None) != RULES:
+            self.state_reset = (f"{getattr(self.persistence_handler, 'file_path', 'drain state')} was mined under "
+                                f"older template rules; templates are mined afresh under {RULES}")
+            return
+        drain.id_to_cluster = {int(key): cluster for key, cluster in drain.id_to_cluster.items()}
+        drain.profiler = self.profiler
+        self.drain = drain
+
+    def get_snapshot_reason(self, change_type: str, cluster_id: int) -> str | None:
+        self.dirty = self.dirty or change_type != "none"
+        return None
+
+    def checkpoint(self) -> None:
+        if self.dirty and self.persistence_handler is not None:
+            self.save_state("checkpoint")
+            self.dirty = False
+
+
+def make_miner(state_file: Path | None, sim_th: float = 0.4, depth: int = 4) -> _CheckpointMiner:
+    """A drain3 miner with the project's masks (values become `<*>`), checkpointed to `state_file` when given."""
+    config = TemplateMinerConfig()
+    config.drain_sim_th, config.drain_depth = sim_th, depth
+    config.masking_instructions = [MaskingInstruction(pattern, "*") for pattern in MASKS]  # masks read "<*>"
+    persistence = None
+    if state_file is not None:
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        persistence = _AtomicFilePersistence(str(state_file))
+    return _CheckpointMiner(persistence, config)

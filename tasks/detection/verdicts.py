@@ -1,0 +1,57 @@
+"""What the detector asks and gets back: the classifier interface and one template's verdict.
+
+Two classifiers implement it: serving.client.Client (the live endpoint over HTTP) and the evaluate stage's
+in-process candidate (tasks.evaluation.served), so the served path is measured with the detector's own code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class ClassifierError(RuntimeError):
+    """The classifier could not answer (after its retries), or the model changed during a run."""
+
+
+@dataclass(frozen=True)
+class TemplateVerdict:
+    """One template's answer. `verdict` is None when no verdict could be read (`valid` False): with a threshold
+    `valid` means the verdict was scored, without one that the rationale was format-valid.
+
+    `score` is the calibrated verdict score P(abnormal) in [0, 1] (None when not asked for or not readable);
+    with a score, `verdict` is the score against the model's threshold. `rationale` is the text inside
+    <think> (empty when no rationale was asked for); `raw` the whole completion; `answer` the word the
+    rationale ended in (None when none was written or the completion broke the format); `latency_s` seconds
+    from request to answer (retries included).
+    """
+
+    template: str
+    dataset: str
+    verdict: str | None
+    valid: bool
+    rationale: str
+    raw: str
+    model_version: str
+    latency_s: float
+    score: float | None = None
+    answer: str | None = None
+
+
+class Classifier(Protocol):
+    """Answers (dataset, template) items; `on_result` is called in the caller's thread as each answer arrives."""
+
+    def classify(self, items: Sequence[tuple[str, str]], *,
+                 on_result: Callable[[TemplateVerdict], None] | None = None) -> list[TemplateVerdict]:
+        """Verdicts in input order; raises ClassifierError when it cannot answer (answers already passed to
+        `on_result` are kept by the caller)."""
+        ...
+
+    def model_version(self) -> str:
+        """The version of the model that answers (keys the verdict cache)."""
+        ...
+
+    def close(self) -> None:
+        """Free connections or model memory."""
+        ...

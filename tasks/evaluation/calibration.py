@@ -1,0 +1,73 @@
+"""Choosing the verdict threshold, and what a score buys: precision-recall curves and average precision.
+
+The verdict score (tasks.common.prompt.verdict_score) is P(abnormal) of the answer word's first token; the
+threshold that turns it into a verdict is chosen on the validation fold carved from the training templates
+(split.validation_fraction: seeded, stratified, never the test split) to maximise abnormal-class F1
+(LM-BFF and calibration studies: a small model's label-word probability beats its parsed answer when the
+threshold is fitted to held-out data). The threshold is stored with the model and applied everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A fitted threshold and how it did on the validation fold (`n` items, `abnormal` of them anomalies)."""
+
+    threshold: float
+    n: int
+    abnormal: int
+    average_precision: float
+    f1: float
+    precision: float
+    recall: float
+    missing_scores: int  # validation items with no score (counted as normal)
+
+    def to_dict(self) -> dict[str, float | int]:
+        """As plain data (calibration.json, registry tags)."""
+        return asdict(self)
+
+
+def as_scores(scores: Sequence[float | None]) -> np.ndarray:
+    """Scores as floats, a missing score (no answer word among the top tokens) as 0: it never flags."""
+    return np.asarray([0.0 if s is None else float(s) for s in scores], dtype=float)
+
+
+def choose_threshold(labels: Sequence[int], scores: Sequence[float | None]) -> Calibration:
+    """The threshold maximising abnormal-class F1 on (labels, scores); ties go to the highest threshold (fewer
+    alarms). Raises ValueError when the labels hold no anomaly (nothing to calibrate on).
+
+    >>> choose_threshold([0, 0, 1, 1, 0], [0.1, 0.4, 0.35, 0.8, 0.2]).threshold
+    0.35
+    """
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    truth, values = np.asarray(labels, dtype=int), as_scores(scores)
+    if truth.sum() == 0:
+        raise ValueError("the validation fold holds no anomaly: no threshold can be chosen")
+    precision, recall, thresholds = precision_recall_curve(truth, values)
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    best = int(np.flatnonzero(f1 == f1.max())[-1])
+    return Calibration(threshold=float(thresholds[best]), n=len(truth), abnormal=int(truth.sum()),
+                       average_precision=float(average_precision_score(truth, values)), f1=float(f1[best]),
+                       precision=float(precision[best]), recall=float(recall[best]),
+                       missing_scores=sum(s is None for s in scores))
+
+
+def apply_threshold(scores: Sequence[float | None], threshold: float) -> np.ndarray:
+    """0/1 verdicts: abnormal when the score reaches the threshold (a missing score is normal)."""
+    return (as_scores(scores) >= threshold).astype(int)
+
+
+def pr_curve(labels: Sequence[int], scores: Sequence[float]) -> dict[str, list[float] | float]:
+    """Precision and recall over every threshold and the average precision, for the report's plot."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    precision, recall, _ = precision_recall_curve(np.asarray(labels, dtype=int), np.asarray(scores, dtype=float))
+    return {"precision": precision.tolist(), "recall": recall.tolist(),
+            "average_precision": float(average_precision_score(labels, scores))}
