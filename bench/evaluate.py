@@ -4,7 +4,9 @@
 
 Templates come from data/split/test.parquet when the split exists, else from the mirror's LogPrompt lists.
 Model loading (and, for vLLM, merging the adapter and starting the engine) is timed apart from generation.
-Prints each engine's templates/s, their ratio, and how often the two engines' verdicts agree.
+Prints each engine's templates/s for writing a rationale (generation) and for the calibrated verdict score
+(one forward pass, tasks.common.prompt.verdict_score), their ratios, how often the two engines' verdicts
+agree and how far apart their scores are.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def main() -> None:
     print(f"{len(logs)} templates, max_new_tokens={args.max_new_tokens}, batch={args.batch_size}, "
           f"dtype={args.dtype}, threads={args.threads or 'default'}, model={model}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
-    results = {}
+    results, scores = {}, {}
     for name in args.engines.split(","):
         started = time.perf_counter()
         engine = open_engine(base, name, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -66,18 +68,27 @@ def main() -> None:
         opened = time.perf_counter() - started
         try:
             run = engine.classify(logs, datasets, adapter_dir=adapter)
+            scored = engine.score(logs, datasets, adapter)
         finally:
             engine.close()
-        results[name] = run
+        results[name], scores[name] = run, scored
         valid = sum(p.valid for p in run.predictions)
+        score_rate = len(logs) / max(scored.seconds, 1e-9)
         print(f"{name:>12}: {run.templates_per_s:7.3f} templates/s  ({run.seconds:.1f} s generating, "
-              f"{opened + run.load_seconds:.1f} s start/load; {valid}/{len(logs)} format-valid)", flush=True)
+              f"{opened + run.load_seconds:.1f} s start/load; {valid}/{len(logs)} format-valid); "
+              f"score {score_rate:7.2f} templates/s = {score_rate / max(run.templates_per_s, 1e-9):.0f}x "
+              f"generation ({sum(s is None for s in scored.scores)} unscored)", flush=True)
     if {"vllm", "transformers"} <= results.keys():
         v, t = results["vllm"], results["transformers"]
         agree = sum(a.label == b.label for a, b in zip(v.predictions, t.predictions, strict=True)) / len(logs)
         same = sum(a.completion == b.completion for a, b in zip(v.predictions, t.predictions, strict=True))
         print(f"vLLM / transformers: {v.templates_per_s / max(t.templates_per_s, 1e-9):.1f}x templates/s; "
               f"verdicts agree on {agree:.0%}, identical completions {same}/{len(logs)}")
+        both = [(a, b) for a, b in zip(scores["vllm"].scores, scores["transformers"].scores, strict=True)
+                if a is not None and b is not None]
+        gap = max((abs(a - b) for a, b in both), default=float("nan"))
+        print(f"scores: vLLM / transformers {scores['transformers'].seconds / max(scores['vllm'].seconds, 1e-9):.1f}x "
+              f"faster; {len(both)}/{len(logs)} scored by both, largest difference {gap:.3f}")
 
 
 if __name__ == "__main__":

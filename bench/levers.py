@@ -14,6 +14,9 @@ Variants (what each changes from the shipped `sft` settings):
   explain_verdict  both tasks, LoRA (the shipped mix)
   verdict_only     the verdict examples only, LoRA
   full_verdict     the verdict examples only, full fine-tuning (every weight; learning rate --full-lr)
+  explain_verdict_char
+                   both tasks, LoRA, neighbours from a character 3-5 gram index (index.features: char), the
+                   index and the distilled data rebuilt with it
   base             no training: the base model's own verdict score (the floor)
 
 Prints one row per variant and writes them to --out; wall seconds of training and scoring are given as
@@ -35,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-VARIANTS = ("explain_verdict", "verdict_only", "full_verdict", "base")
+VARIANTS = ("explain_verdict", "verdict_only", "full_verdict", "explain_verdict_char", "base")
 
 
 def verdict_records(data_file: Path, out: Path, tasks: tuple[str, ...]) -> Path:
@@ -47,14 +50,30 @@ def verdict_records(data_file: Path, out: Path, tasks: tuple[str, ...]) -> Path:
     return out
 
 
-def train(variant: str, settings: Any, work: Path, steps: int, full_lr: float) -> tuple[Path, Path | None, float]:
-    """Fine-tune one variant; returns (model folder to load, adapter folder or None, wall seconds)."""
+def char_index_data(settings: Any, work: Path) -> tuple[Path, Path]:
+    """The index rebuilt with character n-grams and the training data distilled with its neighbours."""
+    from tasks import distill, index
+
+    retrieval = settings.index.model_copy(update={"features": "char", "out_dir": str(work / "index-char")})
+    index.run(retrieval)
+    data = settings.distill.model_copy(update={"out_file": str(work / "char-train.jsonl"),
+                                               "report_file": str(work / "char-distill.json")})
+    distill.run(data, retrieval, settings.split.seed)
+    return work / "index-char", work / "char-train.jsonl"
+
+
+def train(variant: str, everything: Any, work: Path, steps: int,
+          full_lr: float) -> tuple[Path, Path | None, Path, float]:
+    """Fine-tune one variant; returns (model folder to load, adapter folder or None, index folder, wall s)."""
     from tasks.sft import prepare_sft
 
+    settings, index_dir, source = everything.sft, ROOT / everything.index.out_dir, ROOT / everything.sft.data_file
     if variant == "base":
-        return ROOT / settings.base_model_dir, None, 0.0
-    tasks = ("explain", "verdict") if variant == "explain_verdict" else ("verdict",)
-    data = verdict_records(ROOT / settings.data_file, work / f"{variant}.jsonl", tasks)
+        return ROOT / settings.base_model_dir, None, index_dir, 0.0
+    if variant.endswith("_char"):
+        index_dir, source = char_index_data(everything, work)
+    tasks = ("explain", "verdict") if variant.startswith("explain_verdict") else ("verdict",)
+    data = verdict_records(source, work / f"{variant}.jsonl", tasks)
     full = variant.startswith("full")
     overrides = {"data_file": str(data), "max_steps": steps, "out_dir": str(work / variant),
                  "checkpoint_dir": str(work / f"{variant}-ckpt"), "resume": False, "save_steps": steps,
@@ -66,26 +85,24 @@ def train(variant: str, settings: Any, work: Path, steps: int, full_lr: float) -
     prep.trainer.save_model(str(work / variant))
     if full:
         prep.trainer.processing_class.save_pretrained(str(work / variant))
-        return work / variant, None, seconds
-    return ROOT / settings.base_model_dir, work / variant, seconds
+        return work / variant, None, index_dir, seconds
+    return ROOT / settings.base_model_dir, work / variant, index_dir, seconds
 
 
-def measure(model_dir: Path, adapter: Path | None, evaluate: Any, k: int) -> dict[str, Any]:
+def measure(model_dir: Path, adapter: Path | None, index_dir: Path, evaluate: Any, k: int) -> dict[str, Any]:
     """Scores on the validation fold and the test split; threshold, F1 and macro-F1 with intervals, AP."""
     import pandas as pd
     from sklearn.metrics import average_precision_score, f1_score
 
     from tasks.common.retrieval import INDEX_FILE, TemplateIndex
-    from tasks.common.settings import load_settings
     from tasks.evaluate import bootstrap_settings
     from tasks.evaluation.calibration import apply_threshold, as_scores, choose_threshold
     from tasks.evaluation.inference import open_engine
     from tasks.evaluation.intervals import f1_interval
 
-    settings = load_settings()
     split = ROOT / evaluate.split_dir
     validation, test = pd.read_parquet(split / "validation.parquet"), pd.read_parquet(split / "test.parquet")
-    index = TemplateIndex.load(ROOT / settings.index.out_dir / INDEX_FILE)
+    index = TemplateIndex.load(index_dir / INDEX_FILE)
     engine = open_engine(model_dir, evaluate.engine, batch_size=evaluate.batch_size,
                          max_new_tokens=evaluate.max_new_tokens, dtype=evaluate.dtype,
                          max_model_len=evaluate.max_model_len, kvcache_gib=evaluate.kvcache_space_gib,
@@ -126,7 +143,7 @@ def show(variant: str, row: dict[str, Any]) -> str:
 
     cells = [f"{d}: F1 {row[d]['f1']:.3f} {interval(row[d]['f1_ci'])} macro {row[d]['macro_f1']:.3f} "
              f"AP {row[d]['ap']:.2f}" for d in ("bgl", "spirit") if d in row]
-    return (f"{variant:16s} train {row['train_seconds']:6.0f} s  score {row['score_seconds']:5.0f} s  "
+    return (f"{variant:20s} train {row['train_seconds']:6.0f} s  score {row['score_seconds']:5.0f} s  "
             f"thr {row['threshold']:.3f}  val AP {row['validation_ap']:.2f} | " + " | ".join(cells))
 
 
@@ -140,6 +157,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=None, help="neighbours per prompt (default: index.k)")
     parser.add_argument("--full-lr", type=float, default=5e-5, help="learning rate of full fine-tuning")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "levers.json")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the trained models in this folder")
     args = parser.parse_args()
     settings = load_settings()
     steps, k = args.steps or settings.sft.max_steps, settings.index.k if args.k is None else args.k
@@ -149,10 +167,12 @@ def main() -> None:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     rows = {}
     with tempfile.TemporaryDirectory(prefix="levers-") as tmp:
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         for variant in variants:
-            model_dir, adapter, seconds = train(variant, settings.sft, Path(tmp), steps, args.full_lr)
+            model_dir, adapter, index_dir, seconds = train(variant, settings, work, steps, args.full_lr)
             rows[variant] = {"steps": 0 if variant == "base" else steps, "k": k, "train_seconds": round(seconds, 1),
-                             **measure(model_dir, adapter, settings.evaluate, k)}
+                             **measure(model_dir, adapter, index_dir, settings.evaluate, k)}
             print(show(variant, rows[variant]), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")

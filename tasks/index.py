@@ -26,9 +26,9 @@ def run(settings: IndexSettings) -> dict[str, Any]:
     frame = read_labelled_templates(train_file, ("dataset", "template", "label"),
                                     missing_hint="run `dvc repro split`", what="training templates")
     index = TemplateIndex(frame["template"].astype(str).tolist(), frame["label"].astype(int).tolist(),
-                          frame["dataset"].astype(str).tolist())
+                          frame["dataset"].astype(str).tolist(), settings.features)
     meta = {"templates": len(index), "abnormal": int(index.labels.sum()), "train_file": settings.train_file,
-            "train_sha256": sha256_file(train_file), "features": "TF-IDF word 1-2 grams, cosine"}
+            "train_sha256": sha256_file(train_file), "features": f"TF-IDF {settings.features} n-grams, cosine"}
     with atomic_dir(resolve_path(settings.out_dir)) as staging:
         index.save(staging / INDEX_FILE)
         write_json_atomic(staging / INDEX_META, meta)
@@ -41,7 +41,7 @@ def main() -> None:
     with stage_run("index"):
         import mlflow
 
-        mlflow.log_params({"k": settings.k, "bare_fraction": settings.bare_fraction,
+        mlflow.log_params({"k": settings.k, "features": settings.features, "bare_fraction": settings.bare_fraction,
                            "near_duplicate_similarity": settings.near_duplicate_similarity})
         mlflow.log_metrics({"templates": meta["templates"], "abnormal": meta["abnormal"]})
         mlflow.log_artifacts(str(resolve_path(settings.out_dir)), artifact_path="index")

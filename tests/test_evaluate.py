@@ -153,8 +153,9 @@ def test_smoke_evaluation_of_a_real_adapter(eval_root: Path, base_model_dir: Pat
     assert list(metrics["methods"]) == list(METHODS)
     assert set(metrics["calibration"]) == {"rationanomaly", "rationanomaly_no_retrieval", "sft_only"}
     assert 0.0 <= metrics["calibration"]["rationanomaly"]["threshold"] <= 1.0
+    # what the registry stores with the adapter: the candidate's threshold and the neighbours its prompts carry
     assert json.loads((eval_root / "reports/eval/calibration.json").read_text()) == \
-        metrics["calibration"]["rationanomaly"]
+        {**metrics["calibration"]["rationanomaly"], "neighbours": RETRIEVAL.k}
     template_sets = {"template_bgl", "template_spirit", "session_bgl2k", "session_hdfs", "session_bgl2k_unseen",
                      "session_hdfs_unseen"}
     served = {"served_bgl2k_lines", "served_bgl2k_windows", "served_bgl2k_lines_corrected",

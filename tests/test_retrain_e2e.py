@@ -270,7 +270,8 @@ def test_a_worker_on_a_process_pool_runs_the_deployment_of_prefect_yaml(e2e: Pat
 
 def test_failed_gate_promotes_nothing_and_leaves_the_endpoint(e2e: Path):
     before, pid = aliases(e2e), serve_state(e2e)["pid"]
-    edit_smoke_profile(e2e, grpo={"seed": 7}, gate={"min_f1": {"template_bgl": 1.01, "template_spirit": 0.0}})
+    edit_smoke_profile(e2e, grpo={"seed": 7}, gate={"min_f1": {"template_bgl": 1.01, "template_spirit": 0.0,
+                                                              "served_bgl2k_lines_corrected": 0.0}})
     cli(e2e, "retrain")  # green: a refused candidate is a normal outcome
     summary = (e2e / "reports/retrain_summary.md").read_text()
     assert "**Not promoted**: gate failed: min_f1.template_bgl" in summary
@@ -280,7 +281,8 @@ def test_failed_gate_promotes_nothing_and_leaves_the_endpoint(e2e: Path):
 
 def test_failed_deploy_fails_the_run_and_the_old_endpoint_keeps_serving(e2e: Path):
     old = serve_state(e2e)
-    edit_smoke_profile(e2e, grpo={"seed": 8}, gate={"min_f1": {"template_bgl": 0.0, "template_spirit": 0.0}},
+    edit_smoke_profile(e2e, grpo={"seed": 8}, gate={"min_f1": {"template_bgl": 0.0, "template_spirit": 0.0,
+                                                              "served_bgl2k_lines_corrected": 0.0}},
                        serve={"health_timeout_s": 1})
     proc = cli(e2e, "retrain", check=False)
     assert proc.returncode != 0

@@ -73,3 +73,39 @@ def f1(labels: list[int], predicted: np.ndarray) -> float:
     from sklearn.metrics import f1_score
 
     return float(f1_score(labels, predicted, zero_division=0))
+
+
+@pytest.mark.slow
+def test_both_engines_read_the_same_score_from_the_answer_position(base_model_dir) -> None:
+    """transformers (logits of the last position) and vLLM (logprobs of one generated token) score alike."""
+    from tasks.evaluation.inference import open_engine, vllm_available
+
+    if not vllm_available():
+        pytest.skip("vLLM is not installed")
+    templates = ["kernel panic: machine check interrupt", "generating core.<*>", "ciod: LOGIN chdir failed",
+                 "session opened for user root"]
+    near = [[("machine check interrupt", 1)], [], [("ciod: failed to read message prefix", 1)], []]
+    scores = {}
+    for name in ("transformers", "vllm"):
+        engine = open_engine(base_model_dir, name, batch_size=4, max_new_tokens=8, dtype="float32", threads=None)
+        try:
+            scores[name] = engine.score(templates, ["bgl"] * 4, None, near).scores
+        finally:
+            engine.close()
+    for a, b in zip(scores["transformers"], scores["vllm"], strict=True):
+        assert a is not None and b is not None and 0.0 < a < 1.0
+        assert a == pytest.approx(b, abs=0.02)
+
+
+def test_character_features_find_a_neighbour_word_features_miss() -> None:
+    """`index.features: char` matches fragments (`mountd` ~ `mount:`) that whole words do not."""
+    from tasks.common.retrieval import TemplateIndex
+
+    templates, labels = ["mount: RPC: Timed out", "session opened for user root"], [1, 0]
+    word = TemplateIndex(templates, labels, ["spirit"] * 2, "word")
+    char = TemplateIndex(templates, labels, ["spirit"] * 2, "char")
+    query = ["mountd[2210]: RPC timeout"]
+    assert char.search(query, 1)[0][0].template == "mount: RPC: Timed out"
+    assert char.search(query, 1)[0][0].similarity > word.search(query, 2)[0][0].similarity
+    with pytest.raises(ValueError, match="unknown index features"):
+        TemplateIndex(templates, labels, ["spirit"] * 2, "bpe")

@@ -36,20 +36,30 @@ INDEX_FILE, INDEX_META = "index.pkl", "index.json"  # in the index stage's folde
 TOKEN_PATTERN = r"(?u)\b[a-zA-Z][a-zA-Z_]+\b"
 
 
-class TemplateIndex:
-    """TF-IDF (word 1-2 grams) over labelled templates with brute-force cosine nearest neighbours."""
+# The retriever's features (`index.features`): word 1-2 grams (letters only) or character 3-5 grams within
+# word boundaries, which also match `mount:`/`mountd` and path or hex fragments.
+FEATURES = {"word": {"analyzer": "word", "token_pattern": TOKEN_PATTERN, "ngram_range": (1, 2)},
+            "char": {"analyzer": "char_wb", "ngram_range": (3, 5)}}
 
-    def __init__(self, templates: Sequence[str], labels: Sequence[int], datasets: Sequence[str]) -> None:
+
+class TemplateIndex:
+    """TF-IDF over labelled templates (`features`: a key of FEATURES) with brute-force cosine nearest
+    neighbours (scikit-learn)."""
+
+    def __init__(self, templates: Sequence[str], labels: Sequence[int], datasets: Sequence[str],
+                 features: str = "word") -> None:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.neighbors import NearestNeighbors
 
         if not len(templates) == len(labels) == len(datasets) or len(templates) == 0:
             raise ValueError("an index needs one label and one dataset per template, and at least one template")
+        if features not in FEATURES:
+            raise ValueError(f"unknown index features {features!r}; expected one of {sorted(FEATURES)}")
         self.templates = [str(t) for t in templates]
         self.labels = np.asarray(labels, dtype=int)
         self.datasets = [str(d) for d in datasets]
-        self.vectorizer = TfidfVectorizer(token_pattern=TOKEN_PATTERN, ngram_range=(1, 2), lowercase=True,
-                                          sublinear_tf=True)
+        self.features = features
+        self.vectorizer = TfidfVectorizer(**FEATURES[features], lowercase=True, sublinear_tf=True)
         matrix = self.vectorizer.fit_transform(self.templates)
         self.nn = NearestNeighbors(metric="cosine", algorithm="brute").fit(matrix)
 

@@ -106,6 +106,7 @@ class IndexSettings(Section):
     train_file: str
     out_dir: str
     k: int = Field(ge=0)  # neighbours in a prompt (0: prompts carry none)
+    features: Literal["word", "char"]  # TF-IDF over word 1-2 grams or character 3-5 grams (retrieval.FEATURES)
     # share of training examples written with no neighbours, so a bare prompt (a plain OpenAI client) still works
     bare_fraction: float = Field(ge=0, le=1)
     # a training example never sees a neighbour this similar (cosine) to itself: near-duplicates would leak its label

@@ -4,23 +4,48 @@ from __future__ import annotations
 
 from typing import Any
 
+from tasks.common.contracts import CANDIDATE
 from tasks.evaluation.report import markdown_table, sets_of
 from tasks.release.gate import GateVerdict
 
+# MLflow keeps a model version's description in a 5,000-character column: the registry stores the compact card
+# there and the full one as the version's `model_card` artifact.
+DESCRIPTION_LIMIT = 4900
+# The compact card's metrics: the candidate, its RL ablation and the lexical baselines on the headline sets.
+HEADLINE_METHODS = (CANDIDATE, "sft_only", "keywords", "tfidf_lr")
+HEADLINE_SETS = ("template_bgl", "template_spirit", "served_bgl2k_lines_corrected")
+
 
 def model_card(name: str, metrics: dict[str, Any], verdict: GateVerdict, record: dict[str, Any],
-               calibration: dict[str, Any] | None = None) -> str:
+               calibration: dict[str, Any] | None = None, *, compact: bool = False) -> str:
     """A Markdown card from the version's metrics (every test set, with 95% intervals), gate verdict, lineage and
-    verdict threshold (`calibration`, evaluate's calibration.json; None for a version without one)."""
+    verdict threshold (`calibration`, evaluate's calibration.json; None for a version without one).
+
+    `compact` (the registry description, at most DESCRIPTION_LIMIT characters): the headline methods and sets
+    only, the failed gate rules only, no source list; it says where the full card is.
+    """
 
     data_lines = [f"- {d['name']}: `{d.get('path')}` md5 `{d.get('md5')}`" for d in record.get("data", [])]
     sources = next((d.get("sources") for d in record.get("data", []) if d.get("sources")), []) or []
-    data_lines += [f"  - {s['name']}: sha256 `{s['sha256']}` from {s['url']} ({s.get('licence')})" for s in sources]
+    if not compact:
+        data_lines += [f"  - {s['name']}: sha256 `{s['sha256']}` from {s['url']} ({s.get('licence')})"
+                       for s in sources]
     c = record.get("corrections", {})
     values = record.get("params", {}).get("values", {})
     sft, grpo = values.get("sft") or {}, values.get("grpo") or {}
-    table = "\n\n".join(markdown_table(metrics, [s]) for s in sets_of(metrics)
-                          if not s.endswith(("_unseen", "_sample"))) if metrics.get("methods") else "(no metrics)"
+    if not metrics.get("methods"):
+        table = "(no metrics)"
+    elif compact:
+        headline = {**metrics, "methods": {m: b for m, b in metrics["methods"].items() if m in HEADLINE_METHODS}}
+        table = markdown_table(headline, [s for s in HEADLINE_SETS if s in sets_of(metrics)])
+    else:
+        table = "\n\n".join(markdown_table(metrics, [s]) for s in sets_of(metrics)
+                              if not s.endswith(("_unseen", "_sample")))
+    gate = verdict.to_markdown().split("\n", 1)[1] if "\n" in verdict.to_markdown() else ""
+    if compact:
+        failed = ", ".join(f"`{r.name}` ({r.detail})" for r in verdict.failed)
+        gate = (f"{'PASSED' if verdict.passed else 'FAILED'}: {len(verdict.rules) - len(verdict.failed)} of "
+                f"{len(verdict.rules)} rules pass" + (f"; failed: {failed}" if failed else "") + ".")
     return "\n".join([
         f"# Model card: {name}", "",
         "Explainable log anomaly detection (RationAnomaly, arXiv 2509.14693): given a log template the model "
@@ -43,11 +68,13 @@ def model_card(name: str, metrics: dict[str, Any], verdict: GateVerdict, record:
         f"review queue: {c.get('review_queue_size')} templates awaiting an expert.", "",
         "## Metrics (precision / recall / F1, abnormal = positive)", "", table, "",
         f"Engine: {metrics.get('engine')}.", "",
-        "## Gate", "", verdict.to_markdown().split("\n", 1)[1] if "\n" in verdict.to_markdown() else "", "",
+        "## Gate", "", gate, "",
         "## Limits",
         "- Trained and tested on BGL and Spirit templates (LogPrompt) with session checks on BGL_2k and HDFS; other "
         "systems (e.g. Thunderbird) are out of distribution.",
         "- Judges one template at a time: anomalies visible only in sequences or timing are not seen.",
         "- A small CPU-trained model: rationales can be fluent yet wrong; treat them as a lead, not proof.",
         "- An answer that breaks the format is counted as normal; watch the format-valid rate.", "",
+        *(["The full card (every method and test set, every gate rule, the sources) is the version's "
+           "`model_card` artifact.", ""] if compact else []),
     ])

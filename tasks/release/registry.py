@@ -31,7 +31,7 @@ from tasks.common.contracts import BASE_REF_FILE, CALIBRATION_FILE, CANDIDATE, I
 from tasks.common.errors import InputError
 from tasks.release.gate import GateVerdict
 from tasks.release.lineage import LINEAGE_FILE, collect_lineage, lineage_tags
-from tasks.release.model_card import model_card
+from tasks.release.model_card import DESCRIPTION_LIMIT, model_card
 from tasks.release.pyfunc import RationAnomalyModel, pyfunc_requirements, pyfunc_signature
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
@@ -180,6 +180,7 @@ def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metr
     base_meta = json.loads(base_meta_file.read_text(encoding="utf-8"))
     slim = _slim_metrics(metrics)
     card = model_card(name, slim, verdict, record, calibration)
+    description = model_card(name, slim, verdict, record, calibration, compact=True)
 
     from tasks.common.tracking import setup_mlflow, stage_run
 
@@ -229,7 +230,7 @@ def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metr
                     "adapter.dir": str(adapter_dir)}
             for key, value in tags.items():
                 c.set_model_version_tag(name, version, key, value)
-            c.update_model_version(name, version, description=card[:4900])
+            c.update_model_version(name, version, description=description[:DESCRIPTION_LIMIT])
             if verdict.passed:
                 c.set_registered_model_alias(name, CHALLENGER, version)
             c.set_model_version_tag(name, version, "registration", "complete")
