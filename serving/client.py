@@ -27,6 +27,7 @@ from tasks.common.prompt import (
     parse_completion,
     prompt_messages,
     scoring_messages,
+    token_logprobs,
     verdict_score,
 )
 from tasks.common.retrieval import INDEX_FILE, TemplateIndex
@@ -201,7 +202,8 @@ class Client:
                    "top_logprobs": TOP_LOGPROBS, "add_generation_prompt": False, "continue_final_message": True}
         body, endpoint = self._request(payload, model)
         content = ((body["choices"][0].get("logprobs") or {}).get("content") or [{}])[0]
-        return verdict_score({alt["token"]: alt["logprob"] for alt in content.get("top_logprobs") or []}), endpoint
+        alternatives = token_logprobs((alt["token"], alt["logprob"]) for alt in content.get("top_logprobs") or [])
+        return verdict_score(alternatives), endpoint
 
     def neighbours_of(self, template: str, endpoint: Endpoint) -> list[tuple[str, int]]:
         """The served version's labelled neighbours of a template ([] when its prompts carry none)."""

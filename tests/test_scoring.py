@@ -12,6 +12,7 @@ from tasks.common.prompt import (
     ANSWER_OPEN,
     NEIGHBOURS_HEADER,
     scoring_messages,
+    token_logprobs,
     user_prompt,
     verdict_score,
 )
@@ -33,6 +34,11 @@ def lp(p: float) -> float:
 def test_the_verdict_score_reads_the_answer_words_first_token(top: dict[str, float], expected: float | None) -> None:
     score = verdict_score(top)
     assert score == pytest.approx(expected) if expected is not None else score is None
+
+
+def test_two_tokens_with_the_same_text_add_their_probabilities() -> None:
+    merged = token_logprobs([("ab", lp(0.3)), ("normal", lp(0.2)), ("ab", lp(0.1))])
+    assert math.exp(merged["ab"]) == pytest.approx(0.4) and verdict_score(merged) == pytest.approx(2 / 3)
 
 
 def test_a_scoring_prompt_ends_in_an_open_answer_tag_the_chat_template_keeps_open(base_model_dir) -> None:

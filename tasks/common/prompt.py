@@ -156,6 +156,15 @@ def scoring_messages(log: str, dataset: str = "system log", max_chars: int = 200
             {"role": "assistant", "content": ANSWER_OPEN}]
 
 
+def token_logprobs(pairs: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """(token text, log-probability) pairs as a map; two token ids that decode to the same text (a byte-level
+    tokenizer has such pairs) have their probabilities added, so no alternative is lost."""
+    out: dict[str, float] = {}
+    for token, logprob in pairs:
+        out[token] = float(logprob) if token not in out else math.log(math.exp(out[token]) + math.exp(logprob))
+    return out
+
+
 def verdict_score(top_logprobs: Mapping[str, float]) -> float | None:
     """P(abnormal) against P(normal) from the log-probabilities of the answer word's first token.
 

@@ -29,7 +29,14 @@ from typing import Any
 
 from tasks.common.config import resolve_threads
 from tasks.common.errors import InputError
-from tasks.common.prompt import TOP_LOGPROBS, parse_completion, prompt_messages, scoring_messages, verdict_score
+from tasks.common.prompt import (
+    TOP_LOGPROBS,
+    parse_completion,
+    prompt_messages,
+    scoring_messages,
+    token_logprobs,
+    verdict_score,
+)
 from tasks.common.tokenizers import special_tokens_of
 
 log = logging.getLogger(__name__)
@@ -279,18 +286,11 @@ class TransformersEngine(Engine):
         model = self._model_for(adapter_dir)
         stop = StoppingCriteriaList([_StopAtAnswerEnd(self.tokenizer)])
         pad = self.tokenizer.pad_token_id
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out: list[str] = [""] * len(prompts)
         with Progress(transient=True) as progress, torch.inference_mode():
             bar = progress.add_task(f"generate ({self.name})", total=len(prompts))
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start: start + self.batch_size]
-                width = max(len(prompts[i]) for i in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                    mask[row, width - len(prompts[i]):] = 1
+            for batch, ids, mask in self._left_padded(prompts):
+                width = ids.shape[1]
                 generated = model.generate(
                     input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens, do_sample=False,
                     stopping_criteria=stop, pad_token_id=pad,
@@ -302,28 +302,35 @@ class TransformersEngine(Engine):
                 progress.advance(bar, len(batch))
         return out
 
+    def _left_padded(self, prompts: list[list[int]]) -> Iterator[tuple[list[int], Any, Any]]:
+        """Batches of `batch_size` prompts of similar length, left-padded: (prompt indices, ids, attention mask)."""
+        import torch
+
+        pad = self.tokenizer.pad_token_id
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start: start + self.batch_size]
+            width = max(len(prompts[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]):] = 1
+            yield batch, ids, mask
+
     def next_token_logprobs(self, prompts: list[list[int]], adapter_dir: Path | None) -> list[dict[str, float]]:
         """One batched forward pass per `batch_size` prompts, logits of the last position only."""
         import torch
 
         model = self._model_for(adapter_dir)
-        pad = self.tokenizer.pad_token_id
         out: list[dict[str, float]] = [{} for _ in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start: start + self.batch_size]
-                width = max(len(prompts[i]) for i in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                    mask[row, width - len(prompts[i]):] = 1
+            for batch, ids, mask in self._left_padded(prompts):
                 logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1].float()
                 top = torch.log_softmax(logits, dim=-1).topk(TOP_LOGPROBS, dim=-1)
                 for row, i in enumerate(batch):
-                    out[i] = {self.tokenizer.decode([int(t)]): float(lp)
-                              for lp, t in zip(top.values[row], top.indices[row], strict=True)}
+                    out[i] = token_logprobs((self.tokenizer.decode([int(t)]), float(lp))
+                                            for lp, t in zip(top.values[row], top.indices[row], strict=True))
         return out
 
     def close(self) -> None:
@@ -431,7 +438,8 @@ class VllmEngine(Engine):
         for output in outputs:
             positions = output.outputs[0].logprobs if output.outputs else None
             first = positions[0] if positions else {}
-            tops.append({lp.decoded_token: float(lp.logprob) for lp in first.values() if lp.decoded_token is not None})
+            tops.append(token_logprobs((lp.decoded_token, lp.logprob) for lp in first.values()
+                                       if lp.decoded_token is not None))
         return tops
 
     def close(self) -> None:
