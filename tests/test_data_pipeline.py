@@ -94,3 +94,38 @@ def test_changed_session_source_reruns_split_but_not_correction(
     edit_mirror_file(reproduced, tmp_path, name, lambda t: "\n".join(t.splitlines()[:-1]) + "\n")
     ran = repro_all(DATA_STAGES)
     assert ran == {"fetch": True, "correct": False, "split": True, "distill": False}
+
+
+def _write_lock(root: Path, pid: int) -> Path:
+    lock = root / ".dvc/tmp/rwlock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text(json.dumps({"write": {"reports/sft.json": {"pid": pid, "cmd": "dvc repro sft"}},
+                                "read": {"data/sft": [{"pid": pid, "cmd": "dvc repro sft"}]}}))
+    return lock
+
+
+def test_a_lock_left_by_a_killed_run_is_removed_and_a_live_one_is_kept(tmp_path: Path):
+    """A killed `dvc repro` whose parent died too stays a zombie where PID 1 does not reap orphans: DVC
+    reports its outputs busy forever. Its lock is removed; the lock of a running holder is not touched."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tasks.common.dvc_ops import release_dead_lock
+
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # exits and stays a zombie until waited for
+    try:
+        deadline = time.monotonic() + 30
+        while psutil.Process(zombie.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the child never exited"
+            time.sleep(0.05)
+        lock = _write_lock(tmp_path, zombie.pid)
+        assert release_dead_lock(tmp_path) == [f"PID {zombie.pid} (dvc repro sft)"]
+        assert not lock.exists()
+    finally:
+        zombie.wait()
+    lock = _write_lock(tmp_path, os.getpid())
+    assert release_dead_lock(tmp_path) == []
+    assert lock.exists()

@@ -291,6 +291,27 @@ def test_failed_deploy_fails_the_run_and_the_old_endpoint_keeps_serving(e2e: Pat
     edit_smoke_profile(e2e, serve={"health_timeout_s": 240})
 
 
+def wait_until_group_ended(group: int, timeout: float = 60.0) -> None:
+    """SIGKILL is delivered at once but a process takes a moment to end: wait until none of the group runs
+    (orphans left as zombies count as ended, as they would on a host whose PID 1 does not reap them)."""
+    import psutil
+
+    def running() -> list[int]:
+        alive = []
+        for process in psutil.process_iter(["status"]):
+            try:
+                if os.getpgid(process.pid) == group and process.info["status"] != psutil.STATUS_ZOMBIE:
+                    alive.append(process.pid)
+            except (ProcessLookupError, psutil.Error):
+                continue
+        return alive
+
+    deadline = time.monotonic() + timeout
+    while running():
+        assert time.monotonic() < deadline, f"processes of the killed run still running: {running()}"
+        time.sleep(0.2)
+
+
 def test_killed_training_resumes_from_its_checkpoint_and_redoes_no_finished_stage(e2e: Path):
     edit_smoke_profile(e2e, sft={"seed": 9, "max_steps": 6, "save_steps": 2})
     checkpoints = e2e / "models/checkpoints/sft"
@@ -305,6 +326,7 @@ def test_killed_training_resumes_from_its_checkpoint_and_redoes_no_finished_stag
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        wait_until_group_ended(proc.pid)
     rerun = cli(e2e, "train")
     assert "resuming from checkpoint-" in rerun.stdout + rerun.stderr
     report = json.loads((e2e / "reports/sft.json").read_text())

@@ -83,7 +83,8 @@ def f1(labels: list[int], predicted: np.ndarray) -> float:
 
 @pytest.mark.slow
 def test_both_engines_read_the_same_score_from_the_answer_position(base_model_dir) -> None:
-    """transformers (logits of the last position) and vLLM (logprobs of one generated token) score alike."""
+    """transformers (logits of the last position) and vLLM (logprobs of one generated token) see the same
+    next-token distribution after the prefilled `<answer>`, so they give the same score (or both none)."""
     from tasks.evaluation.inference import open_engine, vllm_available
 
     if not vllm_available():
@@ -91,16 +92,26 @@ def test_both_engines_read_the_same_score_from_the_answer_position(base_model_di
     templates = ["kernel panic: machine check interrupt", "generating core.<*>", "ciod: LOGIN chdir failed",
                  "session opened for user root"]
     near = [[("machine check interrupt", 1)], [], [("ciod: failed to read message prefix", 1)], []]
-    scores = {}
+    tops, scores = {}, {}
     for name in ("transformers", "vllm"):
         engine = open_engine(base_model_dir, name, batch_size=4, max_new_tokens=8, dtype="float32", threads=None)
         try:
+            prompts = engine.prompt_ids(templates, ["bgl"] * 4, near, scoring=True)
+            tops[name] = engine.next_token_logprobs(prompts, None)
             scores[name] = engine.score(templates, ["bgl"] * 4, None, near).scores
         finally:
             engine.close()
+    for ours, theirs in zip(tops["transformers"], tops["vllm"], strict=True):
+        assert max(ours, key=ours.__getitem__) == max(theirs, key=theirs.__getitem__)
+        shared = set(ours) & set(theirs)
+        assert len(shared) >= len(ours) // 2
+        for token in shared:
+            assert ours[token] == pytest.approx(theirs[token], abs=0.05), token
+    assert any(score is not None for score in scores["transformers"])
     for a, b in zip(scores["transformers"], scores["vllm"], strict=True):
-        assert a is not None and b is not None and 0.0 < a < 1.0
-        assert a == pytest.approx(b, abs=0.02)
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a == pytest.approx(b, abs=0.02)
 
 
 def test_character_features_find_a_neighbour_word_features_miss() -> None:

@@ -61,9 +61,44 @@ def describe_status(status: list[Any]) -> list[str]:
     return lines
 
 
+def _running(pid: int) -> bool:
+    """Whether a process with this PID runs: a zombie (exited, never reaped) does not."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def release_dead_lock(root: Path | None = None) -> list[str]:
+    """Remove DVC's stage lock (`.dvc/tmp/rwlock`) when every process it names has ended; return them.
+
+    A killed `dvc repro` leaves its entries behind. DVC drops entries of PIDs that no longer exist, but a
+    killed process whose parent died too stays a zombie where PID 1 does not reap orphans (many containers),
+    and DVC then reports the outputs "busy" forever and asks for the file to be removed by hand (issue 15's
+    kill-and-rerun case, seen in CI). A lock with any running holder is left alone.
+    """
+    path = (root or repo_root()) / ".dvc" / "tmp" / "rwlock"
+    try:
+        lock = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    holders = [*(lock.get("write") or {}).values(),
+               *(info for infos in (lock.get("read") or {}).values() for info in infos)]
+    if not holders or any(_running(int(info["pid"])) for info in holders):
+        return []
+    path.unlink(missing_ok=True)
+    ended = sorted({f"PID {info['pid']} ({info['cmd']})" for info in holders})
+    print(f"removed DVC's stage lock {path}: every process holding it has ended: {', '.join(ended)}",
+          file=sys.stderr)
+    return ended
+
+
 def stale_stages(root: Path | None = None) -> dict[str, list[str]]:
     """Which stages DVC would rerun, and why (`dvc status`), without running anything."""
     root = root or repo_root()
+    release_dead_lock(root)
     proc = subprocess.run([*_dvc(root), "status", "--json"], cwd=root, env=_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise StageFailed(f"dvc status failed in {root}:\n{proc.stderr[-2000:]}")
