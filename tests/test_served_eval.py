@@ -115,6 +115,7 @@ def test_line_window_and_false_alarm_figures_equal_hand_computed_values(served) 
     assert blocks["served_thunderbird_templates"]["false_alarm_rate"] == pytest.approx(1 / 3)
     assert info["bgl2k"]["matched_lines"] == 8 and info["bgl2k"]["matched_lines_of_training_templates"] == 2
     assert info["thunderbird"]["alert_lines"] == 0
+    assert info["thunderbird"]["largest_template_lines"] == 2  # `disk sda failed` twice
 
 
 def test_the_first_field_never_reaches_drain3_or_any_prompt(served) -> None:

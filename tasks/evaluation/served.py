@@ -25,6 +25,7 @@ import json
 import re
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,6 +252,7 @@ def served_sets(bgl: DetectedLog, thunderbird: DetectedLog, corrected: pd.DataFr
                   "detect": {k: bgl.summary.get(k) for k in ("templates", "requested", "seconds")}},
         "thunderbird": {"lines": len(thunderbird.log.lines), "alert_lines": int(sum(thunderbird.log.labels)),
                         "mined_templates": len(thunderbird.templates),
+                        "largest_template_lines": max(Counter(thunderbird.key_of_line.values()).values(), default=0),
                         "detect": {k: thunderbird.summary.get(k) for k in ("templates", "requested", "seconds")}},
     }
     return sets, info
