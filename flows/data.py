@@ -20,7 +20,7 @@ from tasks.common.config import repo_root
 from tasks.common.dvc_ops import lock_hashes
 from tasks.common.tracking import log_dataset_file, stage_run
 
-DATA_STAGES = ["fetch", "base_model", "correct", "split", "distill"]
+DATA_STAGES = ["fetch", "base_model", "correct", "split", "index", "distill"]
 DATASETS = {  # path → (MLflow dataset name, context)
     "data/corrected/templates.parquet": ("corrected-templates", "correction"),
     "data/split/train.parquet": ("train-templates", "training"),

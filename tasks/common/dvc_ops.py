@@ -62,13 +62,15 @@ def describe_status(status: list[Any]) -> list[str]:
 
 
 def _running(pid: int) -> bool:
-    """Whether a process with this PID runs: a zombie (exited, never reaped) does not."""
+    """Whether a process with this PID runs: a zombie (exited, never reaped) does not; one we may not inspect does."""
     import psutil
 
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+    except psutil.AccessDenied:
+        return True
 
 
 def release_dead_lock(root: Path | None = None) -> list[str]:
@@ -77,18 +79,29 @@ def release_dead_lock(root: Path | None = None) -> list[str]:
     A killed `dvc repro` leaves its entries behind. DVC drops entries of PIDs that no longer exist, but a
     killed process whose parent died too stays a zombie where PID 1 does not reap orphans (many containers),
     and DVC then reports the outputs "busy" forever and asks for the file to be removed by hand (issue 15's
-    kill-and-rerun case, seen in CI). A lock with any running holder is left alone.
+    kill-and-rerun case, seen in CI). A lock with any running holder is left alone. The check holds DVC's own
+    guard of that file (`rwlock.lock`, taken by every dvc command that edits it), so no entry a starting dvc
+    process adds meanwhile is lost.
     """
-    path = (root or repo_root()) / ".dvc" / "tmp" / "rwlock"
+    from dvc.lock import LockError, make_lock
+
+    lock_dir = (root or repo_root()) / ".dvc" / "tmp"
+    path = lock_dir / "rwlock"
+    if not path.exists():
+        return []
     try:
-        lock = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return []
-    holders = [*(lock.get("write") or {}).values(),
-               *(info for infos in (lock.get("read") or {}).values() for info in infos)]
-    if not holders or any(_running(int(info["pid"])) for info in holders):
-        return []
-    path.unlink(missing_ok=True)
+        with make_lock(str(lock_dir / "rwlock.lock"), tmp_dir=str(lock_dir)):
+            try:
+                lock = json.loads(path.read_text(encoding="utf-8"))
+            except (FileNotFoundError, json.JSONDecodeError):
+                return []
+            holders = [*(lock.get("write") or {}).values(),
+                       *(info for infos in (lock.get("read") or {}).values() for info in infos)]
+            if not holders or any(_running(int(info["pid"])) for info in holders):
+                return []
+            path.unlink(missing_ok=True)
+    except LockError:
+        return []  # a dvc command is editing the lock right now: it is alive, leave it to DVC
     ended = sorted({f"PID {info['pid']} ({info['cmd']})" for info in holders})
     print(f"removed DVC's stage lock {path}: every process holding it has ended: {', '.join(ended)}",
           file=sys.stderr)
