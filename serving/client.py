@@ -22,10 +22,10 @@ from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attemp
 
 from tasks.common.prompt import (
     ABNORMAL,
-    NORMAL,
     TOP_LOGPROBS,
     parse_completion,
     prompt_messages,
+    scored_verdict,
     scoring_messages,
     token_logprobs,
     verdict_score,
@@ -223,7 +223,7 @@ class Client:
         if endpoint.threshold is not None:
             score, endpoint = self.score(scoring_messages(template, dataset, self.max_log_chars,
                                                           endpoint.special_tokens, neighbours=near), model=model)
-            verdict = ABNORMAL if score is not None and score >= endpoint.threshold else NORMAL
+            verdict = scored_verdict(score, endpoint.threshold)
         explain = endpoint.threshold is None or self.rationales == "all" or (
             self.rationales == "abnormal" and verdict == ABNORMAL)
         if not explain:

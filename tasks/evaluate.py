@@ -5,10 +5,13 @@ BGL_2k windows and HDFS sessions (and their unseen-only subsets), and the served
 raw BGL_2k lines (alert tags; expert-corrected template labels) and on Thunderbird_2k (false alarms). Every
 method answers each (dataset, template) once: the lexical and retrieval baselines (baselines.py), the
 SFT-only adapter (the paper's "without RL"), the zero-shot base model on a fixed sample, and the candidate,
-which answers the served sets through the detector (tasks/evaluation/served.py). metrics.py scores every
+which answers the served sets through the detector (tasks/evaluation/served.py). The candidate, its
+no-retrieval ablation and the SFT adapter are judged by the calibrated verdict score against a threshold
+fitted on the validation fold (tasks/evaluation/calibration.py; the candidate's goes to calibration.json and
+the registry); the answer-word ablation is the word the candidate's rationale ends in. metrics.py scores every
 set with 95% stratified bootstrap intervals; the candidate's paired differences to the best baseline are
 computed on the same items. Outputs: reports/metrics.json (DVC metrics; schema in tasks/common/contracts.py),
-reports/eval/ (eval.md, plots, predictions.jsonl, candidate_predictions.json), an MLflow run.
+reports/eval/ (eval.md, plots, predictions.jsonl, candidate_predictions.json, calibration.json), an MLflow run.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import pandas as pd
 from tasks.common.config import repo_root
 from tasks.common.contracts import CANDIDATE, LLM_BASELINES, RULE_METHODS, Metrics
 from tasks.common.files import read_labelled_templates, write_json_atomic
-from tasks.common.prompt import ABNORMAL, NORMAL
+from tasks.common.prompt import ABNORMAL, NORMAL, scored_verdict
 from tasks.common.retrieval import INDEX_FILE, TemplateIndex
 from tasks.common.settings import DetectSettings, EvaluateSettings, IndexSettings, load_settings
 from tasks.detection.verdicts import TemplateVerdict
@@ -169,7 +172,8 @@ def item_predictions(result: MethodResult, sets: Sequence[EvalSet]) -> dict[str,
 def scored_method(name: str, engine: Any, adapter: Path | None, keys: Sequence[Key], data: EvalData,
                   neighbours: Callable[[Sequence[Key]], Any]) -> tuple[MethodResult, Calibration | None]:
     """A method judged by its calibrated verdict score: the threshold fitted on the validation fold, then every
-    key scored and thresholded. Without a validation fold the threshold is 0.5 (the argmax of the two words).
+    key scored and thresholded. Without a validation fold (or one without anomalies) the threshold is 0.5 and
+    no calibration is returned; evaluate_all then judges the candidate by its answer word, as it is served.
 
     `neighbours(keys)` gives the labelled templates shown with each key (None: bare prompts).
     """
@@ -182,7 +186,7 @@ def scored_method(name: str, engine: Any, adapter: Path | None, keys: Sequence[K
         calibration = choose_threshold(val_labels, val_run.scores)
         threshold, seconds = calibration.threshold, val_run.seconds
     run_ = engine.score([t for _, t in keys], [d for d, _ in keys], adapter, neighbours(keys))
-    verdicts = {key: {"label": int(s is not None and s >= threshold), "score": s, "valid": None,
+    verdicts = {key: {"label": int(scored_verdict(s, threshold) == ABNORMAL), "score": s, "valid": None,
                       "rationale_words": None} for key, s in zip(keys, run_.scores, strict=True)}
     result = MethodResult(name, verdicts, run_.seconds + seconds, run_.engine, True)
     result.notes.append(f"verdict score ≥ {threshold:.4f}" + (" (fitted on the validation fold)" if calibration
@@ -231,10 +235,15 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
                                             "answer_label": answer["label"]})
         candidate.seconds += explained.seconds
         results[ANSWER_WORD] = MethodResult(  # the paper's verdict: the word the model wrote, no score
-            ANSWER_WORD, {key: {**v, "label": v["answer_label"]} for key, v in candidate.verdicts.items()},
+            ANSWER_WORD, {key: {**{f: x for f, x in v.items() if f not in ("score", "answer_label")},
+                                "label": v["answer_label"]} for key, v in candidate.verdicts.items()},
             candidate.seconds, candidate.engine, True, ["the answer word the model wrote, no score or threshold"])
-        threshold = calibration.threshold if calibration else 0.5
-        classifier = InProcessClassifier(engine, paths[CANDIDATE], version="candidate", threshold=threshold,
+        if calibration is None:  # no threshold to register: the version is served by its answer word, so judge that
+            for verdict in candidate.verdicts.values():
+                verdict["label"] = verdict["answer_label"]
+            candidate.notes = ["the answer word the model wrote: no validation fold anomaly to fit a threshold on"]
+        classifier = InProcessClassifier(engine, paths[CANDIDATE], version="candidate",
+                                         threshold=calibration.threshold if calibration else None,
                                          neighbours=with_neighbours, rationales=detect.rationales)
         served, served_info = _served(settings, detect, root, classifier, data)
         candidate.verdicts.update({key: _served_verdict(v) for key, v in classifier.answers.items()

@@ -165,6 +165,8 @@ def test_smoke_evaluation_of_a_real_adapter(eval_root: Path, base_model_dir: Pat
     for method in ("sft_only", "rationanomaly_no_retrieval", "rationanomaly_answer_word"):
         assert set(metrics["methods"][method]) == template_sets | samples  # the served path: candidate and rules
     assert "average_precision" in metrics["methods"]["sft_only"]["template_bgl"]
+    answer_word = metrics["methods"]["rationanomaly_answer_word"]["template_bgl"]
+    assert "average_precision" not in answer_word and "disagreement_rate" not in answer_word  # no score of its own
     for method in ("keywords", "tfidf_lr", "knn_1", "knn_vote", "rationanomaly"):
         blocks = metrics["methods"][method]
         assert set(blocks) == template_sets | samples | served, method

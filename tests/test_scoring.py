@@ -126,3 +126,11 @@ def test_character_features_find_a_neighbour_word_features_miss() -> None:
     assert char.search(query, 1)[0][0].similarity > word.search(query, 2)[0][0].similarity
     with pytest.raises(ValueError, match="unknown index features"):
         TemplateIndex(templates, labels, ["spirit"] * 2, "bpe")
+
+
+def test_a_missing_score_is_never_abnormal_even_at_threshold_zero() -> None:
+    """A score of exactly 0.0 reaches a 0.0 threshold; a missing score (no answer word among the top tokens)
+    is normal in evaluation as in every served path, so a fitted threshold is never below 0."""
+    assert apply_threshold([None, 0.0, 0.7], 0.0).tolist() == [0, 1, 1]
+    calibration = choose_threshold([1, 1, 0, 0], [0.0, 0.0, None, None])
+    assert calibration.threshold == 0.0 and calibration.recall == 1.0 and calibration.precision == 1.0

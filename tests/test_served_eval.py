@@ -129,3 +129,21 @@ def test_the_first_field_never_reaches_drain3_or_any_prompt(served) -> None:
     for text in [*mined, *engine.prompts]:
         assert not TAGS.search(text), text
         assert not re.search(r"(^|\s)- 1117838", text), text
+
+
+def test_a_version_without_a_threshold_is_judged_by_its_answer_word_as_it_is_served() -> None:
+    """No validation fold, no threshold registered: serving reads the word the rationale ends in, so the
+    evaluation of the served path must too, whatever the score says (review of issue 14)."""
+
+    class ScoresEverythingAbnormal(TableEngine):
+        def score(self, templates, datasets, adapter_dir=None, neighbours=None):
+            return ScoreRun([0.99] * len(templates), self.name, 0.01)
+
+    items = [("bgl", "data TLB error interrupt"), ("bgl", "generating <*>")]
+    unscored = InProcessClassifier(ScoresEverythingAbnormal(), None, "candidate", threshold=None,
+                                   rationales="abnormal").classify(items)
+    assert [v.verdict for v in unscored] == ["abnormal", "normal"]
+    assert all(v.rationale for v in unscored)  # the verdict needs the rationale: every template gets one
+    scored = InProcessClassifier(ScoresEverythingAbnormal(), None, "candidate", threshold=0.5,
+                                 rationales="none").classify(items)
+    assert [v.verdict for v in scored] == ["abnormal", "abnormal"] and not any(v.rationale for v in scored)

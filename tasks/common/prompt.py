@@ -182,6 +182,12 @@ def verdict_score(top_logprobs: Mapping[str, float]) -> float | None:
     return abnormal / total if total > 0 else None
 
 
+def scored_verdict(score: float | None, threshold: float) -> str:
+    """The verdict of a calibrated score: `abnormal` when it reaches the version's threshold; a missing score
+    (neither answer word among the top tokens) is `normal`, everywhere (evaluation, client, pyfunc, detect)."""
+    return ABNORMAL if score is not None and score >= threshold else NORMAL
+
+
 def format_completion(rationale: str, label: int | str) -> str:
     """The assistant turn the model is trained to write."""
     return f"<think>{rationale.strip()}</think><answer>{label_name(label)}</answer>"

@@ -2,10 +2,11 @@
 
 One index serves the retrieval baselines (knn_1: the nearest template's label; knn_vote: a
 similarity-weighted vote of the k nearest) and, when enabled, the neighbours shown in prompts. It is
-built from the training split only, so no test template can be retrieved. Features: word 1-2 grams of
-letter tokens (TOKEN_PATTERN: ids, numbers and `<*>` carry no meaning), sublinear TF-IDF, cosine
-(scikit-learn's TfidfVectorizer and NearestNeighbors, brute force). Measured on the whole test split,
-1-NN abnormal-class F1: word 1-2 grams 0.629 BGL / 0.469 Spirit, char 3-5 grams 0.527 / 0.456.
+built from the training split only, so no test template can be retrieved. Features (`index.features`):
+`word`, 1-2 grams of letter tokens (TOKEN_PATTERN: ids, numbers and `<*>` carry no meaning; the default),
+or `char`, 3-5 character grams within words; sublinear TF-IDF, cosine (scikit-learn's TfidfVectorizer and
+NearestNeighbors, brute force). Measured on the whole test split, 1-NN abnormal-class F1: word 1-2 grams
+0.629 BGL / 0.469 Spirit, char 3-5 grams 0.527 / 0.456.
 """
 
 from __future__ import annotations

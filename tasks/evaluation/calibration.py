@@ -1,4 +1,4 @@
-"""Choosing the verdict threshold, and what a score buys: precision-recall curves and average precision.
+"""Choosing the verdict threshold on the validation fold, and applying it.
 
 The verdict score (tasks.common.prompt.verdict_score) is P(abnormal) of the answer word's first token; the
 threshold that turns it into a verdict is chosen on the validation fold carved from the training templates
@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from tasks.common.prompt import ABNORMAL, scored_verdict
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,12 @@ class Calibration:
         return asdict(self)
 
 
+MISSING_SCORE = -1.0  # below every probability: no threshold in [0, 1] flags it, as `scored_verdict` never does
+
+
 def as_scores(scores: Sequence[float | None]) -> np.ndarray:
-    """Scores as floats, a missing score (no answer word among the top tokens) as 0: it never flags."""
-    return np.asarray([0.0 if s is None else float(s) for s in scores], dtype=float)
+    """Scores as floats, a missing score (no answer word among the top tokens) as MISSING_SCORE: never flagged."""
+    return np.asarray([MISSING_SCORE if s is None else float(s) for s in scores], dtype=float)
 
 
 def choose_threshold(labels: Sequence[int], scores: Sequence[float | None]) -> Calibration:
@@ -52,6 +57,7 @@ def choose_threshold(labels: Sequence[int], scores: Sequence[float | None]) -> C
         raise ValueError("the validation fold holds no anomaly: no threshold can be chosen")
     precision, recall, thresholds = precision_recall_curve(truth, values)
     f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    f1[thresholds < 0] = -1.0  # a threshold must be a probability: a missing score is never flagged
     best = int(np.flatnonzero(f1 == f1.max())[-1])
     return Calibration(threshold=float(thresholds[best]), n=len(truth), abnormal=int(truth.sum()),
                        average_precision=float(average_precision_score(truth, values)), f1=float(f1[best]),
@@ -60,14 +66,5 @@ def choose_threshold(labels: Sequence[int], scores: Sequence[float | None]) -> C
 
 
 def apply_threshold(scores: Sequence[float | None], threshold: float) -> np.ndarray:
-    """0/1 verdicts: abnormal when the score reaches the threshold (a missing score is normal)."""
-    return (as_scores(scores) >= threshold).astype(int)
-
-
-def pr_curve(labels: Sequence[int], scores: Sequence[float]) -> dict[str, list[float] | float]:
-    """Precision and recall over every threshold and the average precision, for the report's plot."""
-    from sklearn.metrics import average_precision_score, precision_recall_curve
-
-    precision, recall, _ = precision_recall_curve(np.asarray(labels, dtype=int), np.asarray(scores, dtype=float))
-    return {"precision": precision.tolist(), "recall": recall.tolist(),
-            "average_precision": float(average_precision_score(labels, scores))}
+    """0/1 verdicts by `tasks.common.prompt.scored_verdict`, the rule every served path applies."""
+    return np.asarray([int(scored_verdict(s, threshold) == ABNORMAL) for s in scores], dtype=int)

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.common.errors import InputError
-from tasks.common.prompt import ABNORMAL, NORMAL
+from tasks.common.prompt import ABNORMAL, NORMAL, scored_verdict
 from tasks.common.settings import DetectSettings
 from tasks.detection.detector import Detector
 from tasks.detection.formats import FORMATS
@@ -83,11 +83,12 @@ class InProcessClassifier:
     """The candidate behind the detector's classifier interface: `engine` (tasks.evaluation.inference) answers as
     the endpoint does: a verdict score against `threshold` for every template, and a written rationale for the
     ones `rationales` asks for (abnormal | all | none); `neighbours(items)` gives the labelled templates shown.
+    `threshold` None: the version has none, so the verdict is the answer word of a rationale for every template.
 
     Every verdict it gives is kept in `answers`, so the evaluation scores exactly what detect was told.
     """
 
-    def __init__(self, engine: Any, adapter_dir: Path | None, version: str, *, threshold: float = 0.5,
+    def __init__(self, engine: Any, adapter_dir: Path | None, version: str, *, threshold: float | None = 0.5,
                  neighbours: Callable[[Sequence[Key]], Any] = lambda items: None,
                  rationales: str = "abnormal") -> None:
         self.engine, self.adapter_dir, self.version = engine, adapter_dir, version
@@ -102,23 +103,26 @@ class InProcessClassifier:
         items = list(items)
         shown = self.neighbours(items)
         scored = self.engine.score([t for _, t in items], [d for d, _ in items], self.adapter_dir, shown)
-        flagged = [s is not None and s >= self.threshold for s in scored.scores]
-        explain = [i for i, abnormal in enumerate(flagged)
-                   if self.rationales == "all" or (self.rationales == "abnormal" and abnormal)]
+        threshold = self.threshold
+        flagged = [threshold is not None and scored_verdict(s, threshold) == ABNORMAL for s in scored.scores]
+        explain = [i for i, abnormal in enumerate(flagged) if threshold is None or self.rationales == "all"
+                   or (self.rationales == "abnormal" and abnormal)]
         written = {}
         if explain:
             run = self.engine.classify([items[i][1] for i in explain], [items[i][0] for i in explain],
                                        adapter_dir=self.adapter_dir,
                                        neighbours=[shown[i] for i in explain] if shown is not None else None)
             written = dict(zip(explain, run.predictions, strict=True))
+        if threshold is None:  # a version without a threshold is served by the word its rationale ends in
+            flagged = [written[i].verdict == ABNORMAL for i in range(len(items))]
         self.seconds += time.perf_counter() - started
         each = (time.perf_counter() - started) / max(1, len(items))
         out = []
         for i, ((dataset, template), score) in enumerate(zip(items, scored.scores, strict=True)):
             p = written.get(i)
-            out.append(TemplateVerdict(template, dataset, ABNORMAL if flagged[i] else NORMAL,
-                                       score is not None, p.rationale if p else "",
-                                       p.completion if p else "", self.version, each, score,
+            valid = p.valid if threshold is None and p else score is not None
+            out.append(TemplateVerdict(template, dataset, ABNORMAL if flagged[i] else NORMAL, valid,
+                                       p.rationale if p else "", p.completion if p else "", self.version, each, score,
                                        p.verdict if p else None))
         for verdict in out:
             self.answers[(verdict.dataset, verdict.template)] = verdict

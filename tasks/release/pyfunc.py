@@ -19,7 +19,7 @@ import mlflow.pyfunc
 from tasks.common.config import repo_root
 from tasks.common.contracts import BASE_REF_FILE, CALIBRATION_FILE, INDEX_ARTIFACT
 from tasks.common.errors import InputError
-from tasks.common.prompt import ABNORMAL, NORMAL
+from tasks.common.prompt import ABNORMAL, NORMAL, scored_verdict
 from tasks.common.retrieval import INDEX_FILE
 from tasks.common.settings import EvaluateSettings
 
@@ -121,7 +121,7 @@ class RationAnomalyModel(mlflow.pyfunc.PythonModel):
             verdicts, valid = [w or NORMAL for w in written], [p.valid for p in run.predictions]
         else:
             scores = self.engine.score(logs, datasets, self.adapter_dir, shown).scores
-            verdicts = [ABNORMAL if s is not None and s >= self.threshold else NORMAL for s in scores]
+            verdicts = [scored_verdict(s, self.threshold) for s in scores]
             valid = [s is not None for s in scores]
         return pd.DataFrame({"verdict": verdicts, "label": [int(v == ABNORMAL) for v in verdicts],
                              "score": [float("nan") if s is None else s for s in scores], "valid": valid,
