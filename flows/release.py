@@ -15,6 +15,7 @@ from flows.common import file_text, pipeline_lock, publish_markdown, run_stages,
 from tasks.common.config import repo_root
 from tasks.common.contracts import CALIBRATION_FILE
 from tasks.common.dvc_ops import lock_hashes
+from tasks.common.files import sha256_bytes, sha256_json
 from tasks.common.settings import Settings
 from tasks.evaluate import evaluate_adapter
 from tasks.evaluation.report import CANDIDATE_PREDICTIONS
@@ -23,6 +24,9 @@ from tasks.release.gate import GateVerdict, evaluate_gate, same_test_data
 from tasks.release.pyfunc import model_config
 
 CANDIDATE_TAG = "candidate.adapter_md5"
+# sha256 of the metrics the candidate was gated on and of the gate rules: a version is re-judged (registered
+# anew, with its new verdict) when either changes, e.g. a gate rule edited after a candidate failed it.
+JUDGEMENT_TAG = "candidate.judgement_sha256"
 
 
 class ApprovalInput(RunInput):
@@ -49,6 +53,12 @@ def calibration(settings: Settings) -> dict[str, Any] | None:
     path = repo_root() / settings.evaluate.out_dir / CALIBRATION_FILE
     value = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     return value or None
+
+
+def judgement_digest(settings: Settings) -> str:
+    """What a gate verdict depends on besides the adapter: the evaluation's metrics file and the gate rules."""
+    metrics = (repo_root() / settings.evaluate.metrics_file).read_bytes()
+    return sha256_bytes(metrics + sha256_json(settings.gate.model_dump(mode="json")).encode())
 
 
 def candidate_digest(settings: Settings) -> str:
@@ -96,12 +106,13 @@ def gate(metrics: dict[str, Any], items: dict[str, Any], champion: dict[str, Any
 
 @task(name="register", retries=2, retry_delay_seconds=5)
 def register(metrics: dict[str, Any], items: dict[str, Any], verdict: GateVerdict, digest: str,
-             settings: Settings) -> str:
+             settings: Settings, judgement: str = "") -> str:
     """A new registry version for every evaluated candidate (@challenger when its gate passed)."""
     root = repo_root()
     name = settings.registry.model_name
     version = registry.register_candidate(
-        root / settings.grpo.out_dir, root / settings.base_model.out_dir, metrics, verdict, {CANDIDATE_TAG: digest},
+        root / settings.grpo.out_dir, root / settings.base_model.out_dir, metrics, verdict,
+        {CANDIDATE_TAG: digest, JUDGEMENT_TAG: judgement},
         name=name, model_config=model_config(settings.evaluate), params=settings.model_dump(), predictions=items,
         calibration=calibration(settings), index_dir=root / settings.index.out_dir if settings.index.k else None,
     )
@@ -134,17 +145,25 @@ def _release(settings: Settings) -> dict[str, Any]:
     publish_markdown("evaluation-report", table, "Candidate beside the baselines, per dataset and level")
     result: dict[str, Any] = {"stages": stages, "table_md": table, "promoted": False, "profile": settings.profile}
 
-    digest = candidate_digest(settings)
-    known = registry.version_with_tag(CANDIDATE_TAG, digest, name=name) if digest else None
-    if known is not None:
-        role = f" and @{registry.CHAMPION}" if registry.aliases(name).get(registry.CHAMPION) == known else ""
+    digest, judgement = candidate_digest(settings), judgement_digest(settings)
+    same_adapter = registry.versions_with_tags({CANDIDATE_TAG: digest}, name=name) if digest else []
+    champion = registry.aliases(name).get(registry.CHAMPION)
+    judged = [v for v in same_adapter if v == champion]  # the champion itself: nothing to release
+    if digest and not judged:  # the same adapter judged on the same metrics and rules: the verdict would repeat
+        judged = registry.versions_with_tags({CANDIDATE_TAG: digest, JUDGEMENT_TAG: judgement}, name=name)
+    if judged:
+        known = judged[-1]
+        role = f" and @{registry.CHAMPION}" if champion == known else ""
         result.update(version=known, reason=f"candidate unchanged (already registered as version {known}{role})",
                       verdict_md="(not re-gated: nothing new to release)")
         print(result["reason"])
         return result
+    if same_adapter:
+        print(f"candidate adapter already registered as version {same_adapter[-1]}, judged on other metrics or gate "
+              "rules: judging it again as a new version")
 
     verdict = gate(metrics, items, champion_on_current_data(metrics, current_champion(name), settings), settings)
-    version = register(metrics, items, verdict, digest, settings)
+    version = register(metrics, items, verdict, digest, settings, judgement)
     result.update(version=version, verdict=verdict.to_dict(), verdict_md=verdict.to_markdown())
     if not verdict.passed:
         result["reason"] = "gate failed: " + ", ".join(rule.name for rule in verdict.failed)

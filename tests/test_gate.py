@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +181,22 @@ def test_gate_reads_a_method_block_or_the_whole_metrics_file() -> None:
     assert [r.measured for r in whole.rules] == [r.measured for r in block.rules]
     with pytest.raises(KeyError, match="no method 'nope'"):
         evaluate_gate(metrics(0.7, 0.6), None, PARAMS, candidate_name="nope")
+
+
+def test_a_changed_gate_rule_or_evaluation_asks_for_a_new_judgement(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Any) -> None:
+    """The same adapter is released once per (metrics, gate rules): editing a rule after a candidate failed it
+    re-judges the candidate instead of answering "already registered"."""
+    from flows import release
+
+    monkeypatch.setattr(release, "repo_root", lambda: tmp_path)
+    settings = load_settings(Path(__file__).resolve().parents[1] / "params.yaml")
+    metrics_file = tmp_path / settings.evaluate.metrics_file
+    metrics_file.parent.mkdir(parents=True)
+    metrics_file.write_text(json.dumps(metrics(0.6, 0.6)))
+    first = release.judgement_digest(settings)
+    assert release.judgement_digest(settings) == first
+    looser = settings.model_copy(update={"gate": settings.gate.model_copy(update={"max_format_invalid_rate": 0.5})})
+    assert release.judgement_digest(looser) != first
+    metrics_file.write_text(json.dumps(metrics(0.6, 0.7)))
+    assert release.judgement_digest(settings) != first

@@ -273,6 +273,6 @@ def test_release_flow_lookups_find_the_card_and_an_already_registered_candidate(
     verdict = evaluate_gate(metrics, None, NO_RULES)
     version = registry.register_candidate(world.grpo, world.base, metrics, verdict, {"candidate.adapter_md5": "abc"},
                                           **register_kwargs(world, "lookups"))
-    assert registry.version_with_tag("candidate.adapter_md5", "abc", name="lookups") == version
-    assert registry.version_with_tag("candidate.adapter_md5", "other", name="lookups") is None
+    assert registry.versions_with_tags({"candidate.adapter_md5": "abc"}, name="lookups") == [version]
+    assert registry.versions_with_tags({"candidate.adapter_md5": "other"}, name="lookups") == []
     assert registry.model_card_text(version, name="lookups").startswith("# Model card: lookups")

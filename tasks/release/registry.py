@@ -369,14 +369,16 @@ def download_adapter(ref: str, dest: str | Path | None = None) -> Path:
 # ---- look-ups for the release flow ----------------------------------------------------------------------------
 
 
-def version_with_tag(key: str, value: str, *, name: str) -> str | None:
-    """The completely registered version carrying tag `key=value` (e.g. the same candidate adapter), or None."""
+def versions_with_tags(wanted: dict[str, str], *, name: str) -> list[str]:
+    """The completely registered versions carrying every tag of `wanted` (e.g. the same candidate adapter),
+    oldest first."""
     c = client(check_registry())
+    found = []
     for mv in c.search_model_versions(f"name = '{name}'"):
         tags = dict(mv.tags or {})
-        if tags.get(key) == value and tags.get("registration") == "complete":
-            return str(mv.version)
-    return None
+        if tags.get("registration") == "complete" and all(tags.get(k) == v for k, v in wanted.items()):
+            found.append(str(mv.version))
+    return sorted(found, key=int)
 
 
 def model_card_text(version: str | int, *, name: str) -> str:
