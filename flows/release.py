@@ -62,7 +62,7 @@ def judgement_digest(settings: Settings) -> str:
 
 
 def candidate_digest(settings: Settings) -> str:
-    """The DVC md5 of the candidate adapter: the same adapter is never registered twice."""
+    """The DVC md5 of the candidate adapter: registered once per judgement (see JUDGEMENT_TAG)."""
     return lock_hashes().get("grpo", {}).get(settings.grpo.out_dir, "")
 
 
