@@ -41,11 +41,12 @@ def model_card(name: str, metrics: dict[str, Any], verdict: GateVerdict, record:
     else:
         table = "\n\n".join(markdown_table(metrics, [s]) for s in sets_of(metrics)
                               if not s.endswith(("_unseen", "_sample")))
-    gate = verdict.to_markdown().split("\n", 1)[1] if "\n" in verdict.to_markdown() else ""
     if compact:
         failed = ", ".join(f"`{r.name}` ({r.detail})" for r in verdict.failed)
         gate = (f"{'PASSED' if verdict.passed else 'FAILED'}: {len(verdict.rules) - len(verdict.failed)} of "
                 f"{len(verdict.rules)} rules pass" + (f"; failed: {failed}" if failed else "") + ".")
+    else:  # the verdict's Markdown without its title line
+        gate = verdict.to_markdown().partition("\n")[2]
     return "\n".join([
         f"# Model card: {name}", "",
         "Explainable log anomaly detection (RationAnomaly, arXiv 2509.14693): given a log template the model "
