@@ -196,13 +196,22 @@ class Client:
             text += ANSWER_CLOSE
         return text, endpoint
 
-    def score(self, messages: list[dict[str, str]], *, model: str | None = None) -> tuple[float | None, Endpoint]:
-        """The verdict score of a scoring prompt (ending in an open `<answer>`): one token, its top log-probs."""
+    def next_token_logprobs(self, messages: list[dict[str, str]], *, model: str | None = None,
+                            continue_final_message: bool = False) -> tuple[dict[str, float], Endpoint]:
+        """The top `TOP_LOGPROBS` alternatives for the first generated token, as {token text: log-probability}.
+
+        `continue_final_message` continues the last (assistant) message instead of opening a new turn.
+        """
         payload = {"messages": messages, "temperature": 0.0, "max_tokens": 1, "logprobs": True,
-                   "top_logprobs": TOP_LOGPROBS, "add_generation_prompt": False, "continue_final_message": True}
+                   "top_logprobs": TOP_LOGPROBS, "add_generation_prompt": not continue_final_message,
+                   "continue_final_message": continue_final_message}
         body, endpoint = self._request(payload, model)
         content = ((body["choices"][0].get("logprobs") or {}).get("content") or [{}])[0]
-        alternatives = token_logprobs((alt["token"], alt["logprob"]) for alt in content.get("top_logprobs") or [])
+        return token_logprobs((alt["token"], alt["logprob"]) for alt in content.get("top_logprobs") or []), endpoint
+
+    def score(self, messages: list[dict[str, str]], *, model: str | None = None) -> tuple[float | None, Endpoint]:
+        """The verdict score of a scoring prompt (ending in an open `<answer>`): one token, its top log-probs."""
+        alternatives, endpoint = self.next_token_logprobs(messages, model=model, continue_final_message=True)
         return verdict_score(alternatives), endpoint
 
     def neighbours_of(self, template: str, endpoint: Endpoint) -> list[tuple[str, int]]:
@@ -210,6 +219,13 @@ class Client:
         if not endpoint.index_dir or endpoint.neighbours <= 0:
             return []
         return load_index(endpoint.index_dir).prompt_neighbours([template], endpoint.neighbours)[0]
+
+    def explain_messages(self, template: str, dataset: str, endpoint: Endpoint,
+                         neighbours: list[tuple[str, int]] | None = None) -> list[dict[str, str]]:
+        """The explain-task chat messages the served version answers with a rationale and an answer word;
+        `neighbours` None looks them up in the version's index."""
+        near = self.neighbours_of(template, endpoint) if neighbours is None else neighbours
+        return prompt_messages(template, dataset, self.max_log_chars, endpoint.special_tokens, neighbours=near)
 
     def classify_one(self, template: str, dataset: str = "system log", *, max_tokens: int | None = None,
                      model: str | None = None) -> TemplateVerdict:
@@ -229,8 +245,8 @@ class Client:
         if not explain:
             return TemplateVerdict(template, dataset, verdict, score is not None, "", "", endpoint.version,
                                    time.monotonic() - started, score)
-        text, endpoint = self.complete(prompt_messages(template, dataset, self.max_log_chars, endpoint.special_tokens,
-                                                       neighbours=near), max_tokens=max_tokens, model=model)
+        text, endpoint = self.complete(self.explain_messages(template, dataset, endpoint, near), max_tokens=max_tokens,
+                                       model=model)
         parsed = parse_completion(text)
         return TemplateVerdict(template, dataset, verdict if verdict is not None else parsed.answer,
                                parsed.valid if verdict is None else score is not None, parsed.think, text,

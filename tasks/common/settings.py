@@ -327,6 +327,7 @@ class ServeSettings(Section):
     enforce_eager: bool
     extra_args: list[str]
     smoke_min_valid_rate: float = Field(ge=0, le=1)
+    smoke_min_distribution_shift: float = Field(ge=0, le=1)  # serving.server.distribution_shift
     smoke_max_tokens: int | None = Field(ge=1)  # null: evaluate.max_new_tokens
     smoke_timeout_s: float = Field(gt=0)
     stop_timeout_s: float = Field(gt=0)
