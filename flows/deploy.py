@@ -49,13 +49,15 @@ def deploy_flow() -> dict[str, Any]:
     ref = resolve(model_name, settings.base_model.out_dir)
     state = deploy_endpoint(ref, settings.serve)
     url = f"http://{state['host']}:{state['port']}/v1"
+    action = state["action"] + (f" (serve settings changed: {', '.join(state['relaunched_for'])})"
+                                if state.get("relaunched_for") else "")
     publish_markdown(
         "endpoint",
         f"# Endpoint\n\n- url: `{url}`\n- model: `{state['model']}` version {state['version']}\n"
-        f"- action: {state['action']}\n- pid: {state['pid']}, started {state['started_at']}",
+        f"- action: {action}\n- pid: {state['pid']}, started {state['started_at']}",
         "The live vLLM endpoint",
     )
-    print(f"endpoint {url}: {ref.name} v{ref.version} ({state['action']})")
+    print(f"endpoint {url}: {ref.name} v{ref.version} ({action})")
     return {"url": url, "version": state["version"], "action": state["action"], "port": state["port"]}
 
 

@@ -34,7 +34,8 @@ def serve(
     base: Annotated[Path | None, typer.Option(help="Base model for --adapter (default: base_model.out_dir).")] = None,
     version: Annotated[str, typer.Option(help="Version label for --adapter.")] = "local",
     merged: Annotated[bool | None, typer.Option("--merged/--lora", help="Merge the adapter into the weights.")] = None,
-    force: Annotated[bool, typer.Option(help="Redeploy even if this version is already live.")] = False,
+    force: Annotated[bool, typer.Option(
+        help="Redeploy even if this version is already live with the same serve settings.")] = False,
 ) -> None:
     """Deploy models:/<name>@champion with health and smoke checks and a blue/green switch (or --status/--stop)."""
     from serving import server

@@ -389,8 +389,9 @@ def start_server(ref: ModelRef, settings: ServeSettings, port: int) -> tuple[sub
 def deploy(ref: ModelRef, settings: ServeSettings, *, force: bool = False) -> dict[str, Any]:
     """Bring `ref` up beside the live server, check it, switch the state file, stop the old one.
 
-    Returns the new state (with `action`: deployed | already_live). Raises ServeError or InputError
-    (old server untouched).
+    Returns the new state (with `action`: deployed | already_live; `relaunched_for` lists the
+    `launch_settings` keys that changed when the live version was started again). Raises ServeError or
+    InputError (old server untouched).
     """
     lock_file = state_path(settings).with_suffix(".lock")
     lock_file.parent.mkdir(parents=True, exist_ok=True)
@@ -402,11 +403,28 @@ def deploy(ref: ModelRef, settings: ServeSettings, *, force: bool = False) -> di
         return _deploy_locked(ref, settings, force)
 
 
+def launch_settings(ref: ModelRef, settings: ServeSettings) -> dict[str, Any]:
+    """Everything that decides what a server answers and how it runs, recorded in the state file as `launch`.
+
+    A deploy of the live version is a no-op only while these are unchanged: switching `serve.merged`, the
+    context length or vLLM's arguments, or a version whose threshold or index moved, starts a new server.
+    """
+    return {"base": ref.base_model_dir, "adapter": ref.adapter_dir, "threshold": ref.threshold,
+            "index_dir": ref.index_dir, "neighbours": ref.neighbours, "merged": settings.merged,
+            "max_model_len": settings.max_model_len, "dtype": settings.dtype, "enforce_eager": settings.enforce_eager,
+            "extra_args": [str(arg) for arg in settings.extra_args], "kvcache_space_gib": settings.kvcache_space_gib,
+            "cpu_reserved": settings.cpu_reserved, "api_key_env": settings.api_key_env}
+
+
 def _deploy_locked(ref: ModelRef, settings: ServeSettings, force: bool) -> dict[str, Any]:
     live = status(settings)
-    if (not force and live.get("healthy") and live.get("model") == ref.name
-            and str(live.get("version")) == str(ref.version)):
-        return {**live, "action": "already_live"}
+    launch = launch_settings(ref, settings)
+    changed: list[str] = []
+    if live.get("healthy") and live.get("model") == ref.name and str(live.get("version")) == str(ref.version):
+        before = live.get("launch") or {}  # a state written before `launch` was recorded counts as changed
+        changed = sorted(key for key in launch if before.get(key) != launch[key])
+        if not force and not changed:
+            return {**live, "action": "already_live"}
     if ref.adapter_dir is not None:
         validate_adapter(ref.adapter_dir, ref.base_model_dir, merged=settings.merged)
     port = _choose_port(settings, live if live.get("alive") else None)
@@ -441,13 +459,14 @@ def _deploy_locked(ref: ModelRef, settings: ServeSettings, force: bool) -> dict[
         "base": ref.base_model_dir, "adapter": ref.adapter_dir, "merged": not lora and ref.adapter_dir is not None,
         "model_dir": model_dir, "log": str(log), "api_key_env": settings.api_key_env,
         "special_tokens": list(special),  # defanged in log text by every client
-        "threshold": ref.threshold, "index_dir": ref.index_dir, "neighbours": ref.neighbours,
+        "threshold": ref.threshold, "index_dir": ref.index_dir, "neighbours": ref.neighbours, "launch": launch,
         "smoke": asdict(report) | {"passed": report.passed},
     }
     write_json_atomic(state_path(settings), state)
     if live.get("alive") and live.get("pid") != proc.pid:
         _terminate(int(live["pid"]), settings.stop_timeout_s)
-    return {**state, "action": "deployed", "previous": {k: live.get(k) for k in ("model", "version", "port", "pid")}}
+    return {**state, "action": "deployed", "relaunched_for": changed,
+            "previous": {k: live.get(k) for k in ("model", "version", "port", "pid")}}
 
 
 def status(settings: ServeSettings) -> dict[str, Any]:

@@ -323,10 +323,14 @@ def test_an_adapter_that_changes_nothing_fails_the_smoke_test_and_the_old_server
 
 
 @pytest.mark.slow
-def test_a_new_deploy_switches_blue_green_and_stops_the_old_server(live: dict[str, Any]) -> None:
+def test_the_live_version_with_changed_serve_settings_switches_blue_green_and_stops_the_old_server(
+    live: dict[str, Any]
+) -> None:
     params, old = live["params"], server.status(live["params"])
-    new = server.deploy(live["ref"], params, force=True)
-    assert new["action"] == "deployed" and new["port"] != old["port"]
+    wider = params.model_copy(update={"max_model_len": params.max_model_len + 512})
+    new = server.deploy(live["ref"], wider)  # same version: only the serve settings changed
+    assert new["action"] == "deployed" and new["relaunched_for"] == ["max_model_len"]
+    assert new["port"] != old["port"] and new["launch"]["max_model_len"] == wider.max_model_len
     assert new["previous"]["pid"] == old["pid"]
     assert server.status(params)["healthy"] and server.status(params)["pid"] == new["pid"]
     assert not server._pid_alive(old["pid"])

@@ -128,6 +128,7 @@ class ServeState(TypedDict):
     threshold: float | None  # the version's verdict threshold (calibration.json); None: the rationale's word decides
     index_dir: str | None  # the version's retrieval index folder (None: its prompts carry no neighbours)
     neighbours: int  # labelled neighbours per prompt
+    launch: dict[str, Any]  # serving.server.launch_settings: a deploy of the live version with others relaunches
     smoke: dict[str, Any]
 
 
