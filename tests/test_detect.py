@@ -241,6 +241,18 @@ def test_a_new_model_version_invalidates_the_cache(tmp_path: Path, chat_server: 
     assert summary["model_version"] == "2"
 
 
+def test_changing_an_answer_setting_asks_again_and_other_settings_keep_the_cache(tmp_path: Path,
+                                                                                  chat_server: Any) -> None:
+    """A verdict cached with a shorter answer budget would be served as current after the budget grew."""
+    server = chat_server()
+    run_detect(tmp_path, server.url, lines_file(BGL), max_tokens=64)
+    kept, _ = run_detect(tmp_path, server.url, lines_file(BGL), max_tokens=64, concurrency=1, window_lines=7)
+    assert kept["requested"] == 0 and kept["cache_invalidated"] == 0  # concurrency, windows: same verdicts
+    for change in ({"max_tokens": 96}, {"max_tokens": 96, "rationales": "all"}):
+        asked, _ = run_detect(tmp_path, server.url, lines_file(BGL), **change)
+        assert asked["cache_invalidated"] == 3 and asked["requested"] == 3
+
+
 def test_a_model_switch_during_the_run_stops_it_instead_of_mixing_versions(tmp_path: Path,
                                                                             chat_server: Any) -> None:
     server = chat_server()

@@ -1,15 +1,19 @@
-"""The verdict cache: template → verdict for one model version, in SQLite, stored the moment it arrives."""
+"""The verdict cache: template → verdict for one model version and answer settings, in SQLite, stored the moment
+it arrives."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sqlite3
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from tasks.detection.verdicts import TemplateVerdict
 
-COLUMNS = ("model_version", "template", "dataset", "verdict", "valid", "score", "rationale", "raw", "created_at")
+COLUMNS = ("scope", "template", "dataset", "verdict", "valid", "score", "rationale", "raw", "created_at")
 
 
 class CachedVerdict(NamedTuple):
@@ -21,14 +25,27 @@ class CachedVerdict(NamedTuple):
     rationale: str
 
 
-class VerdictCache:
-    """template → verdict for one model version, in SQLite; entries of other versions are dropped on open.
+def cache_scope(model_version: str, answer_settings: Mapping[str, Any]) -> str:
+    """`<model version>/<12 hex digits>`: the version and a digest of the settings that shape its answers.
 
+    `answer_settings` holds what changes a verdict for the same template (the characters of log text the prompt
+    keeps, the answer budget, which verdicts get a rationale); values must be JSON-serialisable.
+    """
+    digest = hashlib.sha256(json.dumps(dict(answer_settings), sort_keys=True).encode()).hexdigest()[:12]
+    return f"{model_version}/{digest}"
+
+
+class VerdictCache:
+    """template → verdict for one `cache_scope`, in SQLite; entries of any other scope are dropped on open.
+
+    A new model version, or a change of an answer setting (`detect.max_line_chars`, `max_tokens`, `rationales`),
+    asks every template again: a verdict cached under other settings would be served as if it were current.
     A cache file from an older layout (other columns) is emptied and rebuilt: it only saves requests.
     """
 
-    def __init__(self, path: str | Path, model_version: str) -> None:
+    def __init__(self, path: str | Path, model_version: str, answer_settings: Mapping[str, Any]) -> None:
         self.path, self.model_version = Path(path), str(model_version)
+        self.scope = cache_scope(self.model_version, answer_settings)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -36,34 +53,33 @@ class VerdictCache:
         if found and found != COLUMNS:
             self._db.execute("DROP TABLE verdicts")
         self._db.execute(
-            "CREATE TABLE IF NOT EXISTS verdicts (model_version TEXT NOT NULL, template TEXT NOT NULL, "
+            "CREATE TABLE IF NOT EXISTS verdicts (scope TEXT NOT NULL, template TEXT NOT NULL, "
             "dataset TEXT, verdict TEXT, valid INTEGER, score REAL, rationale TEXT, raw TEXT, created_at REAL, "
-            "PRIMARY KEY (model_version, template))"
+            "PRIMARY KEY (scope, template))"
         )
-        self.invalidated = self._db.execute("DELETE FROM verdicts WHERE model_version != ?",
-                                            (self.model_version,)).rowcount
+        self.invalidated = self._db.execute("DELETE FROM verdicts WHERE scope != ?", (self.scope,)).rowcount
         self._db.commit()
         rows = self._db.execute("SELECT template, verdict, valid, score, rationale FROM verdicts "
-                                "WHERE model_version = ?", (self.model_version,))
-        self._memory = {t: CachedVerdict(v, bool(ok), s, r) for t, v, ok, s, r in rows}
+                                "WHERE scope = ?", (self.scope,))
+        self._memo = {t: CachedVerdict(v, bool(ok), s, r) for t, v, ok, s, r in rows}
 
     def get(self, template: str) -> CachedVerdict | None:
-        """The cached verdict of a template for this model version, None when not asked yet."""
-        return self._memory.get(template)
+        """The cached verdict of a template in this scope, None when not asked yet."""
+        return self._memo.get(template)
 
     def put(self, verdict: TemplateVerdict) -> None:
         """Stored and committed at once: this is what survives an endpoint failure."""
         self._db.execute(
             "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (self.model_version, verdict.template, verdict.dataset, verdict.verdict, int(verdict.valid),
+            (self.scope, verdict.template, verdict.dataset, verdict.verdict, int(verdict.valid),
              verdict.score, verdict.rationale, verdict.raw, time.time()),
         )
         self._db.commit()
-        self._memory[verdict.template] = CachedVerdict(verdict.verdict, verdict.valid, verdict.score,
-                                                       verdict.rationale)
+        self._memo[verdict.template] = CachedVerdict(verdict.verdict, verdict.valid, verdict.score,
+                                                     verdict.rationale)
 
     def __len__(self) -> int:
-        return len(self._memory)
+        return len(self._memo)
 
     def close(self) -> None:
         """Close the database (every verdict is already committed)."""

@@ -62,6 +62,10 @@ class DetectStats:
     line_counts: Counter[int] = field(default_factory=Counter)
 
 
+# detect settings that change the verdict of one template under one model version: they scope the cache
+ANSWER_SETTINGS = ("max_line_chars", "max_tokens", "rationales")
+
+
 class Detector:
     """Raw lines in, JSON-lines verdicts out, configured by the `detect` settings.
 
@@ -74,7 +78,8 @@ class Detector:
         self.settings = settings
         self.client = client
         self.model_version = str(model_version or settings.model_version or client.model_version())
-        self.cache = VerdictCache(resolve_path(settings.cache_file), self.model_version)
+        self.cache = VerdictCache(resolve_path(settings.cache_file), self.model_version,
+                                  {key: getattr(settings, key) for key in ANSWER_SETTINGS})
         self.miner = make_miner(resolve_path(settings.drain_state) if settings.drain_state else None,
                                 settings.drain_sim_th, settings.drain_depth)
         self.progress = progress
