@@ -42,5 +42,16 @@ def default_endpoint(settings: DetectSettings, serve: ServeSettings, model_name:
 def http_detector(settings: DetectSettings, endpoint: Endpoint | Callable[[], Endpoint], *,
                   model_version: str | None = None, progress: bool = True) -> Detector:
     """A Detector asking `endpoint` over HTTP with the `detect` settings' concurrency, retries, answer budget and
-    rationale policy."""
-    return Detector(settings, client_for(endpoint, settings), model_version=model_version, progress=progress)
+    rationale policy. Its verdict cache is scoped by the endpoint's threshold, index and neighbour count too
+    (with `--base-url` they come from `detect.version_dir`, which may change under one version label).
+
+    Raises EndpointError when `endpoint` is the live server's state and none is recorded.
+    """
+    client = client_for(endpoint, settings)
+    try:
+        now = client.endpoint()
+    except BaseException:
+        client.close()
+        raise
+    scope = {"threshold": now.threshold, "index_dir": now.index_dir, "neighbours": now.neighbours}
+    return Detector(settings, client, model_version=model_version, progress=progress, answer_scope=scope)

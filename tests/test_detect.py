@@ -252,6 +252,12 @@ def test_changing_an_answer_setting_asks_again_and_other_settings_keep_the_cache
         asked, _ = run_detect(tmp_path, server.url, lines_file(BGL), **change)
         assert asked["cache_invalidated"] == 3 and asked["requested"] == 3
 
+    # --base-url with another detect.version_dir under the same version label: another threshold
+    for threshold in (0.5, 0.3):
+        asked, _ = run_detect(tmp_path, server.url, lines_file(BGL), max_tokens=96, rationales="all",
+                              endpoint={"threshold": threshold})
+        assert asked["cache_invalidated"] == 3 and asked["requested"] == 3
+
 
 def test_a_model_switch_during_the_run_stops_it_instead_of_mixing_versions(tmp_path: Path,
                                                                             chat_server: Any) -> None:

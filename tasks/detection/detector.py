@@ -21,7 +21,7 @@ import stat
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -74,12 +74,14 @@ class Detector:
     """
 
     def __init__(self, settings: DetectSettings, client: Classifier, *, model_version: str | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, answer_scope: Mapping[str, Any] | None = None) -> None:
         self.settings = settings
         self.client = client
         self.model_version = str(model_version or settings.model_version or client.model_version())
-        self.cache = VerdictCache(resolve_path(settings.cache_file), self.model_version,
-                                  {key: getattr(settings, key) for key in ANSWER_SETTINGS})
+        # the cache serves a verdict only under the same version, answer settings and `answer_scope` (what the
+        # client knows decides answers: the endpoint's threshold, index and neighbour count)
+        scope = {key: getattr(settings, key) for key in ANSWER_SETTINGS} | dict(answer_scope or {})
+        self.cache = VerdictCache(resolve_path(settings.cache_file), self.model_version, scope)
         self.miner = make_miner(resolve_path(settings.drain_state) if settings.drain_state else None,
                                 settings.drain_sim_th, settings.drain_depth)
         self.progress = progress
