@@ -58,7 +58,8 @@ def deploy_flow() -> dict[str, Any]:
         "The live vLLM endpoint",
     )
     print(f"endpoint {url}: {ref.name} v{ref.version} ({action})")
-    return {"url": url, "version": state["version"], "action": state["action"], "port": state["port"]}
+    return {"url": url, "version": state["version"], "action": state["action"], "port": state["port"],
+            "relaunched_for": state.get("relaunched_for", [])}
 
 
 if __name__ == "__main__":

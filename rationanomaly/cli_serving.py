@@ -18,8 +18,8 @@ def _fail(message: str) -> None:
 
 
 def _show(state: dict[str, Any]) -> None:
-    keys = ("action", "model", "version", "url", "port", "pid", "alive", "healthy", "started_at", "ready_s",
-            "adapter", "base", "log", "state_file")
+    keys = ("action", "relaunched_for", "model", "version", "url", "port", "pid", "alive", "healthy", "started_at",
+            "ready_s", "adapter", "base", "log", "state_file")
     typer.echo(json.dumps({k: state[k] for k in keys if k in state}, indent=2))
 
 

@@ -227,6 +227,13 @@ class Client:
         near = self.neighbours_of(template, endpoint) if neighbours is None else neighbours
         return prompt_messages(template, dataset, self.max_log_chars, endpoint.special_tokens, neighbours=near)
 
+    def scoring_messages(self, template: str, dataset: str, endpoint: Endpoint,
+                         neighbours: list[tuple[str, int]] | None = None) -> list[dict[str, str]]:
+        """The verdict-task chat messages, ending in an open `<answer>` (continue the final message to score);
+        `neighbours` None looks them up in the version's index."""
+        near = self.neighbours_of(template, endpoint) if neighbours is None else neighbours
+        return scoring_messages(template, dataset, self.max_log_chars, endpoint.special_tokens, neighbours=near)
+
     def classify_one(self, template: str, dataset: str = "system log", *, max_tokens: int | None = None,
                      model: str | None = None) -> TemplateVerdict:
         """The verdict for one template: the scored answer word against the version's threshold, and a rationale
@@ -237,8 +244,7 @@ class Client:
         near = self.neighbours_of(template, endpoint)
         score, verdict = None, None
         if endpoint.threshold is not None:
-            score, endpoint = self.score(scoring_messages(template, dataset, self.max_log_chars,
-                                                          endpoint.special_tokens, neighbours=near), model=model)
+            score, endpoint = self.score(self.scoring_messages(template, dataset, endpoint, near), model=model)
             verdict = scored_verdict(score, endpoint.threshold)
         explain = endpoint.threshold is None or self.rationales == "all" or (
             self.rationales == "abnormal" and verdict == ABNORMAL)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from serving.client import Endpoint, client_for, endpoint_from_state
+from serving.client import Endpoint, EndpointError, client_for, endpoint_from_state
 from serving.resolve import local_model_ref
 from tasks.common.config import resolve_path
+from tasks.common.files import sha256_file
+from tasks.common.retrieval import INDEX_FILE
 from tasks.common.settings import DetectSettings, ServeSettings
 from tasks.common.tokenizers import special_tokens_in
 from tasks.detection.detector import Detector
@@ -42,16 +47,45 @@ def default_endpoint(settings: DetectSettings, serve: ServeSettings, model_name:
 def http_detector(settings: DetectSettings, endpoint: Endpoint | Callable[[], Endpoint], *,
                   model_version: str | None = None, progress: bool = True) -> Detector:
     """A Detector asking `endpoint` over HTTP with the `detect` settings' concurrency, retries, answer budget and
-    rationale policy. Its verdict cache is scoped by the endpoint's threshold, index and neighbour count too
-    (with `--base-url` they come from `detect.version_dir`, which may change under one version label).
+    rationale policy. Its verdict cache is scoped by `answer_scope` too (with `--base-url` the threshold and index
+    come from `detect.version_dir`, which may change under one version label), and a run stops with
+    EndpointError when the endpoint's scope changes under it (a relaunch of the same version).
 
     Raises EndpointError when `endpoint` is the live server's state and none is recorded.
     """
-    client = client_for(endpoint, settings)
+    read = endpoint if callable(endpoint) else (lambda: endpoint)
+    scope = answer_scope(read())
+
+    def same_answers() -> Endpoint:  # asked before every request: a relaunch mid-run must not mix verdicts
+        now = read()
+        if answer_scope(now) != scope:
+            raise EndpointError(f"the endpoint now answers under other settings than at the start of this run "
+                                f"(version {now.version}: threshold, index or tokenizer changed by a relaunch); "
+                                "rerun to use them")
+        return now
+
+    return Detector(settings, client_for(same_answers, settings), model_version=model_version, progress=progress,
+                    answer_scope=scope)
+
+
+def answer_scope(endpoint: Endpoint) -> dict[str, Any]:
+    """What an endpoint contributes to a verdict besides its version label: the served model name, the special
+    tokens defanged in prompts, the threshold, and the index (by content digest) with its neighbour count."""
+    index_file = Path(endpoint.index_dir) / INDEX_FILE if endpoint.index_dir else None
+    return {"model": endpoint.model, "special_tokens": sorted(endpoint.special_tokens),
+            "threshold": endpoint.threshold, "neighbours": endpoint.neighbours,
+            "index_sha256": _digest(str(index_file), *_stamp(index_file)) if index_file else None}
+
+
+def _stamp(path: Path) -> tuple[int, int]:
     try:
-        now = client.endpoint()
-    except BaseException:
-        client.close()
-        raise
-    scope = {"threshold": now.threshold, "index_dir": now.index_dir, "neighbours": now.neighbours}
-    return Detector(settings, client, model_version=model_version, progress=progress, answer_scope=scope)
+        stat = path.stat()
+    except FileNotFoundError:
+        return -1, -1
+    return stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(path: str, mtime_ns: int, size: int) -> str | None:
+    """sha256 of a file, computed once per (path, modification time, size): answer_scope runs per request."""
+    return None if size < 0 else sha256_file(path)

@@ -29,7 +29,7 @@ class ModelRef:
     name: str
     version: str
     base_model_dir: str
-    adapter_dir: str | None  # None serves the base model alone (no smoke "differs" rule)
+    adapter_dir: str | None  # None serves the base model alone (no smoke "adapter active" rule)
     threshold: float | None = None  # the version's verdict threshold (calibration.json); None: the rationale decides
     index_dir: str | None = None  # the version's retrieval index (its `index` artifact)
     neighbours: int = 0  # labelled neighbours per prompt (0: the version's prompts carry none)

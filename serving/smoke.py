@@ -2,7 +2,7 @@
 
 Kept apart from the launcher so the tiny demo adapter (tests, benchmarks) trains on the same set.
 The labels and rationales are only used to train that demo adapter; the smoke rule checks format
-validity and that the adapter changes at least one answer, not correctness.
+validity and that the adapter moves the base model's next-token distributions, not correctness.
 """
 
 from __future__ import annotations

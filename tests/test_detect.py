@@ -241,22 +241,40 @@ def test_a_new_model_version_invalidates_the_cache(tmp_path: Path, chat_server: 
     assert summary["model_version"] == "2"
 
 
-def test_changing_an_answer_setting_asks_again_and_other_settings_keep_the_cache(tmp_path: Path,
-                                                                                  chat_server: Any) -> None:
+def test_changing_an_answer_setting_asks_again_and_switching_back_finds_the_old_verdicts(
+    tmp_path: Path, chat_server: Any
+) -> None:
     """A verdict cached with a shorter answer budget would be served as current after the budget grew."""
     server = chat_server()
     run_detect(tmp_path, server.url, lines_file(BGL), max_tokens=64)
     kept, _ = run_detect(tmp_path, server.url, lines_file(BGL), max_tokens=64, concurrency=1, window_lines=7)
-    assert kept["requested"] == 0 and kept["cache_invalidated"] == 0  # concurrency, windows: same verdicts
-    for change in ({"max_tokens": 96}, {"max_tokens": 96, "rationales": "all"}):
+    assert kept["requested"] == 0  # concurrency and windows do not change a template's verdict
+    changes: list[dict[str, Any]] = [{"max_tokens": 96}, {"max_tokens": 96, "rationales": "all"},
+                                     {"max_tokens": 96, "rationales": "all", "max_line_chars": 500}]
+    for change in changes:
         asked, _ = run_detect(tmp_path, server.url, lines_file(BGL), **change)
-        assert asked["cache_invalidated"] == 3 and asked["requested"] == 3
-
+        assert asked["requested"] == 3 and asked["cache_invalidated"] == 0
     # --base-url with another detect.version_dir under the same version label: another threshold
     for threshold in (0.5, 0.3):
-        asked, _ = run_detect(tmp_path, server.url, lines_file(BGL), max_tokens=96, rationales="all",
-                              endpoint={"threshold": threshold})
-        assert asked["cache_invalidated"] == 3 and asked["requested"] == 3
+        asked, _ = run_detect(tmp_path, server.url, lines_file(BGL), **changes[-1], endpoint={"threshold": threshold})
+        assert asked["requested"] == 3
+    back, _ = run_detect(tmp_path, server.url, lines_file(BGL), max_tokens=64)
+    assert back["requested"] == 0 and back["cache_hits"] == 3
+
+
+def test_a_relaunch_with_another_threshold_mid_run_stops_the_run_instead_of_mixing_verdicts(
+    tmp_path: Path, chat_server: Any
+) -> None:
+    server = chat_server()
+
+    def live() -> Endpoint:  # the state file, re-read before every request; relaunched after the first answer
+        return Endpoint(server.url, "rationanomaly", "1", threshold=0.5 if server.requests == 0 else 0.2)
+
+    params = detect_params(tmp_path, concurrency=1)
+    with (pytest.raises(ClassifierError, match="other settings than at the start"),
+          http_detector(params, live, progress=False) as detector):
+        detector.run(io.BytesIO(lines_file(BGL)), io.StringIO())
+    assert server.requests >= 1  # answered under the old threshold before the relaunch, then stopped
 
 
 def test_a_model_switch_during_the_run_stops_it_instead_of_mixing_versions(tmp_path: Path,

@@ -30,6 +30,7 @@ from serving.detect import http_detector
 from serving.resolve import ModelRef
 from serving.smoke import SMOKE_SET
 from tasks.common.errors import InputError
+from tasks.common.files import write_json_atomic
 from tasks.common.settings import ServeSettings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,6 +136,32 @@ def test_distribution_shift_is_zero_for_one_distribution_and_one_for_disjoint_to
     assert server.distribution_shift(base, {"x": 0.0}) == pytest.approx(1.0)
     moved = {"The": math.log(0.2), "<": math.log(0.7), "A": math.log(0.1)}
     assert server.distribution_shift(moved, base) == pytest.approx(0.5)
+
+
+def test_launch_settings_survive_the_state_file_and_change_with_what_decides_the_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deploy compares the live state's `launch` (read back from JSON) with the new one: a float threshold must
+    compare equal after the round trip, and a new threshold, merge mode or API key must not."""
+    params = serve_params(tmp_path, port=8000)
+    ref = ModelRef("rationanomaly", "3", "/base", "/adapter", threshold=0.1 + 0.2, index_dir="/index", neighbours=3)
+    monkeypatch.setenv(params.api_key_env, "first-key")
+    launch = server.launch_settings(ref, params)
+    state = tmp_path / "launch.json"
+    write_json_atomic(state, {"launch": launch})
+    assert json.loads(state.read_text())["launch"] == launch
+    assert "first-key" not in state.read_text()  # only a digest of the key is written
+    changed = {
+        "threshold": server.launch_settings(ModelRef(**{**ref.to_dict(), "threshold": 0.25}), params),
+        "merged": server.launch_settings(ref, params.model_copy(update={"merged": not params.merged})),
+        "port": server.launch_settings(ref, params.model_copy(update={"port": 9000})),
+    }
+    monkeypatch.setenv(params.api_key_env, "second-key")
+    changed["api_key_sha256"] = server.launch_settings(ref, params)
+    for key, other in changed.items():
+        assert [k for k in launch if launch[k] != other[k]] == [key]
+    base_only = server.launch_settings(ModelRef("rationanomaly", "3", "/base", None), params)
+    assert base_only["merged"] is False  # nothing to merge without an adapter, whatever serve.merged says
 
 
 def test_blue_green_ports_alternate(tmp_path: Path) -> None:
@@ -250,7 +277,7 @@ def test_deploy_passes_health_and_smoke_and_records_the_live_server(live: dict[s
     state, params = live["state"], live["params"]
     assert state["action"] == "deployed" and state["port"] == params.port
     smoke = state["smoke"]
-    assert smoke["passed"] and smoke["valid_rate"] >= 0.75 and smoke["differs"] >= 1
+    assert smoke["passed"] and smoke["valid_rate"] >= 0.75
     assert smoke["largest_shift"] >= params.smoke_min_distribution_shift
     assert len(smoke["rows"]) == len(SMOKE_SET)
     now = server.status(params)
@@ -314,7 +341,7 @@ def test_an_adapter_that_changes_nothing_fails_the_smoke_test_and_the_old_server
               str(inert / "adapter_model.safetensors"))
     params = live["params"]
     # judged on the next-token distribution, not the answer text (which drifted at a near-tie in CI)
-    with pytest.raises(server.ServeError, match=r"identical to the base model's .*largest shift 0\.00"):
+    with pytest.raises(server.ServeError, match=r"unchanged on every smoke template \(largest shift 0\.0"):
         server.deploy(ModelRef("rationanomaly", "2", live["ref"].base_model_dir, str(inert)), params)
     now = server.status(params)
     assert now["healthy"] and now["version"] == "1" and now["pid"] == live["state"]["pid"]

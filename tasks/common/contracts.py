@@ -112,7 +112,7 @@ class ServeState(TypedDict):
     model: str  # registered model name
     version: str  # registry version served
     served_model: str  # the name to send in requests (the adapter's name under LoRA serving)
-    base_served_model: str | None  # the base model's served name under LoRA serving (smoke "differs" rule)
+    base_served_model: str | None  # the base model's served name under LoRA serving (smoke "adapter active" rule)
     host: str
     port: int
     pid: int

@@ -13,7 +13,8 @@ from typing import Any, NamedTuple
 
 from tasks.detection.verdicts import TemplateVerdict
 
-COLUMNS = ("scope", "template", "dataset", "verdict", "valid", "score", "rationale", "raw", "created_at")
+COLUMNS = ("model_version", "scope", "template", "dataset", "verdict", "valid", "score", "rationale", "raw",
+           "created_at")
 
 
 class CachedVerdict(NamedTuple):
@@ -29,17 +30,20 @@ def cache_scope(model_version: str, answer_settings: Mapping[str, Any]) -> str:
     """`<model version>/<12 hex digits>`: the version and a digest of the settings that shape its answers.
 
     `answer_settings` holds what changes a verdict for the same template (the characters of log text the prompt
-    keeps, the answer budget, which verdicts get a rationale); values must be JSON-serialisable.
+    keeps, the answer budget, which verdicts get a rationale, the endpoint's threshold and index); values that
+    are not JSON types are digested by their `str`.
     """
-    digest = hashlib.sha256(json.dumps(dict(answer_settings), sort_keys=True).encode()).hexdigest()[:12]
-    return f"{model_version}/{digest}"
+    text = json.dumps(dict(answer_settings), sort_keys=True, default=str)
+    return f"{model_version}/{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 class VerdictCache:
-    """template → verdict for one `cache_scope`, in SQLite; entries of any other scope are dropped on open.
+    """template → verdict for one `cache_scope`, in SQLite.
 
-    A new model version, or a change of an answer setting (`detect.max_line_chars`, `max_tokens`, `rationales`),
-    asks every template again: a verdict cached under other settings would be served as if it were current.
+    Only verdicts of the same scope are served: another model version, or another answer setting
+    (`detect.max_line_chars`, `max_tokens`, `rationales`, the endpoint's threshold or index) asks every
+    template again. On open, entries of other model versions are dropped (`invalidated`); other scopes of
+    the same version are kept, so switching a setting back finds its verdicts again.
     A cache file from an older layout (other columns) is emptied and rebuilt: it only saves requests.
     """
 
@@ -53,11 +57,12 @@ class VerdictCache:
         if found and found != COLUMNS:
             self._db.execute("DROP TABLE verdicts")
         self._db.execute(
-            "CREATE TABLE IF NOT EXISTS verdicts (scope TEXT NOT NULL, template TEXT NOT NULL, "
-            "dataset TEXT, verdict TEXT, valid INTEGER, score REAL, rationale TEXT, raw TEXT, created_at REAL, "
-            "PRIMARY KEY (scope, template))"
+            "CREATE TABLE IF NOT EXISTS verdicts (model_version TEXT NOT NULL, scope TEXT NOT NULL, "
+            "template TEXT NOT NULL, dataset TEXT, verdict TEXT, valid INTEGER, score REAL, rationale TEXT, "
+            "raw TEXT, created_at REAL, PRIMARY KEY (scope, template))"
         )
-        self.invalidated = self._db.execute("DELETE FROM verdicts WHERE scope != ?", (self.scope,)).rowcount
+        self.invalidated = self._db.execute("DELETE FROM verdicts WHERE model_version != ?",
+                                            (self.model_version,)).rowcount
         self._db.commit()
         rows = self._db.execute("SELECT template, verdict, valid, score, rationale FROM verdicts "
                                 "WHERE scope = ?", (self.scope,))
@@ -70,8 +75,8 @@ class VerdictCache:
     def put(self, verdict: TemplateVerdict) -> None:
         """Stored and committed at once: this is what survives an endpoint failure."""
         self._db.execute(
-            "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (self.scope, verdict.template, verdict.dataset, verdict.verdict, int(verdict.valid),
+            "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (self.model_version, self.scope, verdict.template, verdict.dataset, verdict.verdict, int(verdict.valid),
              verdict.score, verdict.rationale, verdict.raw, time.time()),
         )
         self._db.commit()
