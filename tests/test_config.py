@@ -39,6 +39,18 @@ def test_set_profile_keeps_comments_and_rejects_unknown_names(tmp_path):
         set_profile("huge", path)
 
 
+def test_a_project_copy_serves_on_its_own_port_and_nothing_else_changes(tmp_path):
+    from workspace import set_serve_port
+
+    path = copy_params(tmp_path)
+    before = load_params(path)
+    set_serve_port(path, 40123)
+    after = load_params(path)
+    assert after["serve"]["port"] == 40123 and before["serve"]["port"] != 40123
+    assert {**after, "serve": {**after["serve"], "port": before["serve"]["port"]}} == before
+    assert len(path.read_text().splitlines()) == len((REPO / "params.yaml").read_text().splitlines())
+
+
 def test_unknown_profile_in_file_names_the_field(tmp_path):
     path = copy_params(tmp_path)
     path.write_text(path.read_text().replace("profile: default", "profile: nope", 1))

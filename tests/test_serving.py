@@ -10,7 +10,6 @@ import io
 import json
 import os
 import signal
-import socket
 import sqlite3
 import statistics
 import threading
@@ -23,6 +22,7 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from workspace import free_port_pair
 
 from serving import server
 from serving.client import EndpointError, client_for, endpoint_from_state
@@ -232,17 +232,6 @@ def test_merging_an_adapter_that_changes_nothing_is_refused(tmp_path: Path, base
 
 
 # ---------------------------------------------------------------- slow: a real vLLM server
-
-
-def free_port_pair() -> int:
-    """A port p with p and p+1 free on loopback (the blue/green pair)."""
-    for _ in range(50):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port < 65000 and server._port_free("127.0.0.1", port + 1):
-            return port
-    raise RuntimeError("no free port pair")
 
 
 @pytest.fixture(scope="session")
