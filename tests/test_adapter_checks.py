@@ -167,13 +167,19 @@ def test_what_training_saves_is_servable(tmp_path: Path) -> None:
     assert checked == {"rank": params.r, "tensors": 2 * len(params.target_modules)}
 
 
-def test_deploying_an_unservable_adapter_starts_no_server(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("merged", "field", "config"), [
+    (False, "use_dora", {"use_dora": True}),  # the LoRA path cannot serve DoRA (merging could)
+    (True, "init_lora_weights", {"init_lora_weights": "pissa"}),  # not even merged
+])
+def test_deploying_an_unservable_adapter_starts_no_server(tmp_path: Path, merged: bool, field: str,
+                                                         config: dict[str, Any]) -> None:
     params = load_settings(REPO / "params.yaml").serve.model_copy(
-        update={"state_file": str(tmp_path / "state.json"), "log_dir": str(tmp_path / "logs"), "port": 1})
-    adapter = write_adapter(tmp_path / "a", use_dora=True)
-    with pytest.raises(InputError, match="field 'use_dora'"):
+        update={"state_file": str(tmp_path / "state.json"), "log_dir": str(tmp_path / "logs"), "port": 1,
+                "merged": merged, "merged_dir": str(tmp_path / "merged")})
+    adapter = write_adapter(tmp_path / "a", **config)
+    with pytest.raises(InputError, match=f"field '{field}'"):
         server.deploy(ModelRef("m", "2", str(write_base(tmp_path / "base")), str(adapter)), params)
-    assert not (tmp_path / "logs").exists() and not (tmp_path / "state.json").exists()
+    assert not any((tmp_path / name).exists() for name in ("logs", "state.json", "merged"))
 
 
 # ---------------------------------------------------------------- the rules are vLLM's

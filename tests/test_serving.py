@@ -248,7 +248,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path, tiny_ad
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = tmp_path_factory.mktemp("serve")
     params = serve_params(folder, port=free_port_pair(), smoke_min_valid_rate=0.75, smoke_max_tokens=64,
-                          health_timeout_s=400)
+                          health_timeout_s=400, merged=False)  # the LoRA path: its "adapter active" rule
     ref = ModelRef("rationanomaly", "1", str(base_model_dir), str(tiny_adapter))
     state = server.deploy(ref, params)
     yield {"params": params, "ref": ref, "state": state, "folder": folder}
