@@ -54,10 +54,14 @@ def http_detector(settings: DetectSettings, endpoint: Endpoint | Callable[[], En
     Raises EndpointError when `endpoint` is the live server's state and none is recorded.
     """
     read = endpoint if callable(endpoint) else (lambda: endpoint)
-    scope = answer_scope(read())
+    start = read()
+    scope = answer_scope(start)
 
     def same_answers() -> Endpoint:  # asked before every request: a relaunch mid-run must not mix verdicts
         now = read()
+        if now.version != start.version:
+            raise EndpointError(f"the live model changed from version {start.version} to {now.version} during "
+                                "the run; rerun to use the new model (verdicts already written are kept)")
         if answer_scope(now) != scope:
             raise EndpointError(f"the endpoint now answers under other settings than at the start of this run "
                                 f"(version {now.version}: threshold, index or tokenizer changed by a relaunch); "

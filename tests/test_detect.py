@@ -262,19 +262,23 @@ def test_changing_an_answer_setting_asks_again_and_switching_back_finds_the_old_
     assert back["requested"] == 0 and back["cache_hits"] == 3
 
 
-def test_a_relaunch_with_another_threshold_mid_run_stops_the_run_instead_of_mixing_verdicts(
-    tmp_path: Path, chat_server: Any
-) -> None:
+@pytest.mark.parametrize(("after", "message"), [
+    ({"version": "1", "threshold": 0.2}, "other settings than at the start"),  # same version relaunched
+    ({"version": "2", "threshold": 0.5}, "changed from version 1 to 2"),  # blue/green to a new version
+])
+def test_a_relaunch_mid_run_stops_the_run_instead_of_mixing_verdicts(tmp_path: Path, chat_server: Any,
+                                                                     after: dict[str, Any], message: str) -> None:
     server = chat_server()
 
     def live() -> Endpoint:  # the state file, re-read before every request; relaunched after the first answer
-        return Endpoint(server.url, "rationanomaly", "1", threshold=0.5 if server.requests == 0 else 0.2)
+        fields = {"version": "1", "threshold": 0.5} if server.requests == 0 else after
+        return Endpoint(server.url, "rationanomaly", **fields)
 
     params = detect_params(tmp_path, concurrency=1)
-    with (pytest.raises(ClassifierError, match="other settings than at the start"),
+    with (pytest.raises(ClassifierError, match=message),
           http_detector(params, live, progress=False) as detector):
         detector.run(io.BytesIO(lines_file(BGL)), io.StringIO())
-    assert server.requests >= 1  # answered under the old threshold before the relaunch, then stopped
+    assert server.requests >= 1  # answered under the old settings before the relaunch, then stopped
 
 
 def test_a_model_switch_during_the_run_stops_it_instead_of_mixing_versions(tmp_path: Path,
