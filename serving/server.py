@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -44,7 +43,7 @@ from tasks.common.adapters import (
 from tasks.common.config import resolve_path
 from tasks.common.contracts import ServeState
 from tasks.common.errors import InputError
-from tasks.common.files import atomic_dir, write_json_atomic
+from tasks.common.files import atomic_dir, sha256_bytes, write_json_atomic
 from tasks.common.settings import ServeSettings
 from tasks.common.tokenizers import special_tokens_in
 
@@ -257,9 +256,10 @@ def _largest_shift(client: Client, template: str, dataset: str, base_model: str)
     the first token of the explain answer and the answer word after `<answer>` (the verdict score's position).
     None when the server returned no log-probabilities for a position."""
     endpoint = client.endpoint()
+    near = client.neighbours_of(template, endpoint)
     shifts = []
-    for messages, continued in ((client.explain_messages(template, dataset, endpoint), False),
-                                (client.scoring_messages(template, dataset, endpoint), True)):
+    for messages, continued in ((client.explain_messages(template, dataset, endpoint, near), False),
+                                (client.scoring_messages(template, dataset, endpoint, near), True)):
         adapter = client.next_token_logprobs(messages, continue_final_message=continued)[0]
         base = client.next_token_logprobs(messages, model=base_model, continue_final_message=continued)[0]
         if not adapter or not base:
@@ -432,7 +432,7 @@ def launch_settings(ref: ModelRef, settings: ServeSettings) -> dict[str, Any]:
             "extra_args": [str(arg) for arg in settings.extra_args], "kvcache_space_gib": settings.kvcache_space_gib,
             "cpu_reserved": settings.cpu_reserved, "api_key_env": settings.api_key_env,
             # a new key value must restart the server; only a digest is written to the state file
-            "api_key_sha256": hashlib.sha256(key.encode()).hexdigest()[:16] if key else None}
+            "api_key_sha256": sha256_bytes(key.encode())[:16] if key else None}
 
 
 def _deploy_locked(ref: ModelRef, settings: ServeSettings, force: bool) -> dict[str, Any]:

@@ -46,22 +46,15 @@ def copy_project(source: Path, dest: Path, profile: str = "smoke") -> Path:
 
 def free_port_pair() -> int:
     """A port p with p and p+1 free on loopback (the blue/green pair)."""
+    from serving import server
+
     for _ in range(50):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        if port < 65000 and _port_free(port + 1):
+        if port < 65000 and server._port_free("127.0.0.1", port + 1):
             return port
     raise RuntimeError("no free port pair")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def set_serve_port(params_path: Path, port: int) -> None:
