@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from registry_world import MD5, World, build_world, candidate_metrics, env_for, make_adapter, release
+from registry_world import MD5, REPO, World, build_world, candidate_metrics, env_for, make_adapter, release
 from typer.testing import CliRunner
 
 from rationanomaly.cli import app
@@ -125,3 +125,36 @@ def test_cli_rollback_records_the_actor_and_reason(world: World) -> None:
         assert again.exit_code == 1 and "no @previous version" in again.output
     finally:
         params.write_text(original)
+
+
+def test_git_dirty_describes_code_and_configuration_not_the_runs_outputs(tmp_path: Path) -> None:
+    """Issue 22, item 7: every run rewrites dvc.lock (and, with --profile, the profile line of params.yaml)."""
+    import subprocess
+
+    from tasks.release.lineage import git_state, lineage_tags
+
+    repo = tmp_path / "clone"
+    for name in ("dvc.yaml", "params.yaml", "tasks/sft.py"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_bytes((REPO / name).read_bytes())
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    env = {"GIT_AUTHOR_NAME": "a", "GIT_AUTHOR_EMAIL": "a@b", "GIT_COMMITTER_NAME": "a", "GIT_COMMITTER_EMAIL": "a@b",
+           "PATH": "/usr/bin:/bin"}
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "clone"]):
+        subprocess.run(["git", *args], cwd=repo, check=True, env=env)
+    assert git_state(repo)["dirty"] is False
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {sft: {outs: []}}\n")  # what every run does
+    params = repo / "params.yaml"
+    committed = params.read_text()
+    params.write_text(committed.replace("profile: default", "profile: smoke", 1))  # `--profile smoke`
+    state = git_state(repo)
+    assert state["dirty"] is False
+    assert (state["modified"], state["outputs_changed"]) == ([], ["dvc.lock"])
+    record = {"params": {"sha256": "x"}, "base_model": {}, "code": state}
+    assert lineage_tags(record)["git.dirty"] == "false" and "git.modified" not in lineage_tags(record)
+    params.write_text(committed.replace("profile: default", "profile: smoke", 1).replace("seed: 42", "seed: 7", 1))
+    (repo / "tasks/sft.py").write_text((repo / "tasks/sft.py").read_text() + "\n# edited\n")
+    state = git_state(repo)
+    assert (state["dirty"], state["modified"]) == (True, ["params.yaml", "tasks/sft.py"])
+    tags = lineage_tags({**record, "code": state})
+    assert tags["git.dirty"] == "true" and tags["git.modified"] == "params.yaml,tasks/sft.py"

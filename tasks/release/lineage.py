@@ -99,18 +99,62 @@ def correction_summary(root: Path, correct: dict[str, Any], lock: dict[str, dict
     }
 
 
+def pipeline_outputs(root: Path) -> list[str]:
+    """What a run writes into tracked places: dvc.lock and every out, metric and plot path of dvc.yaml (relative
+    POSIX paths; a folder covers everything under it)."""
+    outputs = ["dvc.lock"]
+    dvc_yaml = root / "dvc.yaml"
+    stages = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages", {}) if dvc_yaml.is_file() \
+        else {}
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for out in stage.get(kind) or []:
+                outputs.extend([out] if isinstance(out, str) else list(out) if isinstance(out, dict) else [])
+    return [str(o).rstrip("/") for o in outputs]
+
+
+def _only_profile_differs(root: Path, git: Any) -> bool:
+    """params.yaml differs from the commit in its `profile:` line alone: what `--profile` writes, and the record
+    carries the profile (`params.profile`) and the params' digest."""
+    committed = git("show", "HEAD:./params.yaml")
+    current = (root / "params.yaml").read_text(encoding="utf-8") if (root / "params.yaml").is_file() else None
+    if committed is None or current is None:
+        return False
+
+    def without_profile(text: str) -> list[str]:
+        return [line for line in text.strip().splitlines() if not line.startswith("profile:")]
+
+    return without_profile(committed) == without_profile(current)
+
+
 def git_state(root: Path) -> dict[str, Any]:
-    """The code commit, and whether the work tree had uncommitted changes."""
+    """The code commit, whether the code or configuration differ from it (`dirty`), and which tracked paths do.
+
+    `dirty` describes the code and configuration, not the run's own outputs: dvc.lock and the outs, metrics and
+    plots of dvc.yaml (`pipeline_outputs`, listed under `outputs_changed`) are rewritten by every run, and
+    params.yaml whose only change is its `profile:` line (`--profile`) is the run's selection, recorded as
+    `params.profile`. `modified` lists the other changed tracked paths (untracked files are not counted, as
+    before). None values when git cannot tell (no git, no repository).
+    """
     def git(*args: str) -> str | None:
         try:
             return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True,
-                                  timeout=20).stdout.strip()
+                                  timeout=20).stdout
         except (OSError, subprocess.SubprocessError):
             return None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+    status = git("status", "--porcelain", "-z", "--untracked-files=no", "--no-renames")
+    if status is None:
+        return {"commit": commit.strip() if commit else None, "dirty": None, "modified": None, "outputs_changed": None}
+    prefix = (git("rev-parse", "--show-prefix") or "").strip()  # porcelain paths are relative to the repository
+    changed = sorted({entry[3:].removeprefix(prefix) for entry in status.split("\0") if len(entry) > 3})
+    outputs = pipeline_outputs(root)
+    produced = [p for p in changed if any(p == o or p.startswith(o + "/") for o in outputs)]
+    modified = [p for p in changed if p not in produced
+                and not (p == "params.yaml" and _only_profile_differs(root, git))]
+    return {"commit": commit.strip() if commit else None, "dirty": bool(modified), "modified": modified,
+            "outputs_changed": produced}
 
 
 def training_runs(adapter_dirs: dict[str, Path | None]) -> dict[str, dict[str, Any]]:
@@ -202,6 +246,10 @@ def lineage_tags(record: dict[str, Any]) -> dict[str, str]:
     tags["teacher"] = str(record.get("teacher"))
     tags["git.commit"] = str(record["code"].get("commit"))
     tags["git.dirty"] = str(record["code"].get("dirty")).lower()
+    if record["code"].get("modified"):
+        modified = record["code"]["modified"]
+        more = f",…(+{len(modified) - 50} more)" if len(modified) > 50 else ""
+        tags["git.modified"] = ",".join(modified[:50]) + more
     for stage, info in record.get("runs", {}).items():
         if info.get("run_id"):
             tags[f"run.{stage}"] = str(info["run_id"])
@@ -315,7 +363,7 @@ def lineage(model_ref: str) -> dict[str, Any]:
         "corrections": record.get("corrections", {}),
         "base_model": record.get("base_model", {"sha256": tags.get("base_model.sha256")}),
         "teacher": record.get("teacher", tags.get("teacher")),
-        "code": record.get("code", {"commit": tags.get("git.commit")}),
+        "code": record.get("code", {"commit": tags.get("git.commit"), "dirty": tags.get("git.dirty") == "true"}),
         "gate": {"passed": tags.get("gate.passed") == "true", "failed_rules": gate.get("failed", []),
                  "rules": gate.get("rules", []), "champion_version_at_gate": gate.get("champion_version"),
                  "approver": tags.get("approved_by"), "approval_reason": tags.get("approval_reason"),
@@ -404,7 +452,9 @@ def render_lineage(chain: dict[str, Any]) -> Any:
     tree.add(f"[bold]base model[/] {escape(str(b.get('source')))} sha256 {b.get('sha256')}")
     tree.add(f"[bold]teacher[/] {escape(str(chain.get('teacher')))}")
     code = chain["code"]
-    tree.add(f"[bold]code[/] commit {code.get('commit')}" + (" (uncommitted changes)" if code.get("dirty") else ""))
+    listed = ", ".join(code.get("modified") or [])  # records before issue 22 hold no list
+    changes = (" (uncommitted changes" + (f": {escape(listed)}" if listed else "") + ")") if code.get("dirty") else ""
+    tree.add(f"[bold]code[/] commit {code.get('commit')}{changes}")
     g = chain["gate"]
     gate = tree.add(f"[bold]gate[/] {'[green]passed[/]' if g['passed'] else '[red]failed[/]'}"
                     + (f" vs champion v{g['champion_version_at_gate']}" if g.get("champion_version_at_gate") else ""))
