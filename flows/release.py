@@ -104,6 +104,20 @@ def gate(metrics: dict[str, Any], items: dict[str, Any], champion: dict[str, Any
     return verdict
 
 
+@task(name="verify-candidate")
+def verify_candidate(settings: Settings) -> dict[str, str | None]:
+    """The candidate adapter, its index and the base model read byte for byte against dvc.lock before anything is
+    judged or registered (no retries: damaged bytes stay damaged; `register` checks the copies it stores again).
+    Returns name → the dvc.lock md5 checked (None: not recorded). Raises IntegrityError naming the file."""
+    from tasks.common.integrity import verify_locked
+
+    root = repo_root()
+    folders = {"adapter": settings.grpo.out_dir, "base_model": settings.base_model.out_dir,
+               **({"index": settings.index.out_dir} if settings.index.k else {})}
+    return {name: entry.md5 if (entry := verify_locked(root, root / folder)) else None
+            for name, folder in folders.items()}
+
+
 @task(name="register", retries=2, retry_delay_seconds=5)
 def register(metrics: dict[str, Any], items: dict[str, Any], verdict: GateVerdict, digest: str,
              settings: Settings, judgement: str = "") -> str:
@@ -145,6 +159,7 @@ def _release(settings: Settings) -> dict[str, Any]:
     publish_markdown("evaluation-report", table, "Candidate beside the baselines, per dataset and level")
     result: dict[str, Any] = {"stages": stages, "table_md": table, "promoted": False, "profile": settings.profile}
 
+    verify_candidate(settings)
     digest, judgement = candidate_digest(settings), judgement_digest(settings)
     same_adapter = registry.versions_with_tags({CANDIDATE_TAG: digest}, name=name) if digest else []
     champion = registry.aliases(name).get(registry.CHAMPION)

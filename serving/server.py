@@ -1,6 +1,7 @@
 """vLLM launcher with a blue/green switch: a new model only replaces the live one after health and smoke checks pass.
 
-Order (deploy): validate the adapter files → start `python -m vllm.entrypoints.openai.api_server` on the
+Order (deploy): verify the registered bytes against the version's lineage (DVC issues 5978, 9641: bytes changed
+in place pass `dvc status`) → validate the adapter files → start `python -m vllm.entrypoints.openai.api_server` on the
 port the live server is not using → wait for /health → smoke test (every answer format-valid, and the
 adapter moves the next-token distribution away from the base model's: vllm issue 55193, a mismatched adapter
 silently serves the base) →
@@ -209,6 +210,26 @@ def validate_adapter(adapter_dir: str | Path, base_model_dir: str | Path, merged
             raise InputError(weights, f"tensor {name} expects input width {shape[1]}, the base model has {hidden}",
                              hint="the adapter was trained on another base model")
     return {"rank": max_lora_rank(config), "tensors": len(names)}
+
+
+def verify_artifacts(ref: ModelRef) -> list[str]:
+    """The bytes about to be served, checked against what the version's lineage records: every file of its adapter
+    and index folders against the manifests in the lineage.json beside them, and the base weights' sha256.
+
+    Returns the names checked; [] for a folder without lineage.json (a local adapter, not a registered version) or
+    a version registered before manifests were kept (said on stderr). Raises IntegrityError naming the file.
+    """
+    from tasks.release.lineage import LINEAGE_FILE, verify_version_files
+
+    folder = Path(str(ref.adapter_dir)).parent
+    checked = verify_version_files(
+        folder, what=f"{ref.name} v{ref.version}", base_model_dir=Path(ref.base_model_dir),
+        hint=f"the downloaded copy is damaged: delete {folder.parent} and deploy again to download it afresh; if it "
+             "stays damaged, the registry's copy is: register the candidate again")
+    if not checked and (folder / LINEAGE_FILE).is_file():
+        print(f"{ref.name} v{ref.version} records no per-file hashes (registered before they were kept): served "
+              "unverified", file=sys.stderr)
+    return checked
 
 
 def merge_adapter(ref: ModelRef, out_dir: Path) -> Path:
@@ -446,6 +467,7 @@ def _deploy_locked(ref: ModelRef, settings: ServeSettings, force: bool) -> dict[
         if not force and not changed:
             return {**live, "action": "already_live"}
     if ref.adapter_dir is not None:
+        verify_artifacts(ref)
         validate_adapter(ref.adapter_dir, ref.base_model_dir, merged=settings.merged)
     port = _choose_port(settings, live if live.get("alive") else None)
     proc, log, model_dir = start_server(ref, settings, port)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import subprocess
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ class World:
     sft: Path
     grpo: Path
     runs: dict[str, str]
+    md5: dict[str, str] = field(default_factory=dict)  # lineage's data md5s as dvc.lock holds them (index: real)
 
 
 def make_adapter(base_model_dir: Path, out: Path, seed: int, scale: float = 1.0) -> Path:
@@ -108,6 +111,28 @@ def training_run(stage: str, **tags: str) -> str:
         return run.info.run_id
 
 
+def index_folder(path: Path) -> Path:
+    """A real retrieval index (the index stage's output) in `path`."""
+    from tasks.common.retrieval import INDEX_FILE, TemplateIndex
+
+    path.mkdir(parents=True, exist_ok=True)
+    TemplateIndex(["ciod: failed to read message prefix", "generating core"], [1, 0], ["bgl", "bgl"]).save(
+        path / INDEX_FILE)
+    return path
+
+
+def commit_outputs(root: Path, stages: tuple[str, ...] = ("grpo", "index")) -> None:
+    """Record the stages' outputs (models/grpo, models/index) in dvc.lock and the DVC cache with `dvc commit`, as
+    `dvc repro` leaves them: the registry checks registered bytes against these records. The stages' other deps
+    and outputs, which the world does not need, get empty placeholders."""
+    for placeholder in ("data/sft/train.jsonl", "data/split/train.parquet", "models/base/placeholder",
+                        "reports/grpo.json", "reports/grpo_rewards.csv"):
+        (root / placeholder).parent.mkdir(parents=True, exist_ok=True)
+        (root / placeholder).touch()
+    dvc = Path(sys.executable).with_name("dvc")
+    subprocess.run([str(dvc), "commit", "--force", *stages], cwd=root, check=True, capture_output=True)
+
+
 def build_world(root: Path, base_model_dir: Path, adapters: Path) -> World:
     """The project copy; env (RATIONANOMALY_ROOT, MLFLOW_TRACKING_URI, cwd) must already point at `root`."""
     copy_project(REPO, root)
@@ -122,7 +147,11 @@ def build_world(root: Path, base_model_dir: Path, adapters: Path) -> World:
         (path / "training_meta.json").write_text(json.dumps({"stage": stage, "mlflow_run_id": runs[stage],
                                                              "data_sha256": "feedbeef", "steps": 6}),
                                                  encoding="utf-8")
-    return World(root=root, base=base_model_dir, sft=sft, grpo=grpo, runs=runs)
+    index_folder(root / "models" / "index")
+    commit_outputs(root)
+    lock = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8"))
+    md5 = {**MD5, "index": lock["stages"]["index"]["outs"][0]["md5"]}
+    return World(root=root, base=base_model_dir, sft=sft, grpo=grpo, runs=runs, md5=md5)
 
 
 def candidate_metrics(bgl: float, spirit: float, *, hdfs: float = 0.5, valid: float = 0.97) -> dict[str, Any]:

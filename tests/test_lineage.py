@@ -41,7 +41,7 @@ def test_champion_lineage_walks_back_to_data_corrections_base_model_code_and_gat
     assert runs["grpo"]["run_id"] == world.runs["grpo"] and runs["grpo"]["metrics"]["reward"] == 0.5
     assert runs["evaluate"]["run_id"] and runs["register"]["status"] == "FINISHED"
     data = {d["name"]: d for d in chain["data"]}
-    assert {n: d["md5"] for n, d in data.items()} == MD5
+    assert {n: d["md5"] for n, d in data.items()} == world.md5
     sources = {s["name"]: s for s in data["raw"]["sources"]}
     assert sources["logprompt/templates_bgl.csv"]["sha256"] == BGL_SHA
     assert sources["logprompt/templates_bgl.csv"]["url"].startswith("https://raw.githubusercontent.com/lunyiliu/")

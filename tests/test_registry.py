@@ -194,22 +194,13 @@ def test_request_approval_outside_a_flow_says_so(world: World) -> None:
     assert set(ApprovalInput.model_fields) >= {"approver", "approve", "reason"}
 
 
-def index_folder(path: Path) -> Path:
-    from tasks.common.retrieval import INDEX_FILE, TemplateIndex
-
-    path.mkdir(parents=True, exist_ok=True)
-    TemplateIndex(["ciod: failed to read message prefix", "generating core"], [1, 0], ["bgl", "bgl"]).save(
-        path / INDEX_FILE)
-    return path
-
-
 def register_calibrated(world: World, name: str, threshold: float, adapter: Path | None = None) -> str:
     metrics = candidate_metrics(0.6, 0.5)
     verdict = evaluate_gate(metrics, None, NO_RULES)
     calibration = {"threshold": threshold, "neighbours": 2, "average_precision": 0.7, "n": 40, "abnormal": 6}
     version = registry.register_candidate(adapter or world.grpo, world.base, metrics, verdict,
                                           calibration=calibration,
-                                          index_dir=index_folder(world.root / "models" / "index"),
+                                          index_dir=world.root / "models" / "index",  # the index stage's output
                                           **register_kwargs(world, name))
     registry.promote(version, "alice", "calibrated", name=name)
     return version

@@ -250,10 +250,55 @@ def lineage_tags(record: dict[str, Any]) -> dict[str, str]:
         modified = record["code"]["modified"]
         more = f",…(+{len(modified) - 50} more)" if len(modified) > 50 else ""
         tags["git.modified"] = ",".join(modified[:50]) + more
+    for name, artifact in (record.get("artifacts") or {}).items():
+        tags[f"artifact.{name}.md5"] = str(artifact["md5"])
     for stage, info in record.get("runs", {}).items():
         if info.get("run_id"):
             tags[f"run.{stage}"] = str(info["run_id"])
     return tags
+
+
+# ---- verifying (before promoting or serving) --------------------------------------------------------------------
+
+
+def verify_version_files(artifacts_dir: Path, *, what: str, hint: str, tags: dict[str, str] | None = None,
+                         base_model_dir: Path | None = None, shown_as: str | None = None) -> list[str]:
+    """Check a registered version's stored folders (adapter, index) in `artifacts_dir` file by file against the
+    manifests its lineage.json records, and, given `base_model_dir`, the base weights' sha256 against the
+    record's. With the version's `tags`, each manifest's md5 must also equal its `artifact.<name>.md5` tag (kept
+    in the registry, apart from the artifact store). `what` names the version in messages, `shown_as` the
+    folder (default its path), `hint` says what to do.
+
+    Returns the names checked ([] for a version registered before manifests were recorded, or a folder with no
+    lineage.json). Raises IntegrityError (tasks.common.integrity) naming the first file that differs.
+    """
+    from tasks.common.integrity import IntegrityError, verify_manifest
+
+    lineage_file = artifacts_dir / LINEAGE_FILE
+    if not lineage_file.is_file():
+        return []
+    record = json.loads(lineage_file.read_text(encoding="utf-8"))
+    checked = []
+    for name, recorded in (record.get("artifacts") or {}).items():
+        if tags is not None and tags.get(f"artifact.{name}.md5") != recorded.get("md5"):
+            shown = f"{shown_as}/{LINEAGE_FILE}" if shown_as else lineage_file
+            raise IntegrityError(shown, f"records md5 {recorded.get('md5')} for the {what} {name}, the "
+                                 f"registry's tag artifact.{name}.md5 says {tags.get(f'artifact.{name}.md5')}",
+                                 field=f"artifacts.{name}.md5", hint=hint)
+        verify_manifest(artifacts_dir / name, recorded, what=f"{what} {name}", hint=hint,
+                        shown_as=f"{shown_as}/{name}" if shown_as else None)
+        checked.append(name)
+    expected = (record.get("base_model") or {}).get("sha256")
+    if base_model_dir is not None and checked and expected:
+        from tasks.base_model import weights_sha256
+
+        found = weights_sha256(base_model_dir)
+        if found != expected:
+            raise IntegrityError(base_model_dir, f"weights sha256 {found} differ from the {expected} the {what} was "
+                                 "registered with", hint="restore the base model: `dvc checkout --relink models/base`, "
+                                 "else `dvc repro --force --single-item base_model`")
+        checked.append("base_model")
+    return checked
 
 
 # ---- walking (for auditors) -----------------------------------------------------------------------------------
@@ -364,6 +409,8 @@ def lineage(model_ref: str) -> dict[str, Any]:
         "base_model": record.get("base_model", {"sha256": tags.get("base_model.sha256")}),
         "teacher": record.get("teacher", tags.get("teacher")),
         "code": record.get("code", {"commit": tags.get("git.commit"), "dirty": tags.get("git.dirty") == "true"}),
+        "artifacts": {name: {k: v for k, v in a.items() if k != "files"}
+                      for name, a in (record.get("artifacts") or {}).items()},
         "gate": {"passed": tags.get("gate.passed") == "true", "failed_rules": gate.get("failed", []),
                  "rules": gate.get("rules", []), "champion_version_at_gate": gate.get("champion_version"),
                  "approver": tags.get("approved_by"), "approval_reason": tags.get("approval_reason"),
@@ -455,6 +502,10 @@ def render_lineage(chain: dict[str, Any]) -> Any:
     listed = ", ".join(code.get("modified") or [])  # records before issue 22 hold no list
     changes = (" (uncommitted changes" + (f": {escape(listed)}" if listed else "") + ")") if code.get("dirty") else ""
     tree.add(f"[bold]code[/] commit {code.get('commit')}{changes}")
+    for name, artifact in (chain.get("artifacts") or {}).items():
+        source = f" ← {escape(str(artifact.get('source')))}" + (f" (dvc.lock {artifact['dvc']['md5']})"
+                                                                 if artifact.get("dvc") else "")
+        tree.add(f"[bold]{escape(name)}[/] md5 {artifact.get('md5')}, {artifact.get('nfiles')} files{source}")
     g = chain["gate"]
     gate = tree.add(f"[bold]gate[/] {'[green]passed[/]' if g['passed'] else '[red]failed[/]'}"
                     + (f" vs champion v{g['champion_version_at_gate']}" if g.get("champion_version_at_gate") else ""))

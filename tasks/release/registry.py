@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,35 @@ def _slim_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
             "created_at": metrics.get("created_at")}
 
 
+def stage_artifacts(root: Path, staging: Path, adapter_dir: Path, base_model_dir: Path, index_dir: Path | None,
+                    calibration: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Copy the adapter (and index) into `staging` as they will be registered, verify the copies (and the base
+    model, referenced in place) against what dvc.lock records, and return each stored folder's manifest.
+
+    The manifest ({"md5", "nfiles", "size", "files": {path: md5}, "source", "dvc": the dvc.lock entry or None,
+    "added": files the registry wrote}) goes into lineage.json and the `artifact.<name>.md5` tag; promote and
+    serve check the stored copies against it. `calibration` is written into the adapter copy after the check.
+    Raises IntegrityError naming the first file whose bytes differ from dvc.lock's record, before anything is
+    registered (dvc issues 5978, 9641: `dvc status` does not read the bytes again).
+    """
+    from tasks.common.integrity import manifest, verify_locked
+
+    sources = {"adapter": adapter_dir, **({INDEX_ARTIFACT: index_dir} if index_dir is not None else {})}
+    locked = {}
+    for name, source in sources.items():
+        # MLflow leaves __pycache__ out of the artifacts it stores (mlflow.utils.file_utils): so does the manifest
+        shutil.copytree(source, staging / name, ignore=shutil.ignore_patterns("__pycache__"))
+        locked[name] = verify_locked(root, staging / name, source)
+    verify_locked(root, base_model_dir)
+    added = []
+    if calibration:  # the threshold travels with the adapter: serving, detect and the pyfunc read it there
+        (staging / "adapter" / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2), encoding="utf-8")
+        added.append(CALIBRATION_FILE)
+    return {name: {**manifest(staging / name), "source": str(source),
+                   "dvc": asdict(locked[name]) if locked[name] else None, "added": added if name == "adapter" else []}
+            for name, source in sources.items()}
+
+
 def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metrics: Metrics | dict[str, Any],
                        verdict: GateVerdict, lineage_tags_extra: dict[str, str] | None = None, *,
                        name: str, model_config: dict[str, Any], params: dict[str, Any] | None = None,
@@ -189,13 +219,8 @@ def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metr
     version: str | None = None
     try:
         adapter_copy = staging / "adapter"  # stored as artifacts/adapter whatever the folder was called
-        shutil.copytree(adapter_dir, adapter_copy)
-        if calibration:  # the threshold travels with the adapter: serving, detect and the pyfunc read it there
-            (adapter_copy / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2), encoding="utf-8")
-        extra_artifacts = {}
-        if index_dir is not None:
-            shutil.copytree(index_dir, staging / INDEX_ARTIFACT)  # beside the adapter: read_calibration finds it
-            extra_artifacts[INDEX_ARTIFACT] = str(staging / INDEX_ARTIFACT)
+        record["artifacts"] = stage_artifacts(root, staging, adapter_dir, base_model_dir, index_dir, calibration)
+        extra_artifacts = {INDEX_ARTIFACT: str(staging / INDEX_ARTIFACT)} if index_dir is not None else {}
         ref_file, card_file = staging / BASE_REF_FILE, staging / CARD_FILE
         lineage_file, metrics_file = staging / LINEAGE_FILE, staging / METRICS_FILE
         ref_file.write_text(json.dumps({"path": str(base_model_dir.resolve()), **base_meta}, indent=2),
@@ -264,6 +289,38 @@ def _version_tags(c: Any, name: str, version: str) -> dict[str, str]:
         raise RegistryError(f"model {name!r} has no version {version!r}") from exc
 
 
+def verify_version(name: str, version: str, tags: dict[str, str]) -> list[str]:
+    """Read a version's stored adapter and index back from the artifact store and check them file by file against
+    the manifests its lineage.json records and its `artifact.<name>.md5` tags; returns the names checked ([] for a
+    version registered before manifests were kept, said on stderr). Raises PromotionRefused naming the file
+    that differs, or the artifacts that cannot be read."""
+    import sys
+
+    import mlflow.artifacts
+
+    from tasks.common.integrity import IntegrityError
+    from tasks.release.lineage import verify_version_files
+
+    with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
+        try:
+            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}/artifacts",
+                                                              dst_path=tmp))
+        except Exception as exc:  # MLflow raises several types for an unreadable store
+            raise PromotionRefused(f"{name} v{version}: its artifacts could not be read to verify them "
+                                   f"({type(exc).__name__}: {exc}); no alias moved") from exc
+        try:
+            checked = verify_version_files(folder, what=f"{name} v{version}", tags=tags,
+                                           shown_as=f"models:/{name}/{version}/artifacts",
+                                           hint="the registry's copy is damaged: register the candidate again")
+        except IntegrityError as exc:
+            raise PromotionRefused(f"{name} v{version} is not promoted, its stored bytes differ from its lineage: "
+                                   f"{exc}; no alias moved") from exc
+    if not checked:
+        print(f"{name} v{version} records no per-file hashes (registered before they were kept): promoted "
+              "unverified", file=sys.stderr)
+    return checked
+
+
 def promote(version: str | int, approver: str, reason: str, *, name: str) -> dict[str, str | None]:
     """`@previous` ← old `@champion`, `@champion` ← version. Refused (nothing moves) unless the gate passed."""
     version = str(version)
@@ -279,6 +336,7 @@ def promote(version: str | int, approver: str, reason: str, *, name: str) -> dic
     old = current.get(CHAMPION)
     if old == version:
         return {"champion": version, "previous": current.get(PREVIOUS)}
+    verify_version(name, version, tags)
     if old is not None:
         c.set_registered_model_alias(name, PREVIOUS, old)
         c.set_model_version_tag(name, version, "promoted_over", old)
