@@ -75,7 +75,10 @@ def serve(
 def detect(
     file: Annotated[str, typer.Argument(help="Log file, or - for stdin.")],
     out: Annotated[str, typer.Option("--out", "-o", help="JSON-lines output ('-' = stdout).")] = "-",
-    fmt: Annotated[str, typer.Option("--format", help="auto | bgl | spirit | thunderbird | hdfs | generic")] = "auto",
+    fmt: Annotated[str, typer.Option("--format", help=(
+        "auto | bgl | spirit | thunderbird | hdfs | generic | cri (containerd/CRI-O) | docker (json-file) | "
+        "journald (journalctl -o json). gzip, bzip2, xz, UTF-16 and BOM input is decoded whatever the format."))
+    ] = "auto",
     base_url: Annotated[str | None, typer.Option(help="Endpoint .../v1 (default: the live server).")] = None,
     model: Annotated[str | None, typer.Option(help="Served model name for --base-url.")] = None,
     model_version: Annotated[str | None, typer.Option(help="Model version for --base-url (keys the cache).")] = None,
@@ -84,6 +87,9 @@ def detect(
     concurrency: Annotated[int | None, typer.Option(help="Parallel requests (default: detect.concurrency).")] = None,
     max_retries: Annotated[int | None, typer.Option(help="Attempts per request (default: detect.max_retries).")] = None,
     progress: Annotated[bool, typer.Option(help="Progress bar on files.")] = True,
+    drain_state: Annotated[str | None, typer.Option(
+        help="drain3 state file of this run (default: detect.drain_state); one run holds a state at a time, so give "
+             "a second concurrent run (a `tail -f | detect -` beside a batch) its own.")] = None,
 ) -> None:
     """Verdicts with rationales for raw log lines; new templates only go to the model, the rest come from the cache."""
     from serving.detect import default_endpoint, http_detector
@@ -97,7 +103,7 @@ def detect(
     except InputError as exc:
         _fail(f"detect stopped: {exc}")
     overrides = {"base_url": base_url, "model": model, "model_version": model_version, "window_lines": window_lines,
-                 "concurrency": concurrency, "max_retries": max_retries}
+                 "concurrency": concurrency, "max_retries": max_retries, "drain_state": drain_state}
     detect_settings = settings.detect.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     endpoint = default_endpoint(detect_settings, settings.serve, settings.registry.model_name,
                                 settings.base_model.out_dir)

@@ -1,5 +1,5 @@
-"""The verdict cache: template → verdict for one model version and answer settings, in SQLite, stored the moment
-it arrives."""
+"""The verdict cache: (system, template) → verdict for one model version and answer settings, in SQLite, stored the
+moment it arrives."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from tasks.detection.verdicts import TemplateVerdict
 
+LAYOUT = 2  # PRAGMA user_version of the table layout; 2: keyed by system too (issue 21, case 9)
 COLUMNS = ("model_version", "scope", "template", "dataset", "verdict", "valid", "score", "rationale", "raw",
            "created_at")
 
@@ -38,7 +39,11 @@ def cache_scope(model_version: str, answer_settings: Mapping[str, Any]) -> str:
 
 
 class VerdictCache:
-    """template → verdict for one `cache_scope`, in SQLite.
+    """(system, template) → verdict for one `cache_scope`, in SQLite.
+
+    The system (the `dataset` the prompt names: BGL, HDFS, system log...) is part of the key, because the prompt
+    names it and the neighbours shown come from it: the same template text from an HDFS run is asked again, not
+    served the verdict a BGL run got.
 
     Only verdicts of the same scope are served: another model version, or another answer setting
     (`detect.max_line_chars`, `max_tokens`, `rationales`, the endpoint's threshold or index) asks every
@@ -54,23 +59,25 @@ class VerdictCache:
         self._db = sqlite3.connect(self.path)
         self._db.execute("PRAGMA journal_mode=WAL")
         found = tuple(row[1] for row in self._db.execute("PRAGMA table_info(verdicts)"))
-        if found and found != COLUMNS:
+        layout = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if found and (found != COLUMNS or layout != LAYOUT):
             self._db.execute("DROP TABLE verdicts")
+        self._db.execute(f"PRAGMA user_version = {LAYOUT}")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS verdicts (model_version TEXT NOT NULL, scope TEXT NOT NULL, "
             "template TEXT NOT NULL, dataset TEXT, verdict TEXT, valid INTEGER, score REAL, rationale TEXT, "
-            "raw TEXT, created_at REAL, PRIMARY KEY (scope, template))"
+            "raw TEXT, created_at REAL, PRIMARY KEY (scope, dataset, template))"
         )
         self.invalidated = self._db.execute("DELETE FROM verdicts WHERE model_version != ?",
                                             (self.model_version,)).rowcount
         self._db.commit()
-        rows = self._db.execute("SELECT template, verdict, valid, score, rationale FROM verdicts "
+        rows = self._db.execute("SELECT dataset, template, verdict, valid, score, rationale FROM verdicts "
                                 "WHERE scope = ?", (self.scope,))
-        self._memo = {t: CachedVerdict(v, bool(ok), s, r) for t, v, ok, s, r in rows}
+        self._memo = {(d, t): CachedVerdict(v, bool(ok), s, r) for d, t, v, ok, s, r in rows}
 
-    def get(self, template: str) -> CachedVerdict | None:
-        """The cached verdict of a template in this scope, None when not asked yet."""
-        return self._memo.get(template)
+    def get(self, template: str, dataset: str) -> CachedVerdict | None:
+        """The cached verdict of a template of system `dataset` in this scope, None when not asked yet."""
+        return self._memo.get((dataset, template))
 
     def put(self, verdict: TemplateVerdict) -> None:
         """Stored and committed at once: this is what survives an endpoint failure."""
@@ -80,7 +87,7 @@ class VerdictCache:
              verdict.score, verdict.rationale, verdict.raw, time.time()),
         )
         self._db.commit()
-        self._memo[verdict.template] = CachedVerdict(verdict.verdict, verdict.valid, verdict.score,
+        self._memo[(verdict.dataset, verdict.template)] = CachedVerdict(verdict.verdict, verdict.valid, verdict.score,
                                                      verdict.rationale)
 
     def __len__(self) -> int:

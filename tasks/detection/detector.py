@@ -13,11 +13,8 @@ classifier, since input where nearly every line is a new template is not a log d
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import select
-import stat
 import sys
 import time
 from collections import Counter
@@ -31,10 +28,13 @@ from tasks.common.errors import InputError
 from tasks.common.prompt import ABNORMAL
 from tasks.common.settings import DetectSettings
 from tasks.detection.cache import VerdictCache
+from tasks.detection.envelopes import ENVELOPES, Unwrapper
 from tasks.detection.formats import FORMATS, SESSION_FORMATS, detect_format
-from tasks.detection.framing import LineFramer, fit_line
-from tasks.detection.miner import make_miner
+from tasks.detection.framing import LineFramer, fit_line, strip_terminal_escapes
+from tasks.detection.miner import hold_drain_state, make_miner
+from tasks.detection.outcomes import keep_outcomes
 from tasks.detection.records import Record, RecordJoiner, Sessions
+from tasks.detection.sources import Source, open_source
 from tasks.detection.verdicts import Classifier, ClassifierError, TemplateVerdict
 
 
@@ -46,6 +46,9 @@ class DetectStats:
     invalid_utf8_lines: int = 0
     replaced_chars: int = 0
     truncated_lines: int = 0
+    escape_lines: int = 0  # lines that held terminal escapes (colour codes), stripped before mining
+    nul_bytes: int = 0  # NUL bytes dropped from text lines
+    unparsed_envelope_lines: int = 0  # container/journald lines that did not parse as their envelope
     continuation_lines: int = 0  # lines joined to the event before them (stack-trace frames, ...)
     abnormal_lines: int = 0
     invalid_answer_lines: int = 0
@@ -59,9 +62,12 @@ class DetectStats:
     requested: int = 0
     cache_hits: int = 0
     seconds: float = 0.0
+    format: str = ""  # the format the input was read as (auto-detection's vote, or --format)
+    decoded_as: str = ""  # what was undone before reading: compression and text encoding (tasks.detection.sources)
     line_counts: Counter[int] = field(default_factory=Counter)
 
 
+AUTO_SAMPLE = 200  # non-empty lines the format vote reads (--format auto)
 # detect settings that change the verdict of one template under one model version: they scope the cache
 ANSWER_SETTINGS = ("max_line_chars", "max_tokens", "rationales")
 
@@ -81,19 +87,32 @@ class Detector:
         # the cache serves a verdict only under the same version, answer settings and `answer_scope` (what the
         # client knows decides answers: the endpoint's threshold, index and neighbour count)
         scope = {key: getattr(settings, key) for key in ANSWER_SETTINGS} | dict(answer_scope or {})
-        self.cache = VerdictCache(resolve_path(settings.cache_file), self.model_version, scope)
-        self.miner = make_miner(resolve_path(settings.drain_state) if settings.drain_state else None,
-                                settings.drain_sim_th, settings.drain_depth)
+        state_file = resolve_path(settings.drain_state) if settings.drain_state else None
+        self._state_lock = hold_drain_state(state_file) if state_file is not None else None
+        try:
+            self.cache = VerdictCache(resolve_path(settings.cache_file), self.model_version, scope)
+            self.miner = make_miner(state_file, settings.drain_sim_th, settings.drain_depth)
+        except BaseException:
+            self._release_state()
+            raise
         self.progress = progress
         self._memo: dict[str, int] = {}
         self._memo_size = settings.memo_size
-        self._emitted: dict[int, str] = {}  # cluster id → template text last written (one run)
+        self._emitted: dict[int, tuple[str, str]] = {}  # cluster id → (template text, system) last written
         self._clusters_at_start = self.miner.drain.clusters_counter  # reset per run: the template budget
 
     def close(self) -> None:
-        self.miner.checkpoint()
-        self.cache.close()
-        self.client.close()
+        try:
+            self.miner.checkpoint()
+            self.cache.close()
+            self.client.close()
+        finally:
+            self._release_state()
+
+    def _release_state(self) -> None:
+        if self._state_lock is not None:
+            self._state_lock.release()
+            self._state_lock = None
 
     def __enter__(self) -> Detector:
         return self
@@ -104,27 +123,29 @@ class Detector:
     # -- reading
 
     @staticmethod
-    def _chunks(handle: IO[bytes], size: int, flush_s: float,
+    def _chunks(source: Source, size: int, flush_s: float,
                 max_bytes: int) -> Iterator[list[tuple[int, bytes, bytes | None]]]:
         """(line number, head bytes, tail bytes or None) in chunks of `size` lines, framed by LineFramer.
 
         On a pipe or terminal (`tail -f app.log | rationanomaly detect -`) a partial chunk is also
         released after `flush_s` seconds without input, so verdicts do not wait for 5,000 more lines.
+        When the input breaks (a truncated compressed file), the lines before the break are yielded, then
+        the InputError is raised: nothing read is lost.
         """
-        try:
-            fd: int | None = handle.fileno()
-            stream = not stat.S_ISREG(os.fstat(fd).st_mode)
-        except (OSError, AttributeError, io.UnsupportedOperation):
-            fd, stream = None, False
-        read = (lambda: os.read(fd, 1 << 16)) if stream and fd is not None else (lambda: handle.read(1 << 20))
+        fd = source.fd
         chunk: list[tuple[int, bytes, bytes | None]] = []
         framer, number = LineFramer(max_bytes), 0
+        broken: InputError | None = None
         while True:
-            if stream and chunk and not select.select([fd], [], [], flush_s)[0]:
+            if fd is not None and chunk and not select.select([fd], [], [], flush_s)[0]:
                 yield chunk
                 chunk = []
                 continue
-            block = read()
+            try:
+                block = source.read()
+            except InputError as exc:
+                broken = exc
+                break
             if not block:
                 break
             for head, tail in framer.feed(block):
@@ -137,6 +158,8 @@ class Detector:
             chunk.append((number + 1, head, tail))
         if chunk:
             yield chunk
+        if broken is not None:
+            raise broken
 
     def _cluster_id(self, content: str) -> int:
         """drain3 cluster of a line; identical content is memoised (drain would return the same cluster)."""
@@ -153,7 +176,7 @@ class Detector:
 
     def _classify(self, templates: dict[str, str], stats: DetectStats) -> None:
         """Ask the endpoint about templates the cache lacks; each answer is stored as it arrives."""
-        missing = [(dataset, t) for t, dataset in templates.items() if self.cache.get(t) is None]
+        missing = [(dataset, t) for t, dataset in templates.items() if self.cache.get(t, dataset) is None]
         stats.cache_hits += len(templates) - len(missing)
         if not missing:
             return
@@ -185,10 +208,10 @@ class Detector:
             if not path.is_file():
                 raise InputError(path, "log file not found")
             with path.open("rb") as handle:
-                self._run(handle, out, fmt, stats, path.stat().st_size, str(path))
+                self._run(open_source(handle, str(path)), out, fmt, stats, path.stat().st_size)
         else:
             handle = sys.stdin.buffer if str(source) == "-" else source
-            self._run(handle, out, fmt, stats, None, "stdin")  # type: ignore[arg-type]
+            self._run(open_source(handle, "stdin"), out, fmt, stats, None)  # type: ignore[arg-type]
         stats.seconds = time.perf_counter() - started
         return self.summary(stats)
 
@@ -213,6 +236,13 @@ class Detector:
             tail_text, bad_tail = self._text(tail, stats)
             bad = bad or bad_tail
         stats.invalid_utf8_lines += bad
+        if "\x00" in text or (tail_text and "\x00" in tail_text):
+            stats.nul_bytes += text.count("\x00") + (tail_text or "").count("\x00")
+            text, tail_text = text.replace("\x00", ""), tail_text.replace("\x00", "") if tail_text else tail_text
+        if "\x1b" in text or (tail_text and "\x1b" in tail_text):  # colour codes would glue digits to words
+            stats.escape_lines += 1
+            text = strip_terminal_escapes(text)
+            tail_text = strip_terminal_escapes(tail_text) if tail_text else tail_text
         if tail_text is None and not text.strip():
             stats.empty_lines += 1
             return None
@@ -220,21 +250,34 @@ class Detector:
         stats.truncated_lines += cut
         return text
 
-    def _mine(self, chunk: list[tuple[int, bytes, bytes | None]], joiner: RecordJoiner, final: bool,
-              stats: DetectStats) -> list[tuple[Record, int]]:
-        """(event, cluster id) for each event the chunk completes; `final` also closes the open event."""
+    def _mine(self, chunk: list[tuple[int, bytes, bytes | None]], joiner: RecordJoiner, unwrapper: Unwrapper | None,
+              final: bool, stats: DetectStats) -> list[tuple[Record, int]]:
+        """(event, cluster id) for each event the chunk completes; `final` also closes the open event (and the
+        envelope pieces still open). Envelope lines (container, journald) are unwrapped to their message first."""
         records = []
         for number, raw, tail in chunk:
             text = self._decode(raw, tail, stats)
             if text is None:
                 continue
-            closed = joiner.add(number, text)
-            if closed is not None:
+            for first, message in unwrapper.feed(number, text) if unwrapper is not None else ((number, text),):
+                if (closed := joiner.add(first, message)) is not None:
+                    records.append(closed)
+        if final:
+            for first, message in unwrapper.flush() if unwrapper is not None else ():
+                if (closed := joiner.add(first, message)) is not None:
+                    records.append(closed)
+            if (closed := joiner.flush()) is not None:
                 records.append(closed)
-        if final and (closed := joiner.flush()) is not None:
-            records.append(closed)
         stats.continuation_lines = joiner.continuation_lines
-        return [(record, self._cluster_id(joiner.text(record))) for record in records]
+        if unwrapper is not None:
+            stats.unparsed_envelope_lines = unwrapper.unparsed
+        return [(record, self._cluster_id(self._event_text(joiner, record))) for record in records]
+
+    @staticmethod
+    def _event_text(joiner: RecordJoiner, record: Record) -> str:
+        """What is mined of an event: its compacted text with outcome-bearing numbers as their class
+        (tasks.detection.outcomes)."""
+        return keep_outcomes(joiner.text(record))
 
     def _check_template_budget(self, name: str, events: int, stats: DetectStats) -> None:
         """Stop before asking the model when this run created more than detect.max_new_templates templates."""
@@ -253,18 +296,27 @@ class Detector:
                  "new system really has this many templates",
         )
 
-    def _run(self, handle: IO[bytes], out: IO[str], fmt: str, stats: DetectStats, size: int | None,
-             name: str) -> None:
+    def _run(self, source: Source, out: IO[str], fmt: str, stats: DetectStats, size: int | None) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+        name = source.name
         if fmt != "auto" and fmt not in FORMATS:
             raise InputError(name, f"unknown log format {fmt!r}", hint=f"one of auto, {', '.join(FORMATS)}")
+        stats.decoded_as = source.decoded_as
+        if source.decoded_as:
+            size = None  # the file's size counts compressed or UTF-16 bytes, not the bytes read
         window_lines = self.settings.window_lines
         window: list[int] = [0, 0, 0]  # first line, events, abnormal events
         window_templates: Counter[int] = Counter()
         emitted = self._emitted
         joiner: RecordJoiner | None = None
+        unwrapper: Unwrapper | None = None
         sessions: Sessions | None = None
+        # auto: decided by the first AUTO_SAMPLE non-empty lines; until a format wins (a pipe's first chunk may be
+        # one odd line), chunks are read as generic and the vote goes on
+        sample: list[str] | None = [] if fmt == "auto" else None
+        current = "generic" if fmt == "auto" else fmt
+        dataset = FORMATS[current][1]
         self._clusters_at_start = self.miner.drain.clusters_counter
         chunk_lines = self.settings.chunk_lines
         max_chars = self.settings.max_line_chars
@@ -272,35 +324,48 @@ class Detector:
                             transient=True, disable=not self.progress or size is None)
         task = progress.add_task(name, total=size)
         write = out.write
+
+        def write_events(parsed: list[tuple[Record, int]]) -> None:
+            self._write_events(parsed, dataset, write, stats, window, window_templates, sessions, window_lines)
+
         try:
             with progress:
                 # 4 bytes per character at most in UTF-8: a line's kept head holds max_line_chars characters
-                chunks = self._chunks(handle, chunk_lines, self.settings.flush_s, 4 * max_chars)
+                chunks = self._chunks(source, chunk_lines, self.settings.flush_s, 4 * max_chars)
                 for chunk in chunks:
-                    if fmt == "auto":
-                        sample = (raw.decode("utf-8", errors="replace").strip() for _, raw, _ in chunk[:200])
-                        fmt = detect_format(line for line in sample if line)
-                    pattern, dataset = FORMATS[fmt]
+                    if sample is not None:
+                        texts = (raw.decode("utf-8", errors="replace").strip() for _, raw, _ in chunk)
+                        sample.extend(line for line in texts if line)
+                        del sample[AUTO_SAMPLE:]
+                        voted = detect_format(sample)
+                        if voted != "generic" or len(sample) >= AUTO_SAMPLE:
+                            sample = None  # decided
+                        if voted != current:
+                            if joiner is not None:  # events read under the old format are closed first
+                                write_events(self._mine([], joiner, unwrapper, True, stats))
+                            current, joiner = voted, None
                     if joiner is None:
-                        joiner = RecordJoiner(fmt, pattern, self.settings.max_record_lines, max_chars)
-                        if fmt in SESSION_FORMATS:
-                            sessions = Sessions(self.settings.max_open_sessions)
+                        pattern, dataset = FORMATS[current]
+                        envelope = current in ENVELOPES
+                        joiner = RecordJoiner("generic" if envelope else current, pattern,
+                                              self.settings.max_record_lines, max_chars)
+                        unwrapper = Unwrapper(current) if envelope else None
+                        sessions = Sessions(self.settings.max_open_sessions) if current in SESSION_FORMATS else None
                     # a short chunk is the end of the input or a pause on a pipe: close the open event
-                    parsed = self._mine(chunk, joiner, len(chunk) < chunk_lines, stats)
+                    parsed = self._mine(chunk, joiner, unwrapper, len(chunk) < chunk_lines, stats)
                     self._check_template_budget(name, stats.lines + len(parsed), stats)
-                    self._write_events(parsed, dataset, write, stats, window, window_templates, sessions,
-                                       window_lines)
+                    write_events(parsed)
                     out.flush()
                     progress.update(task, advance=sum(len(raw) + len(tail or b"") for _, raw, tail in chunk))
-                if joiner is not None and (last := joiner.flush()) is not None:
-                    self._write_events([(last, self._cluster_id(joiner.text(last)))], dataset, write, stats, window,
-                                       window_templates, sessions, window_lines)
+                if joiner is not None:
+                    write_events(self._mine([], joiner, unwrapper, True, stats))
                 if window[1]:
                     self._emit_window(write, window, window_templates, None, stats)
                 for record in sessions.close() if sessions is not None else []:
                     self._emit_session(write, record, stats)
                 stats.templates = len(emitted)
                 stats.new_templates = self.miner.drain.clusters_counter - self._clusters_at_start
+                stats.format = current
         finally:
             out.flush()
 
@@ -317,11 +382,11 @@ class Detector:
             self.miner.checkpoint()
         verdict_of = {}
         for cid, template in templates.items():
-            cached = self.cache.get(template)
+            cached = self.cache.get(template, dataset)
             assert cached is not None  # _classify stored every template or raised
             verdict_of[cid] = (cached.verdict if cached.valid else "invalid", cached.verdict == ABNORMAL, cached.valid)
-            if emitted.get(cid) != template:
-                emitted[cid] = template
+            if emitted.get(cid) != (template, dataset):
+                emitted[cid] = (template, dataset)
                 score = None if cached.score is None else round(cached.score, 4)
                 write(json.dumps({"kind": "template", "template_id": cid, "template": template,
                                   "verdict": verdict_of[cid][0], "score": score, "rationale": cached.rationale,
@@ -375,8 +440,8 @@ class Detector:
         """Counts and the top anomalous templates with their rationales."""
         top = []
         for cid, count in stats.line_counts.most_common():
-            template = self._emitted.get(cid)
-            cached = self.cache.get(template) if template is not None else None
+            template, dataset = self._emitted.get(cid, (None, ""))
+            cached = self.cache.get(template, dataset) if template is not None else None
             if cached and cached.verdict == ABNORMAL:
                 top.append({"template_id": cid, "template": template, "lines": count, "score": cached.score,
                             "rationale": cached.rationale})
@@ -391,24 +456,30 @@ class Detector:
 
 
 def print_summary(summary: dict[str, Any], console: Any = None) -> None:
-    """A rich table for people: counts, then the top anomalous templates with rationales."""
+    """A rich table for people: counts, then the top anomalous templates with rationales.
+
+    Log text and rationales are untrusted: they are shown as plain text, never read as console markup (a template
+    holding `[/api/v1/orders]` would otherwise be a closing tag and crash the summary, issue 21 case 8).
+    """
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = console or Console(stderr=True)
-    counts = Table(title=f"detect summary (model version {summary['model_version']})", show_header=False)
-    for key in ("lines", "abnormal_lines", "windows", "abnormal_windows", "sessions", "abnormal_sessions",
-                "templates", "new_templates", "requested", "cache_hits", "invalid_answer_lines", "empty_lines",
-                "invalid_utf8_lines", "truncated_lines", "continuation_lines", "unsessioned_lines", "seconds",
-                "lines_per_s"):
-        counts.add_row(key, str(summary.get(key)))
+    counts = Table(title=Text(f"detect summary (model version {summary['model_version']})"), show_header=False)
+    for key in ("format", "decoded_as", "lines", "abnormal_lines", "windows", "abnormal_windows", "sessions",
+                "abnormal_sessions", "templates", "new_templates", "requested", "cache_hits", "invalid_answer_lines",
+                "empty_lines", "invalid_utf8_lines", "truncated_lines", "continuation_lines", "escape_lines",
+                "nul_bytes", "unparsed_envelope_lines", "unsessioned_lines", "seconds", "lines_per_s"):
+        if (key in summary and summary[key] not in ("", None)) or key in ("lines", "abnormal_lines", "templates"):
+            counts.add_row(key, Text(str(summary.get(key))))
     console.print(counts)
     if summary.get("drain_state_reset"):
-        console.print(f"note: {summary['drain_state_reset']}")
+        console.print(Text(f"note: {summary['drain_state_reset']}"))
     if summary["top_anomalous"]:
         top = Table(title="top anomalous templates")
         for column in ("lines", "template", "rationale"):
             top.add_column(column, overflow="fold")
         for row in summary["top_anomalous"]:
-            top.add_row(str(row["lines"]), row["template"], row["rationale"])
+            top.add_row(str(row["lines"]), Text(row["template"]), Text(row["rationale"] or ""))
         console.print(top)

@@ -10,6 +10,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 
+from tasks.detection.envelopes import ENVELOPE_SHAPES
 from tasks.detection.records import SESSION_KEYS
 
 # Header layouts (LogHub's log formats); only the free-text content is mined and shown to the model.
@@ -23,6 +24,10 @@ FORMATS: dict[str, tuple[re.Pattern[str] | None, str]] = {
                           r"(?P<content>.*)$"), "spirit"),
     "hdfs": (re.compile(r"^\d{6} \d{6} \d+ \w+ [^:\s]+: ?(?P<content>.*)$"), "hdfs"),
     "generic": (None, "system log"),
+    # envelopes: the message inside is mined as generic text (tasks.detection.envelopes)
+    "cri": (None, "system log"),
+    "docker": (None, "system log"),
+    "journald": (None, "system log"),
 }
 SESSION_FORMATS = tuple(SESSION_KEYS)  # formats reported per session (tasks.detection.records), not per window
 AUTO_ORDER = ("bgl", "thunderbird", "hdfs")  # Spirit lines share Thunderbird's layout: name it explicitly
@@ -36,12 +41,18 @@ MASKS = (  # order matters: an IP or hex value must be masked before its digits 
 
 
 def detect_format(lines: Iterable[str]) -> str:
-    """The layout most of the first non-empty lines match; `generic` when none fits."""
+    """The layout most of the first non-empty lines match (an envelope's shape, tasks.detection.envelopes, or a
+    header); `generic` when none fits."""
     votes: Counter[str] = Counter()
     for text in lines:
-        for name in AUTO_ORDER:
-            pattern = FORMATS[name][0]
-            if pattern is not None and pattern.match(text):
+        for name, shape in ENVELOPE_SHAPES.items():
+            if shape.match(text):
                 votes[name] += 1
                 break
+        else:
+            for name in AUTO_ORDER:
+                pattern = FORMATS[name][0]
+                if pattern is not None and pattern.match(text):
+                    votes[name] += 1
+                    break
     return votes.most_common(1)[0][0] if votes else "generic"

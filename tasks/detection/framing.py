@@ -21,6 +21,9 @@ OPAQUE_RUN = re.compile(r"[A-Za-z0-9+/_\-]{64,}={0,2}")
 OPAQUE_MASK = "<*>"
 TRUNCATION_MARK = " … "  # between the kept head and tail of a cut line
 TAIL_SHARE = 4  # a cut line keeps its last max_chars // TAIL_SHARE characters (500 of 2000): where outcomes are
+# Terminal escapes (ECMA-48): CSI sequences (colours, cursor moves: ESC [ params intermediates final), OSC strings
+# (ESC ] ... BEL or ESC \\, e.g. hyperlinks and window titles), and the two-byte escapes; a lone ESC last.
+TERMINAL_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]|\x1b")
 
 
 def fit_line(head: str, max_chars: int, tail: str | None = None) -> tuple[str, bool]:
@@ -48,6 +51,16 @@ def fit_line(head: str, max_chars: int, tail: str | None = None) -> tuple[str, b
     keep_tail = min(len(end), max_chars // TAIL_SHARE)
     keep_head = max(0, max_chars - len(TRUNCATION_MARK) - keep_tail)
     return start[:keep_head] + TRUNCATION_MARK + end[len(end) - keep_tail:], True
+
+
+def strip_terminal_escapes(text: str) -> str:
+    """`text` without terminal escape sequences (issue 21, case 3): `\\x1b[31mFAILED\\x1b[0m` reads `FAILED`, as
+    `less -R` shows it, instead of gluing the colour's digits to the word (`[31mFAILED` would be a value to drain3).
+
+    >>> strip_terminal_escapes("status \\x1b[1;31mFAILED\\x1b[0m after \\x1b]8;;http://x\\x07link\\x1b]8;;\\x07")
+    'status FAILED after link'
+    """
+    return TERMINAL_ESCAPE.sub("", text)
 
 
 def _utf8_head(data: bytes) -> bytes:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import base64
+import json
+import os
+import sys
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -12,7 +16,9 @@ from drain3 import TemplateMiner
 from drain3.file_persistence import FilePersistence
 from drain3.masking import MaskingInstruction
 from drain3.template_miner_config import TemplateMinerConfig
+from filelock import FileLock, Timeout
 
+from tasks.common.errors import InputError
 from tasks.common.files import atomic_path
 from tasks.detection.drain_rules import RULES, ValueDrain
 from tasks.detection.formats import MASKS
@@ -80,3 +86,31 @@ def make_miner(state_file: Path | None, sim_th: float = 0.4, depth: int = 4) -> 
         state_file.parent.mkdir(parents=True, exist_ok=True)
         persistence = _AtomicFilePersistence(str(state_file))
     return _CheckpointMiner(persistence, config)
+
+
+def hold_drain_state(state_file: Path) -> FileLock:
+    """Hold `state_file` for one detect run: its templates and ids are this run's alone (issue 21, case 9).
+
+    Two runs mining into one drain state would give colliding template ids and overwrite each other's snapshot
+    (LogLead PR 41, Drain3#108). The lock is an OS file lock on `<state>.lock` (filelock), freed when the process
+    ends however it ends; who holds it is written beside it (`<state>.holder`: pid, command, start time).
+    Returns the held lock (release it when the run ends). Raises InputError naming the state file and its holder
+    when another run holds it.
+    """
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(state_file) + ".lock")
+    holder_file = Path(str(state_file) + ".holder")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            holder = json.loads(holder_file.read_text(encoding="utf-8"))
+            who = f"pid {holder['pid']} (`{holder['command']}`, since {holder['since']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            who = "another process"
+        raise InputError(state_file, f"the drain state is in use by {who}",
+                         hint="wait for that run to end, or give this run its own state: --drain-state PATH "
+                              "(templates of the two runs are then numbered separately)") from None
+    holder_file.write_text(json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv)[:200],
+                                       "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}), encoding="utf-8")
+    return lock
