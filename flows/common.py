@@ -14,14 +14,15 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.common.config import repo_root, set_profile
-from tasks.common.dvc_ops import StageResult, repro_stage
+from tasks.common.dvc_ops import StageLocked, StageResult, repro_stage
+from tasks.common.errors import Busy
 from tasks.common.settings import Settings, load_settings
 
 LOCK_FILE = ".cache/pipeline.lock"
 _locks: dict[Path, FileLock] = {}  # one lock object per file in this process: re-entrant for nested flows
 
 
-class RunInProgress(RuntimeError):
+class RunInProgress(Busy):
     """Another flow holds the pipeline lock; two runs would fight over params.yaml, DVC outputs and the registry."""
 
 
@@ -57,7 +58,13 @@ def start_run(profile: str | None) -> Settings:
     return settings
 
 
-@task(name="dvc-stage", task_run_name="dvc repro {stage}", retries=0)
+def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition for a stage: not when DVC's lock is held by a running process (StageLocked),
+    which a retry 10 s later meets again (issue 22, item 3: three pointless attempts, then a traceback)."""
+    return not isinstance(state.result(raise_on_failure=False), StageLocked)
+
+
+@task(name="dvc-stage", task_run_name="dvc repro {stage}", retries=0, retry_condition_fn=_worth_retrying)
 def run_stage(stage: str) -> dict[str, Any]:
     """Run one DVC stage; DVC skips it when nothing it depends on changed."""
     result: StageResult = repro_stage(stage)

@@ -31,3 +31,8 @@ class InputError(ValueError):
             message += f" ({hint})"
         super().__init__(message)
         self.file, self.line, self.field = str(file), line, field
+
+
+class Busy(RuntimeError):
+    """A lock another running process holds (the pipeline's, DVC's): the one-line message names the lock and the
+    holder. Waiting for that process is the fix, so it is neither retried nor shown as a traceback."""
