@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
 
 from prefect import flow, task
 from prefect.context import FlowRunContext
@@ -15,6 +18,7 @@ from flows.common import file_text, pipeline_lock, publish_markdown, run_stages,
 from tasks.common.config import repo_root
 from tasks.common.contracts import CALIBRATION_FILE
 from tasks.common.dvc_ops import lock_hashes
+from tasks.common.errors import InputError
 from tasks.common.files import sha256_bytes, sha256_json
 from tasks.common.settings import Settings
 from tasks.evaluate import evaluate_adapter
@@ -55,9 +59,10 @@ def calibration(settings: Settings) -> dict[str, Any] | None:
     return value or None
 
 
-def judgement_digest(settings: Settings) -> str:
-    """What a gate verdict depends on besides the adapter: the evaluation's metrics file and the gate rules."""
-    metrics = (repo_root() / settings.evaluate.metrics_file).read_bytes()
+def judgement_digest(settings: Settings, metrics_file: Path | None = None) -> str:
+    """What a gate verdict depends on besides the adapter: the evaluation's metrics file (default
+    evaluate.metrics_file) and the gate rules."""
+    metrics = (metrics_file or repo_root() / settings.evaluate.metrics_file).read_bytes()
     return sha256_bytes(metrics + sha256_json(settings.gate.model_dump(mode="json")).encode())
 
 
@@ -96,12 +101,87 @@ def champion_on_current_data(candidate: dict[str, Any], champion: dict[str, Any]
 @task(name="gate")
 def gate(metrics: dict[str, Any], items: dict[str, Any], champion: dict[str, Any] | None,
          settings: Settings) -> GateVerdict:
-    """The verdict as data (the candidate's per-item predictions paired with the champion's), as an artifact."""
-    verdict = evaluate_gate(metrics, champion["metrics"] if champion else None, settings.gate,
-                            champion_version=champion["version"] if champion else None, candidate_items=items,
-                            champion_items=champion.get("items") if champion else None)
-    publish_markdown("gate-verdict", verdict.to_markdown(), "Every gate rule: threshold, measured, pass/fail")
-    return verdict
+    """The verdict as data: the candidate's per-item predictions paired with the champion's."""
+    return evaluate_gate(metrics, champion["metrics"] if champion else None, settings.gate,
+                         champion_version=champion["version"] if champion else None, candidate_items=items,
+                         champion_items=champion.get("items") if champion else None)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _step(step: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """A task of this module as a Prefect task run inside a flow run, as its plain function outside one (the
+    `rationanomaly gate` command: no Prefect server for a read-only verdict)."""
+    if FlowRunContext.get() is None:
+        return step.fn(*args, **kwargs)  # type: ignore[attr-defined]
+    return step(*args, **kwargs)
+
+
+@dataclass
+class Judgement:
+    """The release decision on the evaluated candidate before anything is registered.
+
+    `known`: the version already registered for this candidate (the @champion itself, or the same adapter judged
+    on the same metrics and gate rules): nothing new to release, `verdict` is the one stored with it (None when
+    it has none) and `reason` says so. Otherwise `verdict` is the fresh verdict against the comparable @champion.
+    `digest` and `judgement` are the candidate's CANDIDATE_TAG and JUDGEMENT_TAG values.
+    """
+
+    metrics: dict[str, Any]
+    items: dict[str, Any]
+    digest: str
+    judgement: str
+    verdict: GateVerdict | None
+    known: str | None = None
+    reason: str = ""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"not valid JSON: {exc.msg}", line=exc.lineno) from exc
+
+
+def judge(settings: Settings, metrics_file: Path | None = None, items_file: Path | None = None) -> Judgement:
+    """The verdict the release flow acts on, and the one `rationanomaly gate` shows: one function, so the two
+    cannot differ (issue 22, item 5: right after `make run` the command judged the new champion against itself
+    without the candidate's per-item predictions and failed `champion_margin`, while the flow had passed).
+
+    Reads the candidate's metrics (default evaluate.metrics_file) and per-item predictions (default
+    evaluate.out_dir/candidate_predictions.json; {} when absent, and then `champion_margin` fails saying so),
+    answers with the registered version when this candidate was already judged, else gates it against the
+    @champion measured on the same test data (re-evaluated when its stored results do not compare). Raises
+    FileNotFoundError without metrics, InputError for a file that is not JSON, RegistryError when the registry
+    cannot be read.
+    """
+    name = settings.registry.model_name
+    metrics_file = metrics_file or repo_root() / settings.evaluate.metrics_file
+    items_file = items_file or repo_root() / settings.evaluate.out_dir / CANDIDATE_PREDICTIONS
+    metrics = _read_json(metrics_file)
+    items = _read_json(items_file) if items_file.is_file() else {}
+    digest, judgement = candidate_digest(settings), judgement_digest(settings, metrics_file)
+    decided = Judgement(metrics, items, digest, judgement, None)
+
+    same_adapter = registry.versions_with_tags({CANDIDATE_TAG: digest}, name=name) if digest else []
+    champion = registry.aliases(name).get(registry.CHAMPION)
+    judged = [v for v in same_adapter if v == champion]  # the champion itself: nothing to release
+    if digest and not judged:  # the same adapter judged on the same metrics and rules: the verdict would repeat
+        judged = registry.versions_with_tags({CANDIDATE_TAG: digest, JUDGEMENT_TAG: judgement}, name=name)
+    if judged:
+        decided.known = judged[-1]
+        role = f" and @{registry.CHAMPION}" if champion == decided.known else ""
+        decided.reason = f"candidate unchanged (already registered as version {decided.known}{role})"
+        decided.verdict = registry.stored_verdict(decided.known, name=name)
+        return decided
+    if same_adapter:
+        print(f"candidate adapter already registered as version {same_adapter[-1]}, judged on other metrics or gate "
+              "rules: judging it again as a new version")
+    comparable = _step(champion_on_current_data, metrics, _step(current_champion, name), settings)
+    decided.verdict = _step(gate, metrics, items, comparable, settings)
+    return decided
 
 
 @task(name="verify-candidate")
@@ -146,39 +226,29 @@ def release_flow(profile: str | None = None) -> dict[str, Any]:
     """evaluate (DVC) → gate against @champion → register → optional human approval → promote."""
     with pipeline_lock():
         settings = start_run(profile)
-        return _release(settings)
+        return release_evaluated(settings, run_stages(["evaluate"]))
 
 
-def _release(settings: Settings) -> dict[str, Any]:
+def release_evaluated(settings: Settings, stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The release flow after the evaluate stage: judge → register → (approve) → promote, with artifacts.
+    Call it inside a flow run (it runs Prefect tasks and may pause for approval)."""
     name = settings.registry.model_name
-    stages = run_stages(["evaluate"])
-    metrics = json.loads((repo_root() / settings.evaluate.metrics_file).read_text(encoding="utf-8"))
-    items_file = repo_root() / settings.evaluate.out_dir / CANDIDATE_PREDICTIONS
-    items = json.loads(items_file.read_text(encoding="utf-8")) if items_file.is_file() else {}
     table = file_text(f"{settings.evaluate.out_dir}/eval.md", "(no report)")
     publish_markdown("evaluation-report", table, "Candidate beside the baselines, per dataset and level")
     result: dict[str, Any] = {"stages": stages, "table_md": table, "promoted": False, "profile": settings.profile}
 
     verify_candidate(settings)
-    digest, judgement = candidate_digest(settings), judgement_digest(settings)
-    same_adapter = registry.versions_with_tags({CANDIDATE_TAG: digest}, name=name) if digest else []
-    champion = registry.aliases(name).get(registry.CHAMPION)
-    judged = [v for v in same_adapter if v == champion]  # the champion itself: nothing to release
-    if digest and not judged:  # the same adapter judged on the same metrics and rules: the verdict would repeat
-        judged = registry.versions_with_tags({CANDIDATE_TAG: digest, JUDGEMENT_TAG: judgement}, name=name)
-    if judged:
-        known = judged[-1]
-        role = f" and @{registry.CHAMPION}" if champion == known else ""
-        result.update(version=known, reason=f"candidate unchanged (already registered as version {known}{role})",
+    decided = judge(settings)
+    if decided.known is not None:
+        result.update(version=decided.known, reason=decided.reason,
                       verdict_md="(not re-gated: nothing new to release)")
         print(result["reason"])
         return result
-    if same_adapter:
-        print(f"candidate adapter already registered as version {same_adapter[-1]}, judged on other metrics or gate "
-              "rules: judging it again as a new version")
-
-    verdict = gate(metrics, items, champion_on_current_data(metrics, current_champion(name), settings), settings)
-    version = register(metrics, items, verdict, digest, settings, judgement)
+    verdict = decided.verdict
+    if verdict is None:  # judge() leaves it None only for a known version
+        raise RuntimeError("the candidate was neither judged nor found registered")
+    publish_markdown("gate-verdict", verdict.to_markdown(), "Every gate rule: threshold, measured, pass/fail")
+    version = register(decided.metrics, decided.items, verdict, decided.digest, settings, decided.judgement)
     result.update(version=version, verdict=verdict.to_dict(), verdict_md=verdict.to_markdown())
     if not verdict.passed:
         result["reason"] = "gate failed: " + ", ".join(rule.name for rule in verdict.failed)

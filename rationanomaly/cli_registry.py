@@ -55,12 +55,14 @@ def rollback(
 ) -> None:
     """Move @champion back to @previous, recording who did it and why."""
     from tasks.common.settings import load_settings
+
+    name = load_settings().registry.model_name  # a bad params.yaml is one line, before the registry loads
     from tasks.release.registry import RegistryError
     from tasks.release.registry import rollback as do_rollback
 
     who = actor or getpass.getuser()
     try:
-        result = do_rollback(who, reason, name=load_settings().registry.model_name)
+        result = do_rollback(who, reason, name=name)
     except RegistryError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -71,29 +73,44 @@ def rollback(
 def gate(
     metrics: Annotated[Path | None, typer.Option(help="metrics.json to judge (default: evaluate.metrics_file).")]
     = None,
+    predictions: Annotated[Path | None, typer.Option(
+        help="The candidate's per-item predictions (default: candidate_predictions.json in evaluate.out_dir).")]
+    = None,
     json_: Annotated[bool, typer.Option("--json", help="Emit the verdict as JSON.")] = False,
 ) -> None:
-    """Judge the evaluated candidate against @champion with the `gate` rules; exit 1 when a rule fails."""
+    """Judge the evaluated candidate as the release flow does (its per-item predictions against @champion's, on the
+    same test data; a candidate already registered shows the verdict it was registered with); exit 1 when a rule
+    fails."""
+    import contextlib
+
     from tasks.common.config import repo_root
     from tasks.common.settings import load_settings
-    from tasks.release.gate import evaluate_gate
-    from tasks.release.registry import RegistryError, champion_metrics
 
     settings = load_settings()
     path = metrics or repo_root() / settings.evaluate.metrics_file
     if not path.is_file():
         typer.echo(f"error: {path}: no metrics yet (run `rationanomaly release` or `dvc repro evaluate`)", err=True)
         raise typer.Exit(1)
+    if predictions is not None and not predictions.is_file():
+        typer.echo(f"error: {predictions}: no such predictions file", err=True)
+        raise typer.Exit(1)
+    from flows.release import judge
+    from tasks.release.registry import RegistryError
+
     try:
-        champion = champion_metrics(settings.registry.model_name)
+        with contextlib.redirect_stdout(sys.stderr):  # progress lines; stdout carries the verdict (--json)
+            decided = judge(settings, path, predictions)
     except RegistryError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
-    verdict = evaluate_gate(json.loads(path.read_text(encoding="utf-8")), champion["metrics"] if champion else None,
-                            settings.gate, champion_version=champion["version"] if champion else None)
+    if decided.reason:
+        typer.echo(decided.reason, err=True)
+    if decided.verdict is None:
+        typer.echo(f"error: version {decided.known} carries no gate verdict", err=True)
+        raise typer.Exit(1)
     if json_:
-        typer.echo(json.dumps(verdict.to_dict(), indent=2))
+        typer.echo(json.dumps(decided.verdict.to_dict(), indent=2))
     else:
-        _console().print(verdict.to_markdown())
-    if not verdict.passed:
+        _console().print(decided.verdict.to_markdown())
+    if not decided.verdict.passed:
         raise typer.Exit(1)

@@ -439,6 +439,12 @@ def versions_with_tags(wanted: dict[str, str], *, name: str) -> list[str]:
     return sorted(found, key=int)
 
 
+def stored_verdict(version: str | int, *, name: str) -> GateVerdict | None:
+    """The gate verdict a version was registered with (its `gate.verdict` tag), None when it has none."""
+    text = _version_tags(client(check_registry()), name, str(version)).get("gate.verdict")
+    return GateVerdict.from_dict(json.loads(text)) if text else None
+
+
 def model_card_text(version: str | int, *, name: str) -> str:
     """The Markdown model card stored with a version (in its registration run)."""
     import mlflow.artifacts
