@@ -7,6 +7,8 @@ import io
 import json
 import os
 import re
+import select
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -53,15 +55,28 @@ class FakeChatServer(ThreadingHTTPServer):
 
     fail_first: answer HTTP 503 to the first N requests. down_after: after N answers, drop the next
     connection and stop listening (the endpoint is down). api_key: require this bearer token.
+
+    Modes outside the contract (issue 22), each seen in the field: `html` (HTTP 200 with a gateway's HTML
+    page), `error_body` / `upstream_error` (HTTP 200 with an OpenAI-style error object, code 404 / 502),
+    `no_choices` (an empty `choices` list), `no_logprobs` (a scoring answer without `logprobs`: ollama#16117),
+    `empty_tokens` (top log-probs whose token strings are empty: vllm#9463), `reasoning` / `reasoning_content`
+    (vLLM started with a reasoning parser, vllm#13375: the think text moves to that message field, the stop
+    string is cut), `slow` (like `rule` after `delay_s`, unless the client disconnects first: then the request
+    is aborted as vLLM aborts it, counted in `disconnects`; `open_at_arrival` records, per request, how many
+    earlier ones were still connected).
     """
 
     daemon_threads = True
     allow_reuse_address = True
 
     def __init__(self, port: int = 0, mode: str = "rule", fail_first: int = 0, down_after: int | None = None,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, delay_s: float = 0.0) -> None:
         super().__init__(("127.0.0.1", port), _Handler)
         self.mode, self.fail_first, self.down_after, self.api_key = mode, fail_first, down_after, api_key
+        self.delay_s = delay_s
+        self.disconnects = 0
+        self.open_at_arrival: list[int] = []
+        self.active: set[socket.socket] = set()
         self.prompts: list[str] = []
         self.kinds: list[str] = []  # per answered request: score (log-probs asked) or explain
         self.requests = 0
@@ -98,6 +113,32 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._send(200, {"status": "ok"} if self.path == "/health" else {"data": []})
 
+    def _aborted_by_client(self) -> bool:
+        """`slow` mode: wait `delay_s`, watching the connection; True when the client closed it first."""
+        server = self.server
+        with server.lock:
+            earlier = list(server.active)
+            server.active.add(self.connection)
+        server.open_at_arrival.append(sum(not _peer_closed(s, 0.2) for s in earlier))
+        deadline = time.monotonic() + server.delay_s
+        try:
+            while time.monotonic() < deadline:
+                if _peer_closed(self.connection, 0.05):
+                    with server.lock:
+                        server.disconnects += 1
+                    return True
+            return False
+        finally:
+            with server.lock:
+                server.active.discard(self.connection)
+
+    def _send_raw(self, code: int, content_type: str, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def do_POST(self) -> None:
         server = self.server
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -117,14 +158,46 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             server.prompts.append(user)
             server.kinds.append("score" if body.get("logprobs") else "explain")
+        mode = server.mode
+        if mode == "slow" and self._aborted_by_client():
+            return
+        if mode == "html":
+            self._send_raw(200, "text/html; charset=utf-8",
+                           b"<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head>\n"
+                           b"<body><h1>Bad Gateway</h1></body></html>\n")
+            return
+        if mode == "error_body":
+            self._send(200, {"error": {"message": "The model `rationanomaly` does not exist.",
+                                       "type": "NotFoundError", "code": 404}})
+            return
+        if mode == "upstream_error":
+            self._send(200, {"error": {"message": "upstream overloaded", "type": "BadGateway", "code": 502}})
+            return
+        if mode == "no_choices":
+            self._send(200, {"id": "x", "object": "chat.completion", "model": body["model"], "choices": []})
+            return
         log = QUESTION.search(user).group("log")  # type: ignore[union-attr]
+        reasoning = mode if mode in ("reasoning", "reasoning_content") else None
         if body.get("logprobs"):  # a scoring request (serving.client.Client.score): the answer token's top-k
             first, second = ("ab", "normal") if ABNORMAL_WORDS.search(log) else ("normal", "ab")
             top = [{"token": first, "logprob": -0.1}, {"token": second, "logprob": -2.4},
                    {"token": "The", "logprob": -5.0}]
+            if mode == "empty_tokens":
+                top = [{**alt, "token": ""} for alt in top]
+            # a reasoning parser finds no </think> in the one generated token: all of it is reasoning
+            message = ({"role": "assistant", "content": None, reasoning: first} if reasoning
+                       else {"role": "assistant", "content": first})
+            choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": "length"}
+            if mode != "no_logprobs":
+                choice["logprobs"] = {"content": [{"token": top[0]["token"], "logprob": -0.1, "top_logprobs": top}]}
+            self._send(200, {"id": "x", "object": "chat.completion", "model": body["model"], "choices": [choice]})
+            return
+        if reasoning:  # vLLM with --reasoning-parser: the think text in its own field, the stop string cut
+            hit = ABNORMAL_WORDS.search(log)
+            think = f"The log {'mentions ' + hit.group(0) if hit else 'reports routine work'}."
+            message = {"role": "assistant", reasoning: think, "content": f"<answer>{'abnormal' if hit else 'normal'}"}
             self._send(200, {"id": "x", "object": "chat.completion", "model": body["model"], "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": first}, "finish_reason": "length",
-                 "logprobs": {"content": [{"token": first, "logprob": -0.1, "top_logprobs": top}]}}]})
+                {"index": 0, "message": message, "finish_reason": "stop", "stop_reason": "</answer>"}]})
             return
         if server.mode == "echo":
             text = user
@@ -136,6 +209,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"id": "x", "object": "chat.completion", "model": body["model"],
                          "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                       "finish_reason": "stop"}]})
+
+
+def _peer_closed(sock: socket.socket, wait_s: float) -> bool:
+    """True when the peer of `sock` closed the connection (readable with nothing to read) within `wait_s`."""
+    try:
+        readable, _, _ = select.select([sock], [], [], wait_s)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 @pytest.fixture
