@@ -31,6 +31,8 @@ CANDIDATE_TAG = "candidate.adapter_md5"
 # sha256 of the metrics the candidate was gated on and of the gate rules: a version is re-judged (registered
 # anew, with its new verdict) when either changes, e.g. a gate rule edited after a candidate failed it.
 JUDGEMENT_TAG = "candidate.judgement_sha256"
+# The release flow run that registered a version: a retry of `register` in that run finds it instead of adding one.
+RUN_TAG = "release.flow_run_id"
 
 
 class ApprovalInput(RunInput):
@@ -201,12 +203,18 @@ def verify_candidate(settings: Settings) -> dict[str, str | None]:
 @task(name="register", retries=2, retry_delay_seconds=5)
 def register(metrics: dict[str, Any], items: dict[str, Any], verdict: GateVerdict, digest: str,
              settings: Settings, judgement: str = "") -> str:
-    """A new registry version for every evaluated candidate (@challenger when its gate passed)."""
+    """A new registry version for every evaluated candidate (@challenger when its gate passed).
+
+    Retried (a remote registry may time out), and idempotent under retry: the version is tagged with this flow
+    run and the candidate, and an attempt after one that registered it returns it instead of adding a second
+    version (issue 22, item 3; crewAI issue 5802)."""
     root = repo_root()
     name = settings.registry.model_name
+    run = FlowRunContext.get()
+    this_run = str(run.flow_run.id) if run is not None and run.flow_run is not None else ""
     version = registry.register_candidate(
         root / settings.grpo.out_dir, root / settings.base_model.out_dir, metrics, verdict,
-        {CANDIDATE_TAG: digest, JUDGEMENT_TAG: judgement},
+        idempotency_tags={CANDIDATE_TAG: digest, JUDGEMENT_TAG: judgement, RUN_TAG: this_run},
         name=name, model_config=model_config(settings.evaluate), params=settings.model_dump(), predictions=items,
         calibration=calibration(settings), index_dir=root / settings.index.out_dir if settings.index.k else None,
     )

@@ -267,3 +267,20 @@ def test_release_flow_lookups_find_the_card_and_an_already_registered_candidate(
     assert registry.versions_with_tags({"candidate.adapter_md5": "abc"}, name="lookups") == [version]
     assert registry.versions_with_tags({"candidate.adapter_md5": "other"}, name="lookups") == []
     assert registry.model_card_text(version, name="lookups").startswith("# Model card: lookups")
+
+
+def test_a_registration_named_by_idempotency_tags_happens_once(world: World) -> None:
+    """A retry after a registration that completed returns that version (issue 22, item 3); other tags register
+    anew."""
+    metrics = candidate_metrics(0.6, 0.5)
+    verdict = evaluate_gate(metrics, None, NO_RULES)
+    once = {"release.flow_run_id": "run-1", "candidate.adapter_md5": "abc.dir"}
+    first = registry.register_candidate(world.grpo, world.base, metrics, verdict, idempotency_tags=once,
+                                        **register_kwargs(world, "once"))
+    again = registry.register_candidate(world.grpo, world.base, metrics, verdict, idempotency_tags=once,
+                                        **register_kwargs(world, "once"))
+    other = registry.register_candidate(world.grpo, world.base, metrics, verdict,
+                                        idempotency_tags={**once, "release.flow_run_id": "run-2"},
+                                        **register_kwargs(world, "once"))
+    assert first == again != other and sorted(versions("once")) == sorted({first, other})
+    assert versions("once")[first]["release.flow_run_id"] == "run-1"

@@ -1,4 +1,5 @@
-"""`rationanomaly gate` judges exactly what the release flow judged (issue 22, item 5).
+"""The release flow after its evaluate stage, in a real project (issue 22): `rationanomaly gate` judges exactly
+what the flow judged (item 5), and a retried `register` finds the version it made (item 3).
 
 A real project copy on the default profile, real LoRA adapters, a real SQLite MLflow registry and the release
 flow's own code after its evaluate stage (`release_evaluated`) run as a real Prefect flow; the command runs as a
@@ -46,7 +47,7 @@ def candidate(caught: int) -> tuple[dict[str, Any], dict[str, Any]]:
 @pytest.fixture(scope="module")
 def adapters(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("adapters")
-    for name, seed in (("sft", 1), ("grpo", 2), ("grpo2", 3), ("grpo3", 4)):
+    for name, seed in (("sft", 1), ("grpo", 2), ("grpo2", 3), ("grpo3", 4), ("grpo4", 5)):
         make_adapter(base_model_dir, out / name, seed=seed)
     return out
 
@@ -139,3 +140,30 @@ def test_the_command_and_the_flow_give_one_verdict(world: World, adapters: Path)
     third = release(world)
     assert (code, verdict) == (1, third["verdict"])
     assert not third["promoted"] and "champion_margin" in verdict["failed"]
+
+
+def test_a_retried_register_returns_the_version_it_made(world: World, adapters: Path) -> None:
+    """`register` is retried (a remote registry may time out); an attempt after one whose registration completed
+    but whose answer was lost must not add a second version (crewAI issue 5802)."""
+    from prefect import flow
+
+    from flows import release
+    from tasks.common.settings import load_settings
+    from tasks.release import registry
+
+    set_candidate(world, caught=95, adapter=adapters / "grpo4")
+    before = {mv.version for mv in registry.client().search_model_versions("name='rationanomaly'")}
+
+    @flow(name="register-retried")
+    def registered_twice() -> tuple[str, str, str]:
+        settings = load_settings()
+        decided = release.judge(settings)
+        args = (decided.metrics, decided.items, decided.verdict, decided.digest, settings, decided.judgement)
+        first = release.register(*args)
+        again = release.register.fn(*args)  # what a retry of that task runs, in the same flow run
+        return first, again, str(release.FlowRunContext.get().flow_run.id)
+
+    first, again, run_id = registered_twice()
+    added = [mv for mv in registry.client().search_model_versions("name='rationanomaly'") if mv.version not in before]
+    assert first == again and [str(mv.version) for mv in added] == [first]
+    assert dict(added[0].tags)[release.RUN_TAG] == run_id

@@ -182,7 +182,7 @@ def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metr
                        name: str, model_config: dict[str, Any], params: dict[str, Any] | None = None,
                        predictions: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None,
                        index_dir: Path | None = None, root: Path | None = None,
-                       record: dict[str, Any] | None = None) -> str:
+                       record: dict[str, Any] | None = None, idempotency_tags: dict[str, str] | None = None) -> str:
     """Register an evaluated candidate as a new version; returns the version number (a string).
 
     `@challenger` moves to it only if its gate passed (a failed gate moves no alias). `model_config` is the
@@ -191,6 +191,9 @@ def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metr
     `calibration` its verdict threshold (evaluate's calibration.json, written into the adapter folder) and
     `index_dir` the retrieval index its prompts use (stored as the `index` artifact).
     `record` is the lineage snapshot, collected from the repo (with the effective `params`) when not given.
+    `idempotency_tags` name this registration (e.g. the flow run and the candidate): when a completely registered
+    version already carries all of them, that version is returned and nothing is created (a retry after a
+    registration that completed but whose caller saw a failure, crewAI issue 5802); a new version gets them.
     Raises InputError for missing model folders, RegistryUnavailable when the store cannot be reached,
     RegistryError when registration fails (the version, if one was created, is tagged `failed`).
     """
@@ -205,6 +208,12 @@ def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metr
     uri = check_registry()
     c = client(uri)
     repair_incomplete(name, c)
+    if idempotency_tags and (done := _versions_tagged(c, name, idempotency_tags)):
+        import sys
+
+        print(f"{name} v{done[-1]} is already registered with {idempotency_tags}: returned, not registered again",
+              file=sys.stderr)
+        return done[-1]
     record = json.loads(json.dumps(record, default=str)) if record is not None else collect_lineage(
         root, adapter_dir=adapter_dir, base_model_dir=base_model_dir, metrics=metrics, params=params)
     base_meta = json.loads(base_meta_file.read_text(encoding="utf-8"))
@@ -245,7 +254,7 @@ def register_candidate(adapter_dir: str | Path, base_model_dir: str | Path, metr
             )
             mv = mlflow.register_model(info.model_uri, name)
             version = str(mv.version)
-            tags = {**lineage_tags(record), **(lineage_tags_extra or {}),
+            tags = {**lineage_tags(record), **(lineage_tags_extra or {}), **(idempotency_tags or {}),
                     "run.register": run.info.run_id, "registered_at": _now(),
                     "gate.passed": str(verdict.passed).lower(), "gate.verdict": verdict.to_json(),
                     "gate.failed": ",".join(r.name for r in verdict.failed), "metrics": json.dumps(slim),
@@ -430,7 +439,10 @@ def download_adapter(ref: str, dest: str | Path | None = None) -> Path:
 def versions_with_tags(wanted: dict[str, str], *, name: str) -> list[str]:
     """The completely registered versions carrying every tag of `wanted` (e.g. the same candidate adapter),
     oldest first."""
-    c = client(check_registry())
+    return _versions_tagged(client(check_registry()), name, wanted)
+
+
+def _versions_tagged(c: Any, name: str, wanted: dict[str, str]) -> list[str]:
     found = []
     for mv in c.search_model_versions(f"name = '{name}'"):
         tags = dict(mv.tags or {})
