@@ -25,6 +25,7 @@ def default_endpoint(settings: DetectSettings, serve: ServeSettings, model_name:
 
     For base_url the served tokenizer's special tokens are read from detect.tokenizer_dir (null: the project's
     base model folder `base_model_dir`); a folder without tokenizer files leaves the generic `<|...|>` rule.
+    Prompts are fitted to the context the endpoint reports (`served_context`), else serve.max_model_len.
     The threshold and neighbours come from detect.version_dir (serving.resolve.local_model_ref); without it
     the word each rationale ends in decides. Raises InputError for an unreadable version_dir.
     """
@@ -35,13 +36,32 @@ def default_endpoint(settings: DetectSettings, serve: ServeSettings, model_name:
         if settings.version_dir:
             ref = local_model_ref(model_name, "remote", base_model_dir, resolve_path(settings.version_dir))
             threshold, index_dir, neighbours = ref.threshold, ref.index_dir, ref.neighbours
-        return Endpoint(settings.base_url.rstrip("/"), settings.model or model_name,
-                        settings.model_version or "unknown", os.environ.get(key_env) if key_env else None,
-                        special_tokens_in(resolve_path(tokenizer_dir)), threshold, index_dir, neighbours)
+        base_url, model = settings.base_url.rstrip("/"), settings.model or model_name
+        api_key = os.environ.get(key_env) if key_env else None
+        return Endpoint(base_url, model, settings.model_version or "unknown", api_key,
+                        special_tokens_in(resolve_path(tokenizer_dir)), threshold, index_dir, neighbours,
+                        served_context(base_url, model, api_key) or serve.max_model_len,
+                        str(resolve_path(tokenizer_dir)))
     state_file = resolve_path(serve.state_file)
     return lambda: endpoint_from_state(state_file, key_env)
 
 
+
+
+def served_context(base_url: str, model: str, api_key: str | None, timeout_s: float = 5.0) -> int | None:
+    """The context length in tokens that an OpenAI-compatible endpoint reports for `model` in `GET /models`
+    (vLLM's `max_model_len` field); None when it reports none or cannot be asked now."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        listed = httpx.get(f"{base_url}/models", headers=headers, timeout=timeout_s).json().get("data") or []
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    for entry in listed:
+        if isinstance(entry, dict) and entry.get("id") == model and isinstance(entry.get("max_model_len"), int):
+            return int(entry["max_model_len"])
+    return None
 
 
 def http_detector(settings: DetectSettings, endpoint: Endpoint | Callable[[], Endpoint], *,
@@ -74,10 +94,12 @@ def http_detector(settings: DetectSettings, endpoint: Endpoint | Callable[[], En
 
 def answer_scope(endpoint: Endpoint) -> dict[str, Any]:
     """What an endpoint contributes to a verdict besides its version label: the served model name, the special
-    tokens defanged in prompts, the threshold, and the index (by content digest) with its neighbour count."""
+    tokens defanged in prompts, the threshold, the index (by content digest) with its neighbour count, and the
+    context prompts are fitted to."""
     index_file = Path(endpoint.index_dir) / INDEX_FILE if endpoint.index_dir else None
     return {"model": endpoint.model, "special_tokens": sorted(endpoint.special_tokens),
             "threshold": endpoint.threshold, "neighbours": endpoint.neighbours,
+            "max_model_len": endpoint.max_model_len,  # prompts are fitted to it
             "index_sha256": _digest(str(index_file), *_stamp(index_file)) if index_file else None}
 
 

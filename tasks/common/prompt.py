@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 NORMAL, ABNORMAL = "normal", "abnormal"
@@ -241,3 +241,54 @@ def parse_completion(text: str | None) -> Parsed:
     if answer not in LABELS or not think:
         return Parsed(False, think, None)
     return Parsed(True, think, answer)
+
+
+CUT_MARK = " … "  # where the middle of a log text was cut to fit the context
+_MIN_LOG_CHARS = 32  # below this a cut log says nothing: the prompt cannot be fitted
+
+
+def cut_middle(text: str, max_chars: int) -> str:
+    """`text` in at most `max_chars` characters: its first two thirds and last third around CUT_MARK.
+
+    The head holds an event's first line and its cause lines (tasks.detection.records puts them first and drops
+    the frames between), the tail holds where a long line's outcome is (`... status=FAILED`).
+
+    >>> cut_middle("ERROR disk sda1 failed " + "x" * 100 + " code=EIO", 40)
+    'ERROR disk sda1 failed xx … xxx code=EIO'
+    """
+    if len(text) <= max_chars:
+        return text
+    keep = max(0, max_chars - len(CUT_MARK))
+    tail = keep // 3
+    return text[:keep - tail] + CUT_MARK + (text[len(text) - tail:] if tail else "")
+
+
+def fit_prompt(build: Callable[[str, Neighbours], list[dict[str, str]]], log: str, neighbours: Neighbours,
+               count: Callable[[list[dict[str, str]]], int], budget: int) -> tuple[list[dict[str, str]], str]:
+    """The messages `build(log, neighbours)` cut to at most `budget` tokens by `count`, and what was cut.
+
+    Order (issue 21, case 7: a prompt past the served context is refused by the endpoint, HTTP 400, vllm#20409):
+    first the neighbours, least similar first (they are evidence; the log is the case); then the middle of the log
+    text (cut_middle), shrunk in proportion to the excess until it fits. Returns (messages, '' | 'neighbours' |
+    'log'). Raises ValueError when even a log of _MIN_LOG_CHARS characters without neighbours does not fit.
+    """
+    messages = build(log, neighbours)
+    if count(messages) <= budget:
+        return messages, ""
+    shown = list(neighbours)
+    while shown:
+        shown.pop()
+        messages = build(log, shown)
+        if count(messages) <= budget:
+            return messages, "neighbours"
+    chars = len(log)
+    for _ in range(12):
+        used = count(messages)
+        if used <= budget:
+            return messages, "log"
+        chars = min(chars - 1, int(chars * budget / used * 0.95))
+        if chars < _MIN_LOG_CHARS:
+            break
+        messages = build(cut_middle(log, chars), ())
+    raise ValueError(f"the prompt does not fit {budget} tokens even with {_MIN_LOG_CHARS} characters of log text "
+                     "and no neighbours: raise the served context (serve.max_model_len) or lower the answer budget")

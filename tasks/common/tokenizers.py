@@ -8,7 +8,9 @@ special tokens to tasks.prompt.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +72,35 @@ def special_tokens_in(folder: str | Path | None) -> tuple[str, ...]:
         for name in (*NAMED_FIELDS, *LIST_FIELDS):
             found.update(_content(source.get(name)))
     return tuple(sorted(t for t in found if t))
+
+
+# Tokens a chat template adds per message (role markers, separators; ChatML's `<|im_start|>role\n...<|im_end|>\n`
+# is 5 with SmolLM2's tokenizer) and once for the generation prompt: counted generously, the prompt budget errs short.
+CHAT_OVERHEAD_TOKENS = 8
+
+
+@functools.lru_cache(maxsize=8)
+def token_counter(folder: str | None) -> Callable[[str], int]:
+    """A function giving the number of tokens of a text under the tokenizer in `folder` (its `tokenizer.json`, read
+    with the `tokenizers` library: no transformers import, ~10 ms).
+
+    Without a readable `tokenizer.json` (None, a remote endpoint whose tokenizer is not here) it counts UTF-8
+    bytes: an upper bound for byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM2) and byte-fallback tokenizers, whose
+    every token covers at least one byte, so a prompt fitted to it is never too long (issue 21, case 7).
+    """
+    if folder is not None and (Path(folder) / "tokenizer.json").is_file():
+        try:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+        except Exception:  # an unreadable tokenizer falls back to the byte bound below
+            tokenizer = None
+        if tokenizer is not None:
+            return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
+    return lambda text: len(text.encode("utf-8"))
+
+
+def chat_tokens(messages: list[dict[str, str]], count: Callable[[str], int]) -> int:
+    """Tokens of a chat prompt: its messages' contents under `count`, plus CHAT_OVERHEAD_TOKENS per message and once
+    for the opened assistant turn."""
+    return sum(count(m.get("content") or "") + CHAT_OVERHEAD_TOKENS for m in messages) + CHAT_OVERHEAD_TOKENS

@@ -116,11 +116,12 @@ class RecordJoiner:
         """Take one non-empty line; returns the event it closed, if any."""
         record = self._open
         content = record_content(text, self.fmt, self.header)
-        if (content is not None and record is not None and record.parts[0].startswith(TRACEBACK_HEADER)
-                and not record.closed and TRACEBACK_END.match(text)):
+        closing = (content is not None and record is not None and not record.closed
+                   and record.parts[0].startswith(TRACEBACK_HEADER) and TRACEBACK_END.match(text) is not None)
+        if closing:
             content = None  # a Python traceback's closing exception line
-            record.closed = True
         if content is None and record is not None and record.lines < self.max_lines and not record.closed:
+            record.closed = closing
             record.parts.append(text)
             record.last, record.lines, record.chars = number, record.lines + 1, record.chars + len(text) + 1
             if self._keys is not None:
