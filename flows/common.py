@@ -13,6 +13,7 @@ from filelock import FileLock, Timeout
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.recovery import RUN_RECORD, record_nested_run, record_run, recover_killed_run
 from tasks.common.config import repo_root, set_profile
 from tasks.common.dvc_ops import StageLocked, StageResult, repro_stage
 from tasks.common.errors import Busy
@@ -32,9 +33,12 @@ def pipeline_lock() -> Iterator[None]:
 
     Re-entrant within one process (the retrain flow calls the data, train and release flows), refused at
     once with RunInProgress when another process holds it: a second run would switch the running one's
-    profile and gate rules under it (issue 15, case 8).
+    profile and gate rules under it (issue 15, case 8). While held, `.cache/pipeline-run.json` records the run
+    (process, flow runs, temporary Prefect server); the next holder that finds it knows that run was killed,
+    marks its flow runs Crashed and stops its orphaned server (flows.recovery; issue 22, item 3).
     """
-    lock_path = repo_root() / LOCK_FILE
+    root = repo_root()
+    lock_path, record = root / LOCK_FILE, root / RUN_RECORD
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = _locks.setdefault(lock_path, FileLock(str(lock_path)))
     try:
@@ -42,9 +46,22 @@ def pipeline_lock() -> Iterator[None]:
     except Timeout as exc:
         raise RunInProgress(f"another pipeline run holds {lock_path} (a retrain, data, train or release flow); "
                             "wait for it to finish: the lock frees itself when that process ends") from exc
+    outermost = lock.lock_counter == 1
     try:
+        if outermost:
+            try:
+                recovered = recover_killed_run(record)
+            except Exception as exc:  # best effort: a cleanup that fails never stops the new run
+                recovered = f"the previous pipeline run's leftovers were not cleaned up ({type(exc).__name__}: {exc})"
+            if recovered:
+                print(recovered)
+            record_run(record)
+        else:
+            record_nested_run(record)
         yield
     finally:
+        if outermost:
+            record.unlink(missing_ok=True)
         lock.release()
 
 
