@@ -201,6 +201,7 @@ def prepare_grpo(settings: GrpoSettings) -> PreparedGrpo:
     Raises InputError (naming file and field) for bad data, a missing base model or SFT adapter, or prompts
     all longer than `max_prompt_length`; RuntimeError when nothing would be trained.
     """
+    threads = set_torch_threads(settings.torch_threads)  # first: OpenMP reads its wait policy as torch loads
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
     from trl import GRPOConfig
@@ -214,7 +215,6 @@ def prepare_grpo(settings: GrpoSettings) -> PreparedGrpo:
     sft_digest = adapter_digest(sft_path) if sft_path else None
     out_dir, ckpt_dir = resolve_path(settings.out_dir), resolve_path(settings.checkpoint_dir)
 
-    threads = set_torch_threads(settings.torch_threads)
     tokenizer = load_tokenizer(sft_path or inputs.base_dir, left_padding=True)
     dataset, dropped = build_dataset(inputs.records, tokenizer, settings.max_prompt_length)
     if len(dataset) == 0:

@@ -98,11 +98,11 @@ def prepare_sft(settings: SftSettings, *, full_finetune: bool = False) -> Prepar
     Raises InputError (naming file and field) for bad data, a missing base model, LoRA targets that do not
     exist, or data that is all longer than `max_length`; RuntimeError when the prompt would be trained on.
     """
+    threads = set_torch_threads(settings.torch_threads)  # first: OpenMP reads its wait policy as torch loads
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     inputs = read_inputs(settings, STAGE)
-    threads = set_torch_threads(settings.torch_threads)
     tokenizer = load_tokenizer(inputs.base_dir)
     dataset, dropped = build_dataset(inputs.records, tokenizer, settings.max_length)
     if len(dataset) == 0:

@@ -103,13 +103,24 @@ def set_profile(name: str, path: str | Path | None = None) -> bool:
     return True
 
 
+def available_cores() -> int:
+    """Cores this process may use: its CPU affinity (taskset, a cgroup cpuset) shared among the local processes
+    of a data-parallel launch (LOCAL_WORLD_SIZE, set by accelerate/torchrun), at least one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+
+
 def idle_core_threads() -> int:
     """One thread per core idle right now (CPU use sampled over one second), at least one.
 
-    For "auto" torch threads: on a busy 2-core machine two OpenMP threads spin at every barrier
-    (measured here under load: one thread trained 2-4x and generated 5-10x faster than two). Not the
-    load average: it remembers the previous pipeline stage for minutes, so on a quiet machine each
-    stage would inherit one thread from the stage before it.
+    The `auto` rule (evaluate's generation uses it): with OpenMP's default policy two threads spin at every barrier
+    on a busy 2-core machine (measured here under load: one thread trained 2-4x and generated 5-10x faster than
+    two). It decides once, at the start: light background work at that moment gave a whole SFT stage one thread
+    (issue 22: 1,379 s against 639 s quiet), so training uses `cores` with sleeping OpenMP threads instead
+    (`resolve_threads`). Not the load average: it remembers the previous pipeline stage for minutes.
     """
     import psutil
 
@@ -119,10 +130,21 @@ def idle_core_threads() -> int:
 
 
 def resolve_threads(setting: int | str | None) -> int | None:
-    """Torch threads for a `torch_threads` setting: an int as is (at least 1); "auto" = one per idle core
-    (`idle_core_threads`); None = leave torch's default (returns None)."""
+    """Torch threads for a `torch_threads` setting; None = leave torch's default (returns None).
+
+    - an int: as is (at least 1);
+    - "cores": one per core this process may use (`available_cores`), whatever the neighbours do right now.
+      The training default: with idle OpenMP threads asleep (OMP_WAIT_POLICY=PASSIVE, which
+      tasks.training.model.set_torch_threads sets) it was the fastest rule measured on a quiet machine and as
+      fast as one thread under one busy background core (bench/threads.py, 2-core machine shared with other
+      jobs: SFT 10.0 s/step quiet and 15.1 with a busy core, one thread 14.4 and 16.1, two spinning threads
+      19.3 and 49.9);
+    - "auto": one per core idle during a one-second sample at the start (`idle_core_threads`).
+    """
     if setting is None:
         return None
+    if setting == "cores":
+        return available_cores()
     if setting == "auto":
         return idle_core_threads()
     return max(1, int(setting))

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tasks.common.config import PARAMS_FILE, merge_profile, read_params_file, repo_root
 from tasks.common.errors import InputError
 
-Threads = int | Literal["auto"]
+Threads = int | Literal["cores", "auto"]  # tasks.common.config.resolve_threads says what each means
 
 
 class Section(BaseModel):

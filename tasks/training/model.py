@@ -96,13 +96,34 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
 
+OMP_WAIT_POLICY = "PASSIVE"  # what set_torch_threads gives OpenMP when the environment names no policy
+
+
 def set_torch_threads(setting: int | str | None) -> int:
-    """Intra-op threads for torch: an int, or "auto" = one per idle core (tasks.config.idle_core_threads)."""
+    """Set torch's intra-op threads from a `torch_threads` setting and return the count: an int, "cores" or
+    "auto" as `tasks.common.config.resolve_threads` says; None = one per available core.
+
+    Call it before anything imports torch: it first sets OMP_WAIT_POLICY=PASSIVE (unless the environment names a
+    policy), which OpenMP reads once, when torch loads it. A passive thread sleeps at a barrier instead of
+    spinning, so it does not hold a core its descheduled sibling needs: with two threads, the SFT step took 19.3 s
+    spinning against 10.0 s passive while other jobs shared the machine, and 49.9 s against 15.1 s under one busy
+    background core (bench/threads.py, issue 22). Called once torch is loaded, the policy is whatever the process
+    started with, and a RuntimeWarning says so when that is OpenMP's spinning default.
+    """
+    import sys
+
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
+    elif "OMP_WAIT_POLICY" not in os.environ:
+        import warnings
+
+        warnings.warn("torch was loaded before the thread rule: its idle OpenMP threads spin (set OMP_WAIT_POLICY="
+                      f"{OMP_WAIT_POLICY} before starting the process)", RuntimeWarning, stacklevel=2)
     import torch
 
-    from tasks.common.config import idle_core_threads
+    from tasks.common.config import available_cores, resolve_threads
 
-    threads = idle_core_threads() if setting in (None, "auto") else max(1, int(setting))
+    threads = resolve_threads(setting) or available_cores()
     torch.set_num_threads(threads)
     return threads
 
