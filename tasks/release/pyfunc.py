@@ -51,6 +51,19 @@ def resolve_base_model(ref: dict[str, Any]) -> Path:
                      f"looked at {', '.join(seen)}", hint="set RATIONANOMALY_BASE_MODEL to its folder")
 
 
+DEFAULT_DATASET = "system log"  # the dataset a row without one is asked as (tasks.common.prompt's default)
+
+
+def is_missing(value: Any) -> bool:
+    """A cell with no log: None, NaN, pd.NA, NaT, or a string of whitespace only (mlflow#4827: `astype(str)`
+    turned None/NaN into the log text `nan`)."""
+    import pandas as pd
+
+    if isinstance(value, str):
+        return not value.strip()
+    return bool(pd.api.types.is_scalar(value) and pd.isna(value))
+
+
 def read_calibration(adapter_dir: Path) -> tuple[float | None, str | None, int]:
     """The verdict threshold, index folder and neighbour count a version was evaluated with.
 
@@ -85,6 +98,11 @@ class RationAnomalyModel(mlflow.pyfunc.PythonModel):
     A version with a verdict threshold (calibration.json) answers as the endpoint does: the scored answer word
     against the threshold, with its retrieval index's neighbours in the prompt; every row also gets a rationale.
     A version without one answers with the word its rationale ends in (score None).
+
+    A row without a log (`is_missing`: None, NaN, empty or blank) is labelled, not judged and not refused: it
+    never reaches the model and comes back with `missing` True, verdict and label null, score NaN, `valid`
+    False and no rationale, so a batch scorer keeps its other rows and cannot count it as normal (mlflow#4827).
+    A missing `dataset` is the default "system log".
     """
 
     def load_context(self, context: Any) -> None:
@@ -111,34 +129,43 @@ class RationAnomalyModel(mlflow.pyfunc.PythonModel):
         import pandas as pd
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"log": list(model_input)})
-        logs = frame["log" if "log" in frame.columns else frame.columns[0]].astype(str).tolist()
-        datasets = frame["dataset"].astype(str).tolist() if "dataset" in frame.columns else ["system log"] * len(logs)
-        shown = self.index.prompt_neighbours(logs, self.neighbours) if self.index is not None else None
-        run = self.engine.classify(logs, datasets, adapter_dir=self.adapter_dir, neighbours=shown)
-        written = [p.verdict for p in run.predictions]
-        if self.threshold is None:
-            scores: list[float | None] = [None] * len(logs)
-            verdicts, valid = [w or NORMAL for w in written], [p.valid for p in run.predictions]
-        else:
-            scores = self.engine.score(logs, datasets, self.adapter_dir, shown).scores
-            verdicts = [scored_verdict(s, self.threshold) for s in scores]
-            valid = [s is not None for s in scores]
-        return pd.DataFrame({"verdict": verdicts, "label": [int(v == ABNORMAL) for v in verdicts],
-                             "score": [float("nan") if s is None else s for s in scores], "valid": valid,
-                             "rationale": [p.rationale for p in run.predictions],
-                             "completion": [p.completion for p in run.predictions]})
+        cells = frame["log" if "log" in frame.columns else frame.columns[0]].tolist()
+        named = frame["dataset"].tolist() if "dataset" in frame.columns else [None] * len(cells)
+        rows = [i for i, cell in enumerate(cells) if not is_missing(cell)]  # only these reach the model
+        logs = [str(cells[i]) for i in rows]
+        datasets = [DEFAULT_DATASET if is_missing(named[i]) else str(named[i]) for i in rows]
+        verdicts: list[str | None] = [None] * len(cells)
+        scores: list[float | None] = [None] * len(cells)
+        valid, rationales, completions = [False] * len(cells), [""] * len(cells), [""] * len(cells)
+        if rows:
+            shown = self.index.prompt_neighbours(logs, self.neighbours) if self.index is not None else None
+            run = self.engine.classify(logs, datasets, adapter_dir=self.adapter_dir, neighbours=shown)
+            if self.threshold is None:
+                answers = [(p.verdict or NORMAL, None, p.valid) for p in run.predictions]
+            else:
+                scored = self.engine.score(logs, datasets, self.adapter_dir, shown).scores
+                answers = [(scored_verdict(s, self.threshold), s, s is not None) for s in scored]
+            for i, (verdict, score, ok), prediction in zip(rows, answers, run.predictions, strict=True):
+                verdicts[i], scores[i], valid[i] = verdict, score, ok
+                rationales[i], completions[i] = prediction.rationale, prediction.completion
+        return pd.DataFrame({
+            "verdict": pd.Series(verdicts, dtype=object),  # None (JSON null) for a missing row
+            "label": pd.array([None if v is None else int(v == ABNORMAL) for v in verdicts], dtype="Int64"),
+            "score": [float("nan") if s is None else s for s in scores], "valid": valid,
+            "rationale": rationales, "completion": completions,
+            "missing": [verdict is None for verdict in verdicts]})
 
 
 def pyfunc_signature() -> Any:
     """Input columns `log` (+ optional `dataset`); output verdict, label, score (NaN: none), valid, rationale,
-    completion."""
+    completion, missing (a row without a log: verdict and label null)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
     inputs = Schema([ColSpec("string", "log"), ColSpec("string", "dataset", required=False)])
     outputs = Schema([ColSpec("string", "verdict"), ColSpec("long", "label"), ColSpec("double", "score"),
                       ColSpec("boolean", "valid"),
-                      ColSpec("string", "rationale"), ColSpec("string", "completion")])
+                      ColSpec("string", "rationale"), ColSpec("string", "completion"), ColSpec("boolean", "missing")])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
