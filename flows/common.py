@@ -4,6 +4,7 @@ publishing reports."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,8 +17,23 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.recovery import RUN_RECORD, record_nested_run, record_run, recover_killed_run
 from tasks.common.config import repo_root, set_profile
 from tasks.common.dvc_ops import StageLocked, StageResult, repro_stage
-from tasks.common.errors import Busy
+from tasks.common.errors import Busy, InputError
 from tasks.common.settings import Settings, load_settings
+
+
+class QuietRefusals(logging.Filter):
+    """Drop the traceback Prefect logs with a flow or task run that failed on bad input (InputError) or on a lock
+    another running process holds (Busy): their one-line message, which Prefect's line already carries, says
+    what and where; the stack adds nothing (issue 22, items 3 and 8: a held DVC lock ended in a traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], InputError | Busy):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _logger in ("prefect.flow_runs", "prefect.task_runs"):  # the loggers of Prefect's flow and task engines
+    logging.getLogger(_logger).addFilter(QuietRefusals())
 
 LOCK_FILE = ".cache/pipeline.lock"
 _locks: dict[Path, FileLock] = {}  # one lock object per file in this process: re-entrant for nested flows

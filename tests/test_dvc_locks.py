@@ -5,6 +5,8 @@ Real DVC in a small repository of its own: a stage that waits holds the lock whi
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
@@ -106,3 +108,30 @@ def test_the_flow_does_not_retry_a_stage_whose_lock_a_running_process_holds(
         return time.monotonic() - start
 
     assert locked() < 10  # one attempt: a retry would wait 10 s first
+
+
+def test_the_command_reports_a_held_lock_in_one_line_without_retrying(tmp_path: Path, mirror: Path) -> None:
+    """`rationanomaly data` while a live process holds DVC's lock on data/raw: no retry, no traceback, the last
+    line names the holder."""
+    from workspace import copy_project
+
+    project = copy_project(Path(__file__).resolve().parents[1], tmp_path / "project")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        lock = project / ".dvc" / "tmp" / "rwlock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.write_text(json.dumps({"write": {str(project / "data" / "raw"): {"pid": holder.pid,
+                                                                             "cmd": "dvc repro fetch"}}}))
+        env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, "RATIONANOMALY_ROOT": str(project),
+               "PREFECT_HOME": str(tmp_path / "prefect"), "RATIONANOMALY_MIRROR": str(mirror)}
+        proc = subprocess.run([sys.executable, "-m", "rationanomaly.cli", "data"], cwd=project, env=env,
+                              capture_output=True, text=True, timeout=600)
+    finally:
+        holder.kill()  # the process this test started to hold the lock
+        holder.wait()
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-3000:]
+    assert "Traceback" not in output and "Retry" not in output, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: stage 'fetch' not run: DVC's lock")
+    assert f"PID {holder.pid} (dvc repro fetch)" in errors[0]
