@@ -3,14 +3,13 @@ moment it arrives."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sqlite3
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from tasks.common.files import sha256_json
 from tasks.detection.verdicts import TemplateVerdict
 
 LAYOUT = 2  # PRAGMA user_version of the table layout; 2: keyed by system too (issue 21, case 9)
@@ -34,8 +33,7 @@ def cache_scope(model_version: str, answer_settings: Mapping[str, Any]) -> str:
     keeps, the answer budget, which verdicts get a rationale, the endpoint's threshold and index); values that
     are not JSON types are digested by their `str`.
     """
-    text = json.dumps(dict(answer_settings), sort_keys=True, default=str)
-    return f"{model_version}/{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    return f"{model_version}/{sha256_json(dict(answer_settings))[:12]}"
 
 
 class VerdictCache:
