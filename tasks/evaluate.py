@@ -3,9 +3,10 @@
 Test sets (tasks/evaluation/testdata.py, served.py): the whole BGL and Spirit template test splits, the
 BGL_2k windows and HDFS sessions (and their unseen-only subsets), and the served path: detect's own code on
 raw BGL_2k lines (alert tags; expert-corrected template labels) and on Thunderbird_2k (false alarms). Every
-method answers each (dataset, template) once: the lexical and retrieval baselines (baselines.py), the
-SFT-only adapter (the paper's "without RL"), the zero-shot base model on a fixed sample, and the candidate,
-which answers the served sets through the detector (tasks/evaluation/served.py). The candidate, its
+method answers each (dataset, template) once: the lexical, classical and retrieval baselines (baselines.py;
+the classical one cross-fits its C and thresholds per dataset on the training templates), the SFT-only
+adapter (the paper's "without RL"), the zero-shot base model on a fixed sample, and the candidate, which
+answers the served sets through the detector (tasks/evaluation/served.py). The candidate, its
 no-retrieval ablation and the SFT adapter are judged by the calibrated verdict score against a threshold
 fitted on the validation fold (tasks/evaluation/calibration.py; the candidate's goes to calibration.json and
 the registry); the answer-word ablation is the word the candidate's rationale ends in. metrics.py scores every
@@ -80,6 +81,24 @@ def rule_method(name: str, keys: Sequence[Key], predict: Callable[[list[str]], n
     return MethodResult(name, verdicts, seconds, engine, False)
 
 
+def training_templates(data: EvalData) -> pd.DataFrame:
+    """Every labelled template that is not a test item: the training split and the validation fold (dataset,
+    template, label), what the classical baseline cross-fits its C and thresholds on."""
+    parts = [data.train] + ([data.validation] if data.validation is not None else [])
+    return pd.concat([p[["dataset", "template", "label"]] for p in parts], ignore_index=True)
+
+
+def keyed_rule_method(name: str, keys: Sequence[Key], predict: Callable[[list[Key]], np.ndarray],
+                      scores: Callable[[list[Key]], np.ndarray]) -> MethodResult:
+    """A baseline that answers each (dataset, template) key by its dataset's model (the classical detector)."""
+    started = time.perf_counter()
+    keys = list(keys)
+    labels, values = (predict(keys), scores(keys)) if keys else (np.array([], dtype=int), np.array([]))
+    verdicts = {key: {"label": int(y), "score": float(v), "valid": None, "rationale_words": None}
+                for key, y, v in zip(keys, labels, values, strict=True)}
+    return MethodResult(name, verdicts, time.perf_counter() - started, "scikit-learn", False)
+
+
 def _llm_verdict(p: Any) -> dict[str, Any]:
     """A verdict dict from an engine Prediction (tasks.evaluation.inference)."""
     return {"label": p.label, "valid": p.valid, "verdict": p.verdict, "rationale_words": p.rationale_words,
@@ -136,8 +155,8 @@ def _served(settings: EvaluateSettings, detect: DetectSettings, root: Path, clas
 
 def differences(results: dict[str, MethodResult], sets: Sequence[EvalSet], metrics: dict[str, Any],
                 bootstrap: BootstrapSettings) -> dict[str, dict[str, Any]]:
-    """Paired F1 differences on the same items, per set with anomalies: the candidate minus the best lexical or
-    retrieval baseline on that set (by point F1), and minus the SFT-only adapter (the RL ablation)."""
+    """Paired F1 differences on the same items, per set with anomalies: the candidate minus the best lexical,
+    classical or retrieval baseline on that set (by point F1), and minus the SFT-only adapter (the RL ablation)."""
     out: dict[str, dict[str, Any]] = {}
     candidate = results.get(CANDIDATE)
     if candidate is None:
@@ -194,6 +213,47 @@ def scored_method(name: str, engine: Any, adapter: Path | None, keys: Sequence[K
     return result, calibration
 
 
+def rule_baselines(settings: EvaluateSettings, methods: Sequence[str], data: EvalData, keys: Sequence[Key],
+                   index: TemplateIndex | None) -> tuple[dict[str, MethodResult], dict[str, dict[str, Any]]]:
+    """The lexical, classical and retrieval baselines among `methods`, each answering every key (no model
+    loads); and the classical baseline's fits per dataset (C, threshold and its spread; {} without it). They
+    learn from training templates only: keywords from none, tfidf_lr and the knn ones from the training split,
+    classical from the training split and the validation fold (`training_templates`)."""
+    from tasks.evaluation import baselines
+
+    all_keys = list(keys)
+    out: dict[str, MethodResult] = {}
+    classical_fits: dict[str, dict[str, Any]] = {}
+    if "keywords" in methods:
+        out["keywords"] = rule_method("keywords", all_keys, baselines.keyword_predict, "regex")
+    if "tfidf_lr" in methods:
+        started = time.perf_counter()
+        model = baselines.fit_tfidf_lr(data.train["template"], data.train["label"], ngram_max=settings.tfidf.ngram_max,
+                                       c=settings.tfidf.C, seed=settings.seed)
+        out["tfidf_lr"] = rule_method("tfidf_lr", all_keys, lambda ts: baselines.tfidf_lr_predict(model, ts),
+                                      "scikit-learn", lambda ts: baselines.tfidf_lr_scores(model, ts))
+        out["tfidf_lr"].notes.append(f"fitted on {len(data.train)} training templates in "
+                                     f"{time.perf_counter() - started:.2f} s")
+    if "classical" in methods:
+        started = time.perf_counter()
+        detector = baselines.fit_classical(training_templates(data), settings.classical,
+                                           confidence=settings.bootstrap.confidence, seed=settings.seed)
+        out["classical"] = keyed_rule_method("classical", all_keys, detector.predict, detector.scores)
+        out["classical"].seconds += time.perf_counter() - started
+        classical_fits = {scope: fit.to_dict() for scope, fit in detector.fits.items()}
+    if {"knn_1", "knn_vote"} & set(methods):
+        knn = index or TemplateIndex(data.train["template"], data.train["label"], data.train["dataset"])
+        if "knn_1" in methods:
+            out["knn_1"] = rule_method("knn_1", all_keys, lambda ts: baselines.knn_1_predict(knn, ts),
+                                       "scikit-learn")
+        if "knn_vote" in methods:
+            votes = settings.knn.k
+            out["knn_vote"] = rule_method(
+                "knn_vote", all_keys, lambda ts: (baselines.knn_vote_scores(knn, ts, votes) >= 0.5).astype(int),
+                "scikit-learn", lambda ts: baselines.knn_vote_scores(knn, ts, votes))
+    return out, classical_fits
+
+
 def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path | None = None,
                  engine_factory: Callable[..., Any] | None = None, retrieval: IndexSettings | None = None,
                  ) -> Evaluation:
@@ -201,7 +261,6 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
 
     Raises InputError for missing or malformed test data or model folders, before any model loads.
     """
-    from tasks.evaluation import baselines
     from tasks.evaluation.inference import open_engine
 
     root = root or repo_root()
@@ -270,26 +329,8 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
     engine_name, engine_notes = engine.name, list(engine.notes)
 
     all_keys = list(dict.fromkeys([*keys, *(k for s in served for k in s.unique_keys())]))
-    if "keywords" in methods:
-        results["keywords"] = rule_method("keywords", all_keys, baselines.keyword_predict, "regex")
-    if "tfidf_lr" in methods:
-        started = time.perf_counter()
-        model = baselines.fit_tfidf_lr(data.train["template"], data.train["label"], ngram_max=settings.tfidf.ngram_max,
-                                       c=settings.tfidf.C, seed=settings.seed)
-        results["tfidf_lr"] = rule_method("tfidf_lr", all_keys, lambda ts: baselines.tfidf_lr_predict(model, ts),
-                                          "scikit-learn", lambda ts: baselines.tfidf_lr_scores(model, ts))
-        results["tfidf_lr"].notes.append(f"fitted on {len(data.train)} training templates in "
-                                         f"{time.perf_counter() - started:.2f} s")
-    if {"knn_1", "knn_vote"} & set(methods):
-        knn = index or TemplateIndex(data.train["template"], data.train["label"], data.train["dataset"])
-        if "knn_1" in methods:
-            results["knn_1"] = rule_method("knn_1", all_keys, lambda ts: baselines.knn_1_predict(knn, ts),
-                                           "scikit-learn")
-        if "knn_vote" in methods:
-            votes = settings.knn.k
-            results["knn_vote"] = rule_method(
-                "knn_vote", all_keys, lambda ts: (baselines.knn_vote_scores(knn, ts, votes) >= 0.5).astype(int),
-                "scikit-learn", lambda ts: baselines.knn_vote_scores(knn, ts, votes))
+    rules, classical_fits = rule_baselines(settings, methods, data, all_keys, index)
+    results.update(rules)
 
     all_sets = [*sets, *served, *samples]
     bootstrap = bootstrap_settings(settings)
@@ -326,6 +367,8 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
                                                         "torch_threads", "seed")} | {"neighbours_k": k},
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    if classical_fits:
+        metrics["classical"] = classical_fits
     return Evaluation(metrics, data, ordered, all_sets)
 
 

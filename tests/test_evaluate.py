@@ -90,7 +90,7 @@ def params(**overrides: object) -> EvaluateSettings:
     base = {"max_templates_per_dataset": None, "max_sessions_per_dataset": None, "batch_size": 16,
             "max_new_tokens": 8, "engine": "transformers", "dtype": "bfloat16", "torch_threads": None,
             "zero_shot_sample": 2, "served": shipped.served.model_copy(update={"max_lines": 60}),
-            "baselines": ["keywords", "tfidf_lr", "knn_1", "knn_vote", "zero_shot", "sft_only"]}
+            "baselines": ["keywords", "tfidf_lr", "classical", "knn_1", "knn_vote", "zero_shot", "sft_only"]}
     return shipped.model_copy(update={**base, **overrides})
 
 
@@ -167,7 +167,7 @@ def test_smoke_evaluation_of_a_real_adapter(eval_root: Path, base_model_dir: Pat
     assert "average_precision" in metrics["methods"]["sft_only"]["template_bgl"]
     answer_word = metrics["methods"]["rationanomaly_answer_word"]["template_bgl"]
     assert "average_precision" not in answer_word and "disagreement_rate" not in answer_word  # no score of its own
-    for method in ("keywords", "tfidf_lr", "knn_1", "knn_vote", "rationanomaly"):
+    for method in ("keywords", "tfidf_lr", "classical", "knn_1", "knn_vote", "rationanomaly"):
         blocks = metrics["methods"][method]
         assert set(blocks) == template_sets | samples | served, method
         assert blocks["template_bgl"]["n"] == 4 and blocks["template_bgl"]["n_abnormal"] == 2
@@ -182,11 +182,14 @@ def test_smoke_evaluation_of_a_real_adapter(eval_root: Path, base_model_dir: Pat
     unique = metrics["test_data"]["unique_templates_classified"]
     assert metrics["speed"]["sft_only"]["unique_templates"] == unique
     assert metrics["speed"]["zero_shot"]["unique_templates"] == 4
-    assert metrics["differences"]["template_bgl"]["best_baseline"] in ("keywords", "tfidf_lr", "knn_1", "knn_vote")
+    assert metrics["differences"]["template_bgl"]["best_baseline"] in ("keywords", "tfidf_lr", "classical", "knn_1",
+                                                                        "knn_vote")
+    assert set(metrics["classical"]) == {"bgl", "spirit", "*"}  # C and threshold per dataset, and the default
 
     out = eval_root / "reports" / "eval"
     report = (out / "eval.md").read_text()
     assert "Engine: **transformers**" in report and "| **rationanomaly** (candidate) |" in report
+    assert "## The classical baseline: C and threshold cross-fitted per dataset" in report
     assert (out / "confusion_matrices.png").stat().st_size > 10_000 and (out / "f1_by_method.png").is_file()
     rows = [json.loads(line) for line in (out / "predictions.jsonl").open()]
     served_templates = metrics["speed"]["rationanomaly"]["unique_templates"] - unique

@@ -24,7 +24,8 @@ CALIBRATION_FILE = "calibration.json"
 # A registered version's retrieval index folder, beside its adapter folder (artifacts/index, artifacts/adapter).
 INDEX_ARTIFACT = "index"
 CANDIDATE = "rationanomaly"  # the method name of the candidate the gate judges, in metrics.json and reports
-RULE_METHODS = ("keywords", "tfidf_lr", "knn_1", "knn_vote")  # lexical and retrieval baselines (baselines.py)
+# lexical, classical and retrieval baselines (baselines.py); the paired "best baseline" is the best of these
+RULE_METHODS = ("keywords", "tfidf_lr", "classical", "knn_1", "knn_vote")
 LLM_BASELINES = ("zero_shot", "sft_only")  # the base model alone; the SFT adapter (paper's "without RL")
 
 
@@ -104,6 +105,9 @@ class Metrics(TypedDict):
     params: dict[str, Any]
     created_at: str
     mlflow_run_id: NotRequired[str]
+    # the classical baseline's fits, per dataset and "*" (the default for a system without training templates):
+    # training templates, chosen C, threshold with its bootstrap interval and per-fold values, out-of-fold figures
+    classical: NotRequired[dict[str, dict[str, Any]]]
 
 
 class ServeState(TypedDict):

@@ -242,6 +242,28 @@ class KnnSettings(Section):
     k: int = Field(ge=1)  # neighbours of the k-NN vote (knn_vote); knn_1 is the single nearest
 
 
+class ClassicalSettings(Section):
+    """`evaluate.classical`: the classical baseline (tasks/evaluation/baselines.py, issue 18 item 1): word and
+    character TF-IDF with the keyword flag, class-balanced logistic regression; C (from `C`) and the threshold
+    chosen per dataset on `folds`-fold out-of-fold scores of the training templates, the threshold's spread
+    from `threshold_resamples` bootstrap resamples of those scores (0: none)."""
+
+    word_ngram_max: int = Field(ge=1)
+    char_ngrams: tuple[int, int]  # [low, high] character n-gram lengths within word boundaries
+    C: list[float] = Field(min_length=1)
+    folds: int = Field(ge=2)
+    threshold_resamples: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _valid_ranges(self) -> ClassicalSettings:
+        low, high = self.char_ngrams
+        if not 1 <= low <= high:
+            raise ValueError(f"char_ngrams must be [low, high] with 1 <= low <= high, found {list(self.char_ngrams)}")
+        if any(c <= 0 for c in self.C):
+            raise ValueError(f"every C must be > 0, found {self.C}")
+        return self
+
+
 class BootstrapIntervalSettings(Section):
     """`evaluate.bootstrap`: stratified percentile bootstrap of every F1 and rate (tasks/evaluation/intervals.py)."""
 
@@ -279,8 +301,9 @@ class EvaluateSettings(Section):
     kvcache_space_gib: int = Field(ge=1)
     torch_threads: Threads | None
     engine: Literal["auto", "vllm", "transformers"]
-    baselines: list[Literal["keywords", "tfidf_lr", "knn_1", "knn_vote", "zero_shot", "sft_only"]]
+    baselines: list[Literal["keywords", "tfidf_lr", "classical", "knn_1", "knn_vote", "zero_shot", "sft_only"]]
     tfidf: TfidfSettings
+    classical: ClassicalSettings
     knn: KnnSettings
     bootstrap: BootstrapIntervalSettings
     served: ServedEvalSettings
