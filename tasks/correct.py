@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,15 @@ class _Matcher:
         return {"corrections": len(corrections), "matched_exact": counts["exact"],
                 "matched_normalized": counts["normalized"], "unmatched": unmatched,
                 "normalized_matches": normalized, "overrides": overrides, "stated_label_mismatch": mismatched}
+
+
+def match_corrections(templates: Sequence[str], corrections: Sequence[Correction],
+                      ) -> list[tuple[list[int], str, str | None]]:
+    """For each correction, the positions in `templates` it applies to, how it matched (exact | normalized | none)
+    and why not: this stage's one matching rule, for readers outside the stage (the evaluation gives Thunderbird_2k
+    templates that match an expert-corrected template the experts' label, tasks/evaluation/served.py)."""
+    matcher = _Matcher(pd.DataFrame({"template": list(templates)}))
+    return [matcher.find(correction) for correction in corrections]
 
 
 def build_review_queue(frame: pd.DataFrame) -> pd.DataFrame:

@@ -147,7 +147,8 @@ def _served(settings: EvaluateSettings, detect: DetectSettings, root: Path, clas
     served = settings.served
     bgl = read_labelled_log("bgl2k", root / served.bgl_log, "bgl", served.max_lines)
     thunderbird = read_labelled_log("thunderbird", root / served.thunderbird_log, "thunderbird", served.max_lines)
-    corrected = read_labelled_templates(root / served.corrected_templates, ("dataset", "template", "label"),
+    corrected = read_labelled_templates(root / served.corrected_templates,
+                                        ("dataset", "template", "label", "correction"),
                                         missing_hint="run `dvc repro correct`", what="corrected templates")
     return served_sets(detect_log(bgl, detect, classifier), detect_log(thunderbird, detect, classifier),
                        corrected, data.seen, served.window_lines)

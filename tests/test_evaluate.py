@@ -56,7 +56,14 @@ def write_served_inputs(mirror: Path, root: Path) -> None:
     frames = [pd.read_csv(mirror / f"logprompt/templates_{d}.csv", keep_default_na=False).assign(dataset=d)
               for d in ("bgl", "spirit")]
     (root / "data/corrected").mkdir(parents=True)
-    pd.concat(frames).rename(columns={"log": "template"}).to_parquet(root / "data/corrected/templates.parquet")
+    corrected = pd.concat(frames).rename(columns={"log": "template"}).assign(correction="none")
+    corrected.loc[corrected["template"] == THUNDERBIRD_EXPERT_TEMPLATE, "correction"] = "exact"
+    corrected.loc[corrected["template"] == THUNDERBIRD_EXPERT_TEMPLATE, "label"] = 1
+    corrected.to_parquet(root / "data/corrected/templates.parquet")
+
+
+# Corrected to abnormal by the experts (Spirit); 8 of the first 60 Thunderbird_2k lines are of this template.
+THUNDERBIRD_EXPERT_TEMPLATE = "data_thread() got not answer from any <*> <*> datasource"
 
 
 def write_index(root: Path) -> None:
@@ -173,6 +180,7 @@ def test_smoke_evaluation_of_a_real_adapter(eval_root: Path, base_model_dir: Pat
         assert blocks["template_bgl"]["n"] == 4 and blocks["template_bgl"]["n_abnormal"] == 2
         assert blocks["session_hdfs"]["confusion_matrix"][0][0] + blocks["session_hdfs"]["confusion_matrix"][0][1] == 1
         assert blocks["served_bgl2k_lines"]["n"] == 60 and "false_alarm_rate" in blocks["served_thunderbird_lines"]
+        assert blocks["served_thunderbird_lines"]["n"] == 60 - 8  # the experts' abnormal template left out
         low, high = blocks["template_bgl"]["f1_ci"]
         assert low <= blocks["template_bgl"]["f1"] <= high
     cand = metrics["methods"]["rationanomaly"]["template_bgl"]

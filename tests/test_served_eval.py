@@ -19,7 +19,14 @@ from tasks.common.settings import load_settings
 from tasks.evaluation.inference import InferenceRun, ScoreRun, to_prediction
 from tasks.evaluation.intervals import BootstrapSettings
 from tasks.evaluation.metrics import MethodResult, score
-from tasks.evaluation.served import InProcessClassifier, detect_log, read_labelled_log, served_sets
+from tasks.evaluation.served import (
+    InProcessClassifier,
+    detect_log,
+    expert_labels,
+    merge_placeholder_runs,
+    read_labelled_log,
+    served_sets,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 HEAD = "2005.06.03 R02-M1-N0-C:J12-U11 2005-06-03-15.42.50.675872 R02-M1-N0-C:J12-U11 RAS KERNEL"
@@ -41,11 +48,19 @@ THUNDER = [
     "- 1131566462 2005.11.09 dn228 Nov 9 12:01:02 dn228/dn228 crond(pam_unix)[2916]: session opened for user root",
     "- 1131566463 2005.11.09 dn229 Nov 9 12:01:03 dn229/dn229 kernel: disk sda failed",
     "- 1131566464 2005.11.09 dn230 Nov 9 12:01:04 dn230/dn230 kernel: disk sda failed",
+    # a template the experts corrected to abnormal on Spirit (issue 18 item 7: 819 of Thunderbird_2k's lines)
+    "- 1131566465 2005.11.09 tbird-admin1 Nov 9 12:01:05 local@tbird-admin1 /apps/x86_64/system/ganglia-3.0.1/"
+    "sbin/gmetad[1682]: data_thread() got not answer from any [Thunderbird_A8] datasource",
+    "- 1131566466 2005.11.09 tbird-admin1 Nov 9 12:01:06 local@tbird-admin1 /apps/x86_64/system/ganglia-3.0.1/"
+    "sbin/gmetad[1682]: data_thread() got not answer from any [Thunderbird_B8] datasource",
 ]
-CORRECTED = pd.DataFrame({"dataset": ["bgl"] * 4, "label": [0, 1, 1, 0], "template": [
+# The correct stage's output: `correction` says which labels are the experts' decisions.
+CORRECTED = pd.DataFrame({"dataset": ["bgl"] * 4 + ["spirit"], "label": [0, 1, 1, 0, 1],
+                          "correction": ["none", "exact", "none", "none", "exact"], "template": [
     "instruction cache parity error corrected", "data TLB error interrupt",
-    "ciod: failed to read message prefix on <*>", "generating <*>"]})
-ABNORMAL_WHEN = re.compile(r"TLB error|failed to read|sda failed")  # the fixed answer table
+    "ciod: failed to read message prefix on <*>", "generating <*>",
+    "data_thread() got not answer from any <*> <*> datasource"]})
+ABNORMAL_WHEN = re.compile(r"TLB error|failed to read|sda failed|data_thread")  # the fixed answer table
 TAGS = re.compile(r"TAG[A-Z]+")
 
 
@@ -111,8 +126,16 @@ def test_line_window_and_false_alarm_figures_equal_hand_computed_values(served) 
     corrected = blocks["served_bgl2k_lines_corrected"]  # matched: 1,2,3,4,7,8,9,10; labels 0,1,1,0,0,1,0,1
     assert corrected["n"] == 8 and corrected["n_abnormal"] == 4
     assert corrected["confusion_matrix"] == [[4, 0], [0, 4]]  # line 8 is abnormal by the experts' template label
+    # the flagged data_thread lines match the experts' abnormal Spirit template: anomalies, not false alarms
     assert blocks["served_thunderbird_lines"]["false_alarm_rate"] == pytest.approx(2 / 4)
     assert blocks["served_thunderbird_templates"]["false_alarm_rate"] == pytest.approx(1 / 3)
+    thunder = info["thunderbird"]
+    assert (thunder["expert_abnormal_templates"], thunder["expert_abnormal_lines"]) == (1, 2)
+    assert (thunder["false_alarm_templates"], thunder["false_alarm_lines"]) == (3, 4)
+    assert thunder["expert_labelled"] == [{
+        "template": "data_thread() got not answer from any <*> datasource", "lines": 2, "label": "abnormal",
+        "expert_template": "data_thread() got not answer from any <*> <*> datasource", "expert_dataset": "spirit",
+        "matched": "exact"}]
     assert info["bgl2k"]["matched_lines"] == 8 and info["bgl2k"]["matched_lines_of_training_templates"] == 2
     assert info["thunderbird"]["alert_lines"] == 0
     assert info["thunderbird"]["largest_template_lines"] == 2  # `disk sda failed` twice
@@ -124,7 +147,9 @@ def test_the_first_field_never_reaches_drain3_or_any_prompt(served) -> None:
         "instruction cache parity error corrected", "data TLB error interrupt",
         "ciod: failed to read message prefix on control stream", "generating core.2210", "generating core.2211",
         "(empty message)", "this line has no header at all", "session closed for user root",
-        "session opened for user root", "disk sda failed"}
+        "session opened for user root", "disk sda failed",
+        "data_thread() got not answer from any [Thunderbird_A8] datasource",
+        "data_thread() got not answer from any [Thunderbird_B8] datasource"}
     assert engine.prompts, "the endpoint was asked"
     for text in [*mined, *engine.prompts]:
         assert not TAGS.search(text), text
@@ -147,3 +172,23 @@ def test_a_version_without_a_threshold_is_judged_by_its_answer_word_as_it_is_ser
     scored = InProcessClassifier(ScoresEverythingAbnormal(), None, "candidate", threshold=0.5,
                                  rationales="none").classify(items)
     assert [v.verdict for v in scored] == ["abnormal", "abnormal"] and not any(v.rationale for v in scored)
+
+
+def test_a_mined_template_takes_the_experts_label_by_the_correct_stages_matching() -> None:
+    mined = ["data_thread() got not answer from any <*> datasource", "Connection From <*>",
+             "session closed for user root", "disk <*> failed", "kernel: <*> <*> ready"]
+    corrected = pd.DataFrame([
+        ("spirit", "data_thread() got not answer from any <*> <*> datasource", 1, "exact"),  # placeholders merged
+        ("spirit", "connection from <*>", 0, "normalized"),       # same normalised form: the experts say normal
+        ("bgl", "session closed for user root", 1, "none"),        # a list label, not an expert decision
+        ("spirit", "disk <*> failed", 1, "exact"), ("bgl", "disk <*> failed", 0, "review"),  # experts disagree
+        ("spirit", "kernel: <*> ready", 1, "exact"),
+    ], columns=["dataset", "template", "label", "correction"])
+    found = expert_labels(mined, corrected)
+    assert sorted(found) == [0, 1, 3, 4]
+    assert found[0] == {"label": 1, "template": "data_thread() got not answer from any <*> <*> datasource",
+                        "dataset": "spirit", "matched": "exact"}
+    assert (found[1]["label"], found[1]["matched"]) == (0, "normalized")
+    assert found[3]["label"] is None and len(found[3]["conflict"]) == 2  # neither label is taken
+    assert found[4]["label"] == 1
+    assert merge_placeholder_runs("a <*><*>  <*> b <*>") == "a <*> b <*>"

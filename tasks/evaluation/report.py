@@ -148,6 +148,27 @@ def calibration_lines(metrics: Metrics | dict[str, Any]) -> list[str]:
     return lines
 
 
+def expert_lines(thunder: dict[str, Any]) -> list[str]:
+    """Thunderbird_2k templates that match an expert-corrected template: why they leave the false-alarm figures."""
+    rows = thunder.get("expert_labelled") or []
+    if not rows:
+        return []
+    lines = [f"- False alarms are counted on {thunder.get('false_alarm_templates')} templates "
+             f"({thunder.get('false_alarm_lines')} lines): {thunder.get('expert_abnormal_templates')} templates "
+             f"({thunder.get('expert_abnormal_lines')} lines) match a template the experts corrected to abnormal "
+             "(the correct stage's matching: the same text, else the one template with the same normalised form; "
+             "adjacent `<*>` merged on both sides), so they are anomalies by the experts' labels, not false "
+             "alarms. Matches:", ""]
+    lines += ["| Thunderbird_2k template | lines | experts' label | expert-corrected template (dataset, match) |",
+              "|---|---|---|---|"]
+    def text(value: str) -> str:
+        return value.replace("|", "\\|")
+
+    lines += [f"| `{text(r['template'])}` | {r['lines']} | {r['label'] or 'conflicting'} | "
+              f"`{text(r['expert_template'])}` ({r['expert_dataset']}, {r['matched']}) |" for r in rows]
+    return lines
+
+
 def classical_lines(metrics: Metrics | dict[str, Any]) -> list[str]:
     """The classical baseline's choices per dataset: C, the threshold and its spread, out-of-fold figures."""
     fits = metrics.get("classical") or {}
@@ -225,7 +246,8 @@ def report_markdown(metrics: Metrics) -> str:
                   "matches when its text, each `<*>` any run of characters, equals the whole message; among "
                   "several, the one with most literal characters.",
                   f"- Thunderbird_2k: {thunder.get('lines')} lines ({thunder.get('alert_lines')} alerts), "
-                  f"{thunder.get('mined_templates')} mined templates; a system never trained on.", "",
+                  f"{thunder.get('mined_templates')} mined templates; a system never trained on.",
+                  *expert_lines(thunder), "",
                   markdown_table(metrics, served), "",
                   "Every line of a template shares that template's verdict, so line figures weigh a template by "
                   "how often it is written, and their intervals (lines resampled as if independent) are too "
