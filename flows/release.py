@@ -200,7 +200,13 @@ def verify_candidate(settings: Settings) -> dict[str, str | None]:
             for name, folder in folders.items()}
 
 
-@task(name="register", retries=2, retry_delay_seconds=5)
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition for `register`: a registry that timed out or failed is worth another attempt, bad
+    or damaged input (InputError, IntegrityError: the bytes do not match their lineage) is not."""
+    return not isinstance(state.result(raise_on_failure=False), InputError)
+
+
+@task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
 def register(metrics: dict[str, Any], items: dict[str, Any], verdict: GateVerdict, digest: str,
              settings: Settings, judgement: str = "") -> str:
     """A new registry version for every evaluated candidate (@challenger when its gate passed).

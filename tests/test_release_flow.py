@@ -167,3 +167,16 @@ def test_a_retried_register_returns_the_version_it_made(world: World, adapters: 
     added = [mv for mv in registry.client().search_model_versions("name='rationanomaly'") if mv.version not in before]
     assert first == again and [str(mv.version) for mv in added] == [first]
     assert dict(added[0].tags)[release.RUN_TAG] == run_id
+
+
+def test_register_is_not_retried_for_damaged_or_bad_input_but_is_for_a_registry_failure() -> None:
+    from prefect.states import Failed
+
+    from flows.release import _transient, register
+    from tasks.common.integrity import IntegrityError
+    from tasks.release.registry import RegistryUnavailable
+
+    assert register.retry_condition_fn is _transient
+    damaged = Failed(data=IntegrityError("models/grpo/adapter_model.safetensors", "md5 differs from dvc.lock"))
+    assert not _transient(register, None, damaged)
+    assert _transient(register, None, Failed(data=RegistryUnavailable("mlflow server timed out")))
