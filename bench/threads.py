@@ -291,12 +291,12 @@ def main() -> None:
             if quiet and other:
                 loads = ", ".join(f"{r['load_before']:.2f}" for r in quiet), ", ".join(
                     f"{r['load_before']:.2f}" for r in other)
-                print(f"  {rule:<12}{condition:<15}{median_step(other) / median_step(quiet):>6.2f}  "
+                print(f"  {rule:<13}{condition:<15}{median_step(other) / median_step(quiet):>6.2f}  "
                       f"(load avg: quiet {loads[0]}; {condition} {loads[1]})")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 
-HEADER = (f"{'rule':<12}{'condition':<15}{'threads':>8}{'s/step':>9}{'x base':>8}{'CPU s/step':>11}"
+HEADER = (f"{'rule':<13}{'condition':<15}{'threads':>8}{'s/step':>9}{'x base':>8}{'CPU s/step':>11}"
           f"{'load avg before->after':>24}  steps (s)")
 
 
@@ -306,7 +306,7 @@ def median_step(runs: list[dict[str, Any]]) -> float:
 
 def row(r: dict[str, Any], base: float) -> str:
     """One configuration's line: threads, s/step, ratio to the baseline, CPU s/step, load averages, steps."""
-    return (f"{r['rule']:<12}{r['condition']:<15}{r['threads']:>8}{r['s_per_step']:>9.2f}{r['s_per_step'] / base:>8.2f}"
+    return (f"{r['rule']:<13}{r['condition']:<15}{r['threads']:>8}{r['s_per_step']:>9.2f}{r['s_per_step'] / base:>8.2f}"
             f"{r['cpu_s_per_step']:>11.2f}{r['load_before']:>14.2f} -> {r['load_after']:<6.2f}  "
             f"{r['steps_s']} ({r['wall_s']:.0f} s, OpenMP spin count {r['spincount']}, "
             f"{r['omp'] or 'no OMP_ variables'})")

@@ -134,11 +134,11 @@ def resolve_threads(setting: int | str | None) -> int | None:
 
     - an int: as is (at least 1);
     - "cores": one per core this process may use (`available_cores`), whatever the neighbours do right now.
-      The training default: with idle OpenMP threads asleep (OMP_WAIT_POLICY=PASSIVE, which
-      tasks.training.model.set_torch_threads sets) it was the fastest rule measured on a quiet machine and as
-      fast as one thread under one busy background core (bench/threads.py, 2-core machine shared with other
-      jobs: SFT 10.0 s/step quiet and 15.1 with a busy core, one thread 14.4 and 16.1, two spinning threads
-      19.3 and 49.9);
+      The training default, with idle OpenMP threads asleep (OMP_WAIT_POLICY=PASSIVE, set by
+      tasks.training.model.set_torch_threads). bench/threads.py on this 2-core machine shared with other jobs
+      (load average 2-4), SFT median s/step over 2 rounds, quiet / one busy background core: cores 13.3 / 17.7
+      (1.33x); the old `auto` 14.4 / 31.6 (2.2x: one thread against the busy core and the other jobs, 16.3 after
+      a busy start); one thread 15.5 / 33.4; two spinning threads 19-69 / 50-94;
     - "auto": one per core idle during a one-second sample at the start (`idle_core_threads`).
     """
     if setting is None:

@@ -105,10 +105,13 @@ def set_torch_threads(setting: int | str | None) -> int:
 
     Call it before anything imports torch: it first sets OMP_WAIT_POLICY=PASSIVE (unless the environment names a
     policy), which OpenMP reads once, when torch loads it. A passive thread sleeps at a barrier instead of
-    spinning, so it does not hold a core its descheduled sibling needs: with two threads, the SFT step took 19.3 s
-    spinning against 10.0 s passive while other jobs shared the machine, and 49.9 s against 15.1 s under one busy
-    background core (bench/threads.py, issue 22). Called once torch is loaded, the policy is whatever the process
-    started with, and a RuntimeWarning says so when that is OpenMP's spinning default.
+    spinning, so it does not hold a core its descheduled sibling needs. Measured on this shared 2-core machine
+    (bench/threads.py, issue 22): two spinning threads took 19-69 s per SFT step against 10-19 s passive while other
+    jobs ran, 50-94 s against 15-20 s under one busy background core. The price is in decoding (GRPO's rollouts):
+    the base model generating 64 tokens for 8 prompts (a one-off check) gave 123 tok/s passive on a near-quiet
+    machine against 161 spinning (0.77x), but 98 against 10-48 with a busy core (one thread: 112 and 108).
+    Called once torch is loaded, the policy is whatever the process started with, and a RuntimeWarning says so
+    when that is OpenMP's spinning default.
     """
     import sys
 
