@@ -46,6 +46,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -197,6 +198,7 @@ def run_child(rule: str, condition: str, steps: int, warmup: int, busy_limit_s: 
         train_s = time.monotonic() - train_started
     finally:
         stop(busy)
+    shutil.rmtree(work, ignore_errors=True)
     timed, cpu = timer.times[warmup:], timer.cpu[warmup:]
     lengths = [len(x["input_ids"]) for x in prep.trainer.train_dataset]
     return {"rule": rule, "condition": condition, "setting": setting, "threads": torch.get_num_threads(),
@@ -205,7 +207,8 @@ def run_child(rule: str, condition: str, steps: int, warmup: int, busy_limit_s: 
             "steps_s": [round(t, 2) for t in timer.times], "load_before": load_before,
             "load_after": os.getloadavg()[0], "setup_s": train_started - started, "train_s": train_s,
             "median_tokens": statistics.median(lengths),
-            "batch": sft.per_device_train_batch_size, "data": str(data)}
+            "batch": sft.per_device_train_batch_size,
+            "data": str(data) if data.parent != work else "mirror BGL templates, 3 neighbours, explain+verdict"}
 
 
 # ---- parent: every configuration in its own process --------------------------------------------------------------
