@@ -99,15 +99,18 @@ def test_the_flow_does_not_retry_a_stage_whose_lock_a_running_process_holds(
     from flows.common import run_fetch_stage
 
     assert run_fetch_stage.retries == 2 and run_fetch_stage.retry_delay_seconds == 10
+    # the shipped task with its retry condition, its retries 10 minutes apart: a retry cannot hide in slow start-up
+    slow_retry = run_fetch_stage.with_options(retry_delay_seconds=600)
+    assert slow_retry.retry_condition_fn is run_fetch_stage.retry_condition_fn is not None
 
     @flow(name="locked-stage")
     def locked() -> float:
         start = time.monotonic()
         with pytest.raises(StageLocked, match=f"PID {waiting.pid}"):
-            run_fetch_stage("after")
+            slow_retry("after")
         return time.monotonic() - start
 
-    assert locked() < 10  # one attempt: a retry would wait 10 s first
+    assert locked() < 300  # one attempt: a retry would wait 600 s first
 
 
 def test_the_command_reports_a_held_lock_in_one_line_without_retrying(tmp_path: Path, mirror: Path) -> None:
