@@ -48,7 +48,7 @@ def main() -> None:
     from tasks.common.settings import load_settings
     from tasks.evaluate import training_templates
     from tasks.evaluation.baselines import fit_classical, keyword_hits
-    from tasks.evaluation.intervals import f1_interval, paired_mean_f1_difference
+    from tasks.evaluation.intervals import BootstrapSettings, f1_interval, paired_mean_f1_difference
     from tasks.evaluation.rationales import component_matches, quotes_grounded
     from tasks.evaluation.testdata import load_test_data
 
@@ -74,7 +74,8 @@ def main() -> None:
         seconds = time.perf_counter() - started
         served = np.asarray([int(v.verdict == ABNORMAL) for v in verdicts], dtype=int)
         bar = classical.predict(keys)
-        boot = settings.evaluate.bootstrap
+        boot = BootstrapSettings(settings.evaluate.bootstrap.resamples, settings.evaluate.bootstrap.confidence,
+                                 settings.evaluate.seed)
         diff = paired_mean_f1_difference({dataset: (labels, served, bar)}, boot)
         shown = [(v, t) for v, (_, t) in zip(verdicts, keys, strict=True) if v.rationale]
         near = {t: [n for n, _ in client.neighbours_of(t, endpoint)] for _, t in shown}
