@@ -184,6 +184,8 @@ class _Handler(BaseHTTPRequestHandler):
                    {"token": "The", "logprob": -5.0}]
             if mode == "empty_tokens":
                 top = [{**alt, "token": ""} for alt in top]
+            if mode == "one_empty_token":  # as real vLLM answers: a byte-level token with no text of its own
+                top = [*top, {"token": "", "logprob": -6.0}]
             # a reasoning parser finds no </think> in the one generated token: all of it is reasoning
             message = ({"role": "assistant", "content": None, reasoning: first} if reasoning
                        else {"role": "assistant", "content": first})
