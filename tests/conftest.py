@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from workspace import copy_project
@@ -75,3 +76,23 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     server = sys.modules.get("prefect.server.api.server")
     if server is not None:
         server.subprocess_server_logger.disabled = True
+
+
+@pytest.fixture
+def chat_server() -> Iterator[Any]:
+    """Starts test_detect's FakeChatServer (a real local OpenAI-compatible HTTP server) with the given mode;
+    every server started is stopped afterwards."""
+    import contextlib
+
+    from test_detect import FakeChatServer
+
+    servers: list[FakeChatServer] = []
+
+    def start(**kwargs: Any) -> FakeChatServer:
+        servers.append(FakeChatServer(**kwargs))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        with contextlib.suppress(OSError):
+            server.stop()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -221,20 +220,6 @@ def _peer_closed(sock: socket.socket, wait_s: float) -> bool:
     except OSError:
         return True
 
-
-@pytest.fixture
-def chat_server() -> Any:
-    servers: list[FakeChatServer] = []
-
-    def start(**kwargs: Any) -> FakeChatServer:
-        server = FakeChatServer(**kwargs)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        with contextlib.suppress(OSError):
-            server.stop()
 
 
 def detect_params(tmp_path: Path, **overrides: Any) -> DetectSettings:

@@ -8,7 +8,6 @@ a template budget, and HDFS is reported per block.
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import re
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_detect import HDFS, THUNDERBIRD, FakeChatServer, detect_params, lines_file, run_detect
+from test_detect import HDFS, THUNDERBIRD, detect_params, lines_file, run_detect
 
 from serving.client import Endpoint, endpoint_from_state
 from serving.detect import http_detector
@@ -27,20 +26,6 @@ from tasks.detection.miner import make_miner
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture
-def chat_server() -> Any:
-    """Starts test_detect's fake OpenAI-compatible server (a real local HTTP server); stopped afterwards."""
-    servers: list[FakeChatServer] = []
-
-    def start(**kwargs: Any) -> FakeChatServer:
-        servers.append(FakeChatServer(**kwargs))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        with contextlib.suppress(OSError):
-            server.stop()
 
 
 def kinds(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

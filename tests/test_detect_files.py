@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import bz2
 import codecs
-import contextlib
 import gzip
 import io
 import json
@@ -36,19 +35,6 @@ EXT3 = ("- 1131566461 2005.11.09 dn228 Nov 9 12:01:01 dn228/dn228 kernel: EXT3-f
 CRON = ("- 1131566461 2005.11.09 dn228 Nov 9 12:01:01 dn228/dn228 crond(pam_unix)[2915]: session closed for user "
         "root")
 
-
-@pytest.fixture
-def chat_server() -> Any:
-    servers: list[FakeChatServer] = []
-
-    def start(**kwargs: Any) -> FakeChatServer:
-        servers.append(FakeChatServer(**kwargs))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        with contextlib.suppress(OSError):
-            server.stop()
 
 
 def kinds(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

@@ -8,33 +8,18 @@ A timed-out request is abandoned on a closed connection (vLLM aborts it); a gene
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_detect import BGL, DETECT, FakeChatServer, lines_file, run_detect
+from test_detect import BGL, DETECT, lines_file, run_detect
 
 from serving.client import Endpoint, EndpointError, client_for
 
 REPO = Path(__file__).resolve().parents[1]
 SCORED = {"threshold": 0.5}  # a version with a verdict threshold: every template is scored from log-probs
 
-
-@pytest.fixture
-def chat_server() -> Any:
-    """Starts test_detect's fake OpenAI-compatible server (a real local HTTP server); stopped afterwards."""
-    servers: list[FakeChatServer] = []
-
-    def start(**kwargs: Any) -> FakeChatServer:
-        servers.append(FakeChatServer(**kwargs))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        with contextlib.suppress(OSError):
-            server.stop()
 
 
 def wait_for(condition: Any, timeout_s: float = 3.0) -> bool:
