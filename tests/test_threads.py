@@ -21,7 +21,10 @@ BUSY_LOOP = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhil
 
 def python(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`code` in a fresh interpreter (torch and OpenMP not loaded yet), from the project folder."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    # vLLM imported in-process by an earlier test sets LD_PRELOAD (torch's libgomp, tcmalloc) and LOCAL_WORLD_SIZE in
+    # os.environ: a preloaded libgomp reads its wait policy before any code runs, so drop what it left behind
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("OMP_", "GOMP_")) and k not in ("LD_PRELOAD", "LOCAL_WORLD_SIZE")}
     return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True,
                           timeout=300, check=False, env={**base, "OMP_DISPLAY_ENV": "VERBOSE", **(env or {})})
 
