@@ -10,6 +10,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,3 +214,17 @@ def register_kwargs(world: World, name: str) -> dict[str, Any]:
 def env_for(root: Path) -> dict[str, str]:
     return {"RATIONANOMALY_ROOT": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
             "HF_HUB_OFFLINE": "1", "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING")}
+
+
+@contextmanager
+def world_in(root: Path, base_model_dir: Path, adapters: Path) -> Iterator[World]:
+    """A world built in `root` (created) with the project's environment set (env_for) and `root` the working
+    folder, both undone on exit: the set-up every registry test module's `world` fixture shares."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env_for(root).items():
+            mp.setenv(key, value)
+        root.mkdir()
+        mp.chdir(root)
+        yield build_world(root, base_model_dir, adapters)

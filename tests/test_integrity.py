@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from registry_world import World, build_world, candidate_metrics, env_for, make_adapter, register_kwargs, release
+from registry_world import World, candidate_metrics, make_adapter, register_kwargs, release, world_in
 
 from tasks.common.integrity import IntegrityError, tree_md5, verify_locked
 from tasks.common.settings import GateSettings, load_settings
@@ -34,13 +34,8 @@ def world(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     adapters = tmp_path_factory.mktemp("adapters")
     make_adapter(base_model_dir, adapters / "sft", seed=1)
     make_adapter(base_model_dir, adapters / "grpo", seed=2)
-    root = tmp_path_factory.mktemp("integrity") / "project"
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env_for(root).items():
-            mp.setenv(key, value)
-        root.mkdir()
-        mp.chdir(root)
-        yield build_world(root, base_model_dir, adapters)
+    with world_in(tmp_path_factory.mktemp("integrity") / "project", base_model_dir, adapters) as built:
+        yield built
 
 
 def flip_byte(path: Path, offset: int = 4096) -> None:

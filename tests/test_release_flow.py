@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from registry_world import World, build_world, env_for, make_adapter
+from registry_world import World, env_for, make_adapter, world_in
 
 from tasks.common.config import set_profile
 
@@ -55,12 +55,7 @@ def adapters(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture(scope="module")
 def world(base_model_dir: Path, adapters: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     root = tmp_path_factory.mktemp("gate-cli") / "project"
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env_for(root).items():
-            mp.setenv(key, value)
-        root.mkdir()
-        mp.chdir(root)
-        built = build_world(root, base_model_dir, adapters)
+    with world_in(root, base_model_dir, adapters) as built:
         set_profile("default", root / "params.yaml")  # the profile `make run` uses: champion_margin 0.02
         (root / "models" / "base").mkdir(parents=True, exist_ok=True)  # base_model.out_dir, as the flow reads it
         for f in base_model_dir.iterdir():
