@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import sys
 import time
 from pathlib import Path
@@ -33,8 +32,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-NO_FAILURE_WORD = re.compile(r"without (?:any|an explicit) (?:failure|error) word|no failure word", re.IGNORECASE)
 
 
 def main() -> None:
@@ -47,9 +44,9 @@ def main() -> None:
     from tasks.common.prompt import ABNORMAL, label_id
     from tasks.common.settings import load_settings
     from tasks.evaluate import training_templates
-    from tasks.evaluation.baselines import fit_classical, keyword_hits
+    from tasks.evaluation.baselines import fit_classical
     from tasks.evaluation.intervals import BootstrapSettings, f1_interval, paired_mean_f1_difference
-    from tasks.evaluation.rationales import component_matches, quotes_grounded
+    from tasks.evaluation.rationales import faithfulness_report
     from tasks.evaluation.testdata import load_test_data
 
     settings = load_settings()
@@ -78,11 +75,9 @@ def main() -> None:
                                  settings.evaluate.seed)
         diff = paired_mean_f1_difference({dataset: (labels, served, bar)}, boot)
         shown = [(v, t) for v, (_, t) in zip(verdicts, keys, strict=True) if v.rationale]
-        near = {t: [n for n, _ in client.neighbours_of(t, endpoint)] for _, t in shown}
-        agree = [v.answer == v.verdict for v, _ in shown]
-        component = [component_matches(v.rationale, t, dataset) for v, t in shown]
-        grounded = [quotes_grounded(v.rationale, [t, *near[t]]) for v, t in shown]
-        false_claims = [bool(NO_FAILURE_WORD.search(v.rationale)) and bool(keyword_hits(t)) for v, t in shown]
+        near = {t: client.neighbours_of(t, endpoint) for _, t in shown}  # (template, label) as the prompt shows
+        items = [(v.rationale, t, dataset, near[t], v.verdict) for v, t in shown]
+        faithfulness = faithfulness_report(items)  # the shared checks (tasks/evaluation/rationales.py)
         shown_all += [(dataset, t, v.verdict or "", f"{v.score:.3f}" if v.score is not None else "-", v.rationale)
                       for v, t in shown]
 
@@ -90,14 +85,17 @@ def main() -> None:
             tp = int(((pred == 1) & (truth == 1)).sum())
             return 2 * tp / max(1, int(pred.sum()) + int(truth.sum()))
 
-        share = (lambda flags: round(sum(flags) / len(flags), 3) if flags else None)  # noqa: E731
         figures[dataset] = {
             "templates": len(keys), "abnormal": int(labels.sum()),
             "served_f1": round(f1(served), 3), "served_f1_ci": f1_interval(labels, served, boot),
             "classical_f1": round(f1(bar), 3), "classical_f1_ci": f1_interval(labels, bar, boot),
             "served_minus_classical": {"difference": round(diff.difference, 3), "interval": diff.interval},
-            "shown_rationales": len(shown), "agreement": share(agree), "component_is_the_logs": share(component),
-            "quotes_grounded": share(grounded), "false_no_failure_word_claims": sum(false_claims),
+            "shown_rationales": len(shown), "agreement": faithfulness["agrees"],
+            "component_is_the_logs": faithfulness["component_in_log"],
+            "quotes_grounded": faithfulness["quotes_grounded"],
+            "cited_neighbour_shown": faithfulness["cited_neighbour_shown"],
+            "false_no_failure_word_claims": faithfulness["false_no_failure_word_count"],
+            "all_checks_pass": faithfulness["all_pass"],
             "requests_per_template": round((client.requests - requests_before) / max(1, len(keys)), 3),
             "seconds": round(seconds, 1),
         }

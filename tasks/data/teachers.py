@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tasks.common.errors import InputError
-from tasks.common.settings import DistillSettings
 from tasks.common.files import sha256_bytes, write_text_atomic
 from tasks.common.prompt import CATEGORIES, format_completion, label_name, sanitize_log, user_prompt
+from tasks.common.settings import DistillSettings
 
 SYSTEM_ERROR, NETWORK, HARDWARE, SOFTWARE = CATEGORIES
 
@@ -167,7 +167,33 @@ CATEGORY_WORDS: dict[str, re.Pattern[str]] = {
     SOFTWARE: re.compile(r"exception|segmentation|signal|assert|abort|core dump|null|invalid|killed|panic|illegal|"
                          r"divide|alignment|\bjob\b|program|plugin|conversion", re.I),
 }
-FAILURE_WORDS = re.compile(
+# The keyword list (one owner): the words operators grep for, matched case-insensitively at word starts (so
+# "fail" matches "failed", "err" matches "error"). Used by the keyword baseline (tasks.evaluation.baselines),
+# by the false "no failure word" check (tasks.evaluation.rationales) and by the teachers, which never claim a
+# log holds no failure word when it holds one of these. Chosen from operators' practice, not tuned on test data.
+FAILURE_WORDS: tuple[str, ...] = (
+    "abort", "alert", "cannot", "can't", "corrupt", "crash", "critical", "denied", "died", "down",
+    "err", "exception", "fail", "fatal", "fault", "halt", "illegal", "invalid", "kill", "lost",
+    "panic", "refused", "severe", "timed out", "timeout", "unable", "unavailable", "unreachable",
+    "violation", "warn",
+)
+_KEYWORD_RE = re.compile(r"(?<![A-Za-z])(" + "|".join(re.escape(w) for w in FAILURE_WORDS) + ")", re.IGNORECASE)
+_KEYWORD_WORD_RE = re.compile(_KEYWORD_RE.pattern + r"[\w']*", re.IGNORECASE)
+
+
+def keyword_hits(template: str) -> list[str]:
+    """The keywords of FAILURE_WORDS found in a template (lower-cased, as listed), in order."""
+    return [m.group(1).lower() for m in _KEYWORD_RE.finditer(template or "")]
+
+
+def keyword_words(log: str) -> list[str]:
+    """The log's own words holding a keyword, widened to the whole word as written (`failed`, `ERROR`), in order."""
+    return [m.group(0) for m in _KEYWORD_WORD_RE.finditer(log or "")]
+
+
+# Wider cue words a teacher may quote as deciding a case (the keyword list's words and these): conditions the
+# keyword list misses, e.g. `Temperature Over Limit`, `parity`, `deferred`.
+CUE_WORDS = re.compile(
     r"\b(?:errors?|failed|failure|fail|fatal|time[d ]?out|parity|uncorrectable|panic|exception|abort(?:ed)?|killed|"
     r"refused|unreachable|lost|corrupt\w*|denied|invalid|cannot|can't|unable|bad|down|critical|severe|warning|"
     r"not ready|not found|no such|illegal|missing|mismatch|severed|reset|broken|halted|disabled|deferred|overflow|"
@@ -224,7 +250,7 @@ def lexicon_rationale(log: str, label: int, dataset: str) -> str:
     """Domain knowledge, core information and deduction for one log, ending in its label."""
     component = find_component(log, dataset)
     category = find_category(log, component)
-    failures = _unique(FAILURE_WORDS.findall(log), 3)
+    failures = _unique(CUE_WORDS.findall(log), 3)
     successes = _unique(SUCCESS_WORDS.findall(log), 2)
     recovered = _unique(RECOVERED_WORDS.findall(log), 1)
     dump = component.name == "register dump"  # hex words cost many tokens: quote less of a dump

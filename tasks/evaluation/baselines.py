@@ -9,7 +9,6 @@ threshold per dataset on cross-fitted (out-of-fold) scores of them, never on a t
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -19,23 +18,12 @@ import pandas as pd
 
 from tasks.common.retrieval import TOKEN_PATTERN
 from tasks.common.settings import ClassicalSettings
+from tasks.data.teachers import FAILURE_WORDS as FAILURE_WORDS
+from tasks.data.teachers import keyword_hits as keyword_hits
 from tasks.evaluation.calibration import choose_threshold
 
-# A transparent rule set: a template is abnormal when it contains any of these words (case-insensitive,
-# at word starts, so "failed"/"failure" match "fail"). Chosen from the words operators grep for,
-# not tuned on the test set; it is meant to show what naive rules catch and what they miss.
-FAILURE_WORDS: tuple[str, ...] = (
-    "abort", "alert", "cannot", "can't", "corrupt", "crash", "critical", "denied", "died", "down",
-    "err", "exception", "fail", "fatal", "fault", "halt", "illegal", "invalid", "kill", "lost",
-    "panic", "refused", "severe", "timed out", "timeout", "unable", "unavailable", "unreachable",
-    "violation", "warn",
-)
-_KEYWORD_RE = re.compile(r"(?<![A-Za-z])(" + "|".join(re.escape(w) for w in FAILURE_WORDS) + ")", re.IGNORECASE)
-
-
-def keyword_hits(template: str) -> list[str]:
-    """The failure words found in a template (lower-cased), in order."""
-    return [m.group(1).lower() for m in _KEYWORD_RE.finditer(template or "")]
+# The keyword rule: a template is abnormal when it holds a word of the keyword list. The list has one owner,
+# tasks.data.teachers.FAILURE_WORDS (re-exported here), shared with the rationale checks and the teachers.
 
 
 def keyword_predict(templates: Sequence[str]) -> np.ndarray:
