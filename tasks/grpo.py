@@ -47,7 +47,14 @@ from tasks.training.model import (
     torch_dtype,
 )
 from tasks.training.records import load_sft_records
-from tasks.training.rewards import COMPONENTS, metric_name, perplexity_scorer, reward_functions, reward_weights
+from tasks.training.rewards import (
+    COMPONENTS,
+    THINK_COMPONENTS,
+    metric_name,
+    perplexity_scorer,
+    reward_functions,
+    reward_weights,
+)
 from tasks.training.stage import Prepared, load_tokenizer, log_run_start, read_inputs, trainer_arguments
 
 STAGE = "grpo"
@@ -97,7 +104,8 @@ def require_sft_adapter(adapter_dir: str | Path, base_sha: str | None) -> Path:
 
 
 def build_dataset(records: list[dict[str, Any]], tokenizer: Any, max_prompt_length: int) -> tuple[Any, int]:
-    """Prompt rows plus the columns the rewards read (label, template, rationale); drops over-long prompts."""
+    """Prompt rows plus the columns the rewards read (label, template, rationale, dataset, and the neighbours the
+    prompt shows as {"template", "label"} records); drops over-long prompts."""
     from datasets import Dataset
 
     rows, dropped = [], 0
@@ -109,6 +117,7 @@ def build_dataset(records: list[dict[str, Any]], tokenizer: Any, max_prompt_leng
             dropped += 1
             continue
         rows.append({"prompt": prompt, "task": r.get("task", EXPLAIN),
+                     "neighbours": [{"template": str(t), "label": int(y)} for t, y in r.get("neighbours", [])],
                      **{k: r[k] for k in ("label", "template", "rationale", "dataset")}})
     return Dataset.from_list(rows), dropped
 
@@ -160,7 +169,7 @@ def write_curve(rows: list[dict[str, Any]], csv_path: Path, png_path: Path) -> N
     steps = [r["step"] for r in rows]
     for column in ("reward", "format", "answer"):
         top.plot(steps, [r[column] for r in rows], label=column, marker=".")
-    for column in ("grounding", "coherence", "brevity"):
+    for column in THINK_COMPONENTS:
         bottom.plot(steps, [r[column] for r in rows], label=column, marker=".")
     top.set_ylabel("reward (mean)")
     bottom.set_ylabel("think parts (mean, 0..1)")

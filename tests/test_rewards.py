@@ -15,9 +15,9 @@ from tasks.training.rewards import (
     brevity_score,
     coherence_reward,
     coherence_score,
+    faithfulness_reward,
+    faithfulness_score,
     format_reward,
-    grounding_reward,
-    grounding_score,
     reward_functions,
     reward_weights,
     total_reward,
@@ -31,10 +31,19 @@ REFERENCE = (
     "creating the node map from a file. Deduction: the job cannot start on the node, so it is abnormal."
 )
 GOOD = (
-    "Domain: ciod is the BGL I/O daemon that launches jobs. Core: the log says ciod had an error creating "
-    "the node map from a file. Deduction: the job cannot start, so it is abnormal."
+    "`ciod`, the BGL I/O daemon that launches jobs, says 'Error creating node map from file': the job cannot "
+    "start on its nodes, so the log is abnormal."
 )
-UNRELATED = "Bananas are yellow and monkeys like them very much in the warm summer."
+NEIGHBOUR = ("ciod: Error reading message prefix on <*>", 1)  # an expert-labelled template shown in the prompt
+CITING = GOOD + ' The similar log "ciod: Error reading message prefix" was labelled abnormal by the experts.'
+# One crafted bad rationale per check of tasks.evaluation.rationales.check_rationale (issue 19 item 4).
+BAD = {
+    "disagrees": GOOD.replace("so the log is abnormal", "so the log is normal"),
+    "component_not_in_log": GOOD.replace("`ciod`", "`MidplaneSwitchController`"),
+    "quote_not_in_log": GOOD.replace("'Error creating node map from file'", "'disk failure on the node'"),
+    "cites_an_unshown_neighbour": GOOD + ' The similar log "Error creating node map" was labelled abnormal.',
+    "false_no_failure_word": "`ciod` writes routine status output without any failure word, so the log is abnormal.",
+}
 
 
 def fixed_ppl(value: float):
@@ -51,16 +60,17 @@ def as_chat(text: str) -> list[dict[str, str]]:
 
 
 def test_valid_completion_earns_format_and_answer_and_think_parts():
-    scores = total_reward(completion(GOOD, "abnormal"), 1, LOG, REFERENCE, CFG, fixed_ppl(20.0))
+    cfg = CFG.model_copy(update={"coherence_weight": 0.3})  # coherence is off in the shipped table
+    scores = total_reward(completion(GOOD, "abnormal"), 1, LOG, REFERENCE, cfg, fixed_ppl(20.0), "bgl")
     assert scores["format"] == CFG.format_valid
     assert scores["answer"] == CFG.answer_true_abnormal
-    assert 0 < scores["grounding"] <= 1 and 0 < scores["coherence"] <= 1 and 0 < scores["brevity"] <= 1
+    assert scores["faithfulness"] == 1.0 and 0 < scores["coherence"] <= 1 and 0 < scores["brevity"] <= 1
     think = (
-        CFG.grounding_weight * scores["grounding"]
-        + CFG.coherence_weight * scores["coherence"]
-        + CFG.brevity_weight * scores["brevity"]
+        cfg.faithfulness_weight * scores["faithfulness"]
+        + cfg.coherence_weight * scores["coherence"]
+        + cfg.brevity_weight * scores["brevity"]
     )
-    assert scores["total"] == pytest.approx(CFG.format_valid + CFG.answer_true_abnormal + CFG.think * think)
+    assert scores["total"] == pytest.approx(CFG.format_valid + CFG.answer_true_abnormal + cfg.think * think)
 
 
 def test_reward_functions_accept_trl_conversational_completions():
@@ -70,6 +80,8 @@ def test_reward_functions_accept_trl_conversational_completions():
         "label": [1, 1],
         "template": [LOG, LOG],
         "rationale": [REFERENCE, REFERENCE],
+        "dataset": ["bgl", "bgl"],
+        "neighbours": [[{"template": NEIGHBOUR[0], "label": 1}], [list(NEIGHBOUR)]],  # Arrow records, jsonl pairs
     }
     for fn in reward_functions(CFG, fixed_ppl(20.0)):
         first, second = fn(**kwargs)
@@ -163,7 +175,7 @@ def test_an_unknown_reward_key_is_rejected_naming_the_field():
 def test_think_parts_count_only_when_the_answer_is_right():
     wrong = completion(GOOD, "normal")
     kwargs = {"completions": [wrong], "label": [1], "template": [LOG], "rationale": [REFERENCE]}
-    assert grounding_reward(**kwargs) == [0.0]
+    assert faithfulness_reward(**kwargs) == [0.0]
     assert brevity_reward(**kwargs) == [0.0]
     assert coherence_reward(**kwargs, cfg=CFG, perplexity=fixed_ppl(5.0)) == [0.0]
 
@@ -184,10 +196,57 @@ def test_format_reward_logs_the_valid_rate():
     assert logged["format_valid_rate"] == 0.5
 
 
-def test_a_grounded_rationale_scores_higher_grounding_than_an_unrelated_one():
-    assert grounding_score(GOOD, LOG, REFERENCE) > grounding_score(UNRELATED, LOG, REFERENCE) + 0.2
-    assert grounding_score(REFERENCE, LOG, REFERENCE) == pytest.approx(1.0)
-    assert grounding_score("", LOG, REFERENCE) == 0.0
+def test_a_rationale_passing_every_check_earns_full_faithfulness():
+    assert faithfulness_score(GOOD, LOG, "bgl", [], 1) == 1.0
+    assert faithfulness_score(CITING, LOG, "bgl", [NEIGHBOUR], 1) == 1.0
+    assert faithfulness_score("", LOG, "bgl", [], 1) == 0.0
+
+
+@pytest.mark.parametrize("flaw", sorted(BAD))
+def test_each_failed_rationale_check_costs_faithfulness(flaw):
+    """One crafted rationale per check (issue 19 items 3-4): each loses exactly that check's fifth."""
+    rationale = BAD[flaw]
+    assert faithfulness_score(rationale, LOG, "bgl", [NEIGHBOUR], 1) == pytest.approx(0.8)
+    text = completion(rationale, "abnormal")
+    kwargs = {"completions": [text], "label": [1], "template": [LOG], "dataset": ["bgl"], "neighbours": [[NEIGHBOUR]]}
+    assert faithfulness_reward(**kwargs) == [pytest.approx(0.8)]
+    good = total_reward(completion(GOOD, "abnormal"), 1, LOG, GOOD, CFG, fixed_ppl(20.0), "bgl", [NEIGHBOUR])
+    bad = total_reward(text, 1, LOG, GOOD, CFG, fixed_ppl(20.0), "bgl", [NEIGHBOUR])
+    assert bad["faithfulness"] < good["faithfulness"] and bad["total"] < good["total"]
+
+
+def test_a_neighbour_citation_is_checked_against_the_neighbours_the_prompt_showed():
+    shown = {"completions": [completion(CITING, "abnormal")], "label": [1], "template": [LOG], "dataset": ["bgl"]}
+    assert faithfulness_reward(**shown, neighbours=[[{"template": NEIGHBOUR[0], "label": 1}]]) == [1.0]
+    assert faithfulness_reward(**shown, neighbours=[[]]) < [1.0], "cited and quoted, but never shown"
+    assert faithfulness_reward(**shown, neighbours=[[(NEIGHBOUR[0], 0)]]) < [1.0], "shown with the other label"
+
+
+def test_the_verdict_a_rationale_must_argue_for_is_the_rows_label():
+    """An explain row states its verdict (the expert label); a rationale concluding the other verdict loses the
+    agreement fifth even though its answer tag is right."""
+    normal_log = "ciod: generated <*> core files for program <*>"
+    argues_abnormal = "`ciod` says 'generated <*> core files', so the log is abnormal."
+    argues_normal = "`ciod` says 'generated <*> core files' as it always does at job end, so the log is normal."
+    assert faithfulness_score(argues_normal, normal_log, "bgl", [], 0) == 1.0
+    assert faithfulness_score(argues_abnormal, normal_log, "bgl", [], 0) == pytest.approx(0.8)
+
+
+def test_coherence_at_weight_zero_never_runs_the_lm():
+    def refuse(texts):
+        raise AssertionError("the LM ran at coherence weight 0")
+
+    cfg = CFG.model_copy(update={"coherence_weight": 0.0})
+    assert coherence_reward([completion(GOOD, "abnormal")], [1], cfg=cfg, perplexity=refuse) == [0.0]
+
+
+def test_brevity_keeps_a_vacuous_rationale_from_earning_the_whole_think_reward():
+    """The checks pass vacuously on a rationale that quotes and cites nothing: brevity is what stops it."""
+    vacuous = completion("`ciod`: so the log is abnormal.", "abnormal")
+    full = total_reward(completion(GOOD, "abnormal"), 1, LOG, GOOD, CFG, fixed_ppl(20.0), "bgl")
+    short = total_reward(vacuous, 1, LOG, GOOD, CFG, fixed_ppl(20.0), "bgl")
+    assert short["faithfulness"] == 1.0 and short["brevity"] < 0.5
+    assert short["total"] < full["total"]
 
 
 def test_brevity_peaks_at_the_reference_length_and_falls_off_both_ways():
@@ -213,7 +272,8 @@ def test_the_frozen_lm_finds_a_fluent_rationale_more_coherent_than_word_salad(ba
     fluent, shuffled = scorer([GOOD, salad])
     assert fluent < shuffled
     texts = [completion(GOOD, "abnormal"), completion(salad, "abnormal")]
-    good, bad = coherence_reward(texts, [1, 1], cfg=CFG, perplexity=scorer)
+    cfg = CFG.model_copy(update={"coherence_weight": 0.3})  # off in the shipped table
+    good, bad = coherence_reward(texts, [1, 1], cfg=cfg, perplexity=scorer)
     assert good > bad >= 0.0
     assert scorer is perplexity_scorer(str(base_model_dir), 4), "the LM is loaded once"
 
@@ -224,11 +284,11 @@ def test_a_verdict_task_completion_is_read_in_its_own_format_and_earns_no_think_
     texts = ["<answer>abnormal</answer>", "<answer>Normal</answer>", completion(GOOD, "abnormal"), "abnormal"]
     task = ["verdict"] * 4
     kwargs = {"completions": texts, "label": [1, 1, 1, 1], "template": [LOG] * 4, "rationale": [REFERENCE] * 4,
-              "task": task}
+              "task": task, "dataset": ["bgl"] * 4}
     assert format_reward(**kwargs, cfg=CFG) == [CFG.format_valid] * 2 + [CFG.format_invalid] * 2
     answers = answer_reward(**kwargs, cfg=CFG)
     assert answers[0] == CFG.answer_true_abnormal and answers[1] < answers[0]
-    assert grounding_reward(**kwargs) == [0.0] * 4 and brevity_reward(**kwargs) == [0.0] * 4
+    assert faithfulness_reward(**kwargs) == [0.0] * 4 and brevity_reward(**kwargs) == [0.0] * 4
     explain = {**kwargs, "task": ["explain"] * 4}
     assert format_reward(**explain, cfg=CFG)[:2] == [CFG.format_invalid] * 2  # no <think>: invalid there
-    assert grounding_reward(**explain)[2] > 0
+    assert faithfulness_reward(**explain)[2] > 0

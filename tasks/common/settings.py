@@ -177,7 +177,7 @@ class RewardSettings(Section):
     answer_true_normal: float
     answer_false_abnormal: float
     answer_missed_abnormal: float
-    grounding_weight: float = Field(ge=0)
+    faithfulness_weight: float = Field(ge=0)
     coherence_weight: float = Field(ge=0)
     brevity_weight: float = Field(ge=0)
     coherence_model: str | None

@@ -35,8 +35,9 @@ def load_sft_records(path: str | Path) -> list[dict[str, Any]]:
     Raises InputError naming the file, line and field for a missing file, bad JSON, a wrong message list,
     an assistant turn that breaks the answer format, or a label that disagrees with it.
     Returns one normalised record per line: prompt ([system, user]), completion ([assistant]),
-    template (the log text), dataset, label (0/1), rationale (the reference think part) and task (`explain`,
-    the default, or `verdict`, whose completion is the answer alone).
+    template (the log text), dataset, label (0/1), rationale (the reference think part), task (`explain`,
+    the default, or `verdict`, whose completion is the answer alone) and neighbours (the (template, 0/1 label)
+    pairs the prompt shows; GRPO's faithfulness reward checks citations and quotes against them).
     """
     path = Path(path)
     if not path.is_file():
@@ -87,6 +88,7 @@ def load_sft_records(path: str | Path) -> list[dict[str, Any]]:
                 "label": label,
                 "rationale": str(row.get("rationale") or (parsed.think if task == EXPLAIN else "")),
                 "task": task,
+                "neighbours": [(str(t), label_id(y)) for t, y in row.get("neighbours") or []],
             }
         )
     if not records:

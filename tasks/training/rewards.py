@@ -21,17 +21,27 @@ Why the default values (params.yaml `grpo.rewards`; p = 0.15 is the training ano
   completion must score below the worst valid one (1 - 6.67 = -5.67); otherwise breaking the format would
   be a way to dodge the missed-anomaly penalty.
 - think (weight 0.5, as the released code's `0.5 * think`) counts only when the format is valid and the
-  answer right; it splits into grounding 0.4, coherence 0.3, brevity 0.3, each in [0, 1], so a good
+  answer right; it splits into faithfulness 0.7, brevity 0.3, coherence 0, each in [0, 1], so a good
   rationale adds at most 0.5: it shapes how the model explains, never outweighs a right answer.
-- grounding: mean of BLEU-4 (sacrebleu) and ROUGE-1/2/L F1 (rouge-score), each against the log text and
-  the reference rationale (best of the two): the rationale should quote the log and reason like the teacher.
-- coherence: 1 - ln(ppl)/ln(coherence_max_ppl), clipped to [0, 1], with the perplexity of the rationale
-  under a small frozen LM (default: the base model itself, loaded once, batched). Measured with
-  SmolLM2-135M: a teacher-style BGL rationale has ppl ~180 (score ~0.39), an unrelated English sentence
-  ~530 (~0.26), the same rationale's words shuffled ~2900 (~0.06); hence coherence_max_ppl = 5000.
-- brevity: 1 - 2|n - m|/(n + m), clipped at 0, with n, m the word counts of the rationale and the
-  reference: 1 at the reference's length, 0 at three times (or a third of) it. The released code rewarded
-  longer-than-reference rationales; we reward closeness, since long rationales cost latency at serving.
+- faithfulness (issue 19 item 4: GRPO optimises what the evaluate stage measures and the gate checks): the mean of
+  the five checks of tasks.evaluation.rationales.check_rationale, one fifth each: agrees (the rationale concludes
+  the verdict it was asked to explain: the `label` of the row), component_in_log, quotes_grounded (in the log or a
+  neighbour shown in the prompt, the row's `neighbours`), cited_neighbour_shown, and no false "no failure word"
+  claim. It replaces the released code's BLEU/ROUGE grounding, which rewarded word overlap with the log and the
+  teacher's rationale: no user reads overlap, and the issue-19 rationales that overlapped the log well still
+  argued "normal" under an abnormal verdict and said "without any failure word" of a log saying `failed`.
+- brevity stays (0.3): 1 - 2|n - m|/(n + m), clipped at 0, with n, m the word counts of the rationale and the
+  reference: 1 at the reference's length, 0 at three times (or a third of) it. The checks pass vacuously on a
+  rationale that names, quotes and cites nothing ("so the log is abnormal" scores faithfulness 1), so without
+  a length term the policy could earn the whole think reward by saying nothing; and long rationales cost latency
+  at serving. The released code rewarded longer-than-reference rationales; we reward closeness.
+- coherence goes to 0 by default (the code and knob stay for ablations and the gpu profile): 1 - ln(ppl)/
+  ln(coherence_max_ppl), clipped to [0, 1], with the perplexity of the rationale under a small frozen LM. It is
+  measured nowhere in evaluation and guards against word salad, which the KL term to the SFT adapter (`beta`)
+  already keeps away; at weight 0 the LM is neither loaded nor run (it was a second copy of the base model in
+  float32 and a forward pass per step on the 2-core budget). Measured with SmolLM2-135M: a teacher-style BGL
+  rationale has ppl ~180 (score ~0.39), an unrelated English sentence ~530 (~0.26), the same rationale's words
+  shuffled ~2900 (~0.06); hence coherence_max_ppl = 5000.
 """
 
 from __future__ import annotations
@@ -54,8 +64,10 @@ from tasks.common.prompt import (
     parse_verdict,
 )
 from tasks.common.settings import RewardSettings
+from tasks.evaluation.rationales import check_rationale
 
-COMPONENTS = ("format", "answer", "grounding", "coherence", "brevity")
+THINK_COMPONENTS = ("faithfulness", "coherence", "brevity")  # the rationale's parts, each in [0, 1]
+COMPONENTS = ("format", "answer", *THINK_COMPONENTS)
 
 
 # ---- one completion -------------------------------------------------------------------------------------------
@@ -89,24 +101,26 @@ def answer_score(parsed: Parsed, label: int | str, cfg: RewardSettings) -> float
     return cfg.answer_true_normal if parsed.answer == NORMAL else cfg.answer_false_abnormal
 
 
-@lru_cache(maxsize=1)
-def _rouge() -> Any:
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
-
-
-def grounding_score(rationale: str, log: str, reference: str | None) -> float:
-    """Mean of BLEU-4 and ROUGE-1/2/L F1 of the rationale against the log text and the reference rationale."""
-    import sacrebleu
-
-    references = [r for r in (log, reference) if r and r.strip()]
-    if not rationale.strip() or not references:
+def faithfulness_score(rationale: str, log: str, dataset: str, neighbours: Sequence[Any],
+                       verdict: int | str) -> float:
+    """Mean of the five checks of tasks.evaluation.rationales.check_rationale, in [0, 1]: the rationale concludes
+    `verdict`, names a component that occurs in the log, quotes only words of the log or a shown neighbour, cites
+    only shown neighbours (with their labels), and makes no false "no failure word" claim. `neighbours`: the
+    (template, 0/1 label) pairs shown in the prompt; 0.0 for an empty rationale."""
+    if not rationale.strip():
         return 0.0
-    bleu = sacrebleu.sentence_bleu(rationale, references).score / 100.0
-    rouge = _rouge().score_multi(references, rationale)
-    parts = [bleu, rouge["rouge1"].fmeasure, rouge["rouge2"].fmeasure, rouge["rougeL"].fmeasure]
-    return float(min(1.0, max(0.0, sum(parts) / len(parts))))
+    c = check_rationale(rationale, log, dataset, neighbours, verdict)
+    passed = (c.agrees, c.component_in_log, c.quotes_grounded, c.cited_neighbour_shown, not c.false_no_failure_word)
+    return sum(passed) / len(passed)
+
+
+def shown_pairs(neighbours: Any) -> list[tuple[str, int | str]]:
+    """A row's `neighbours` column as (template, label) pairs, whether stored as [template, label] lists (the
+    distilled jsonl) or {"template", "label"} records (the GRPO dataset: Arrow wants one type per field)."""
+    pairs = []
+    for n in neighbours or []:
+        pairs.append((str(n["template"]), n["label"]) if isinstance(n, dict) else (str(n[0]), n[1]))
+    return pairs
 
 
 def brevity_score(rationale: str, reference: str | None) -> float:
@@ -133,19 +147,24 @@ class PerplexityScorer:
     """Perplexity of texts under a frozen causal LM, loaded once and run in batches without gradients."""
 
     def __init__(self, model_dir: str | Path, batch_size: int = 16, max_length: int = 256) -> None:
+        self.model_dir, self.batch_size, self.max_length = str(model_dir), batch_size, max_length
+        self.model: Any = None  # loaded at the first call: at coherence weight 0 it never is
+
+    def _load(self) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
         self.model.eval().requires_grad_(False)
-        self.batch_size, self.max_length = batch_size, max_length
 
     def __call__(self, texts: Sequence[str]) -> list[float]:
+        if self.model is None:
+            self._load()
         torch = self.torch
         out: list[float] = []
         for start in range(0, len(texts), self.batch_size):
@@ -214,19 +233,23 @@ def answer_reward(
     return scores
 
 
-def grounding_reward(
+def faithfulness_reward(
     completions: Sequence[Any],
     label: Sequence[int | str],
     template: Sequence[str],
-    rationale: Sequence[str] | None = None,
+    dataset: Sequence[str] | None = None,
+    neighbours: Sequence[Any] | None = None,
     task: Sequence[str] | None = None,
     **_: Any,
 ) -> list[float]:
-    """trl reward function: grounding of each rationale in [0, 1], 0 unless the format is valid and the answer right."""
-    references = rationale if rationale is not None else [None] * len(completions)
+    """trl reward function: `faithfulness_score` of each rationale against its log (`template`), the neighbours its
+    prompt showed and the verdict it explains (`label`: the expert label the explain prompt states); 0 unless the
+    format is valid and the answer right."""
+    datasets = dataset if dataset is not None else [""] * len(completions)
+    shown = neighbours if neighbours is not None else [[]] * len(completions)
     return [
-        grounding_score(p.think, log, ref) if think_counts(p, y) else 0.0
-        for p, y, log, ref in zip(_parsed(completions, task), label, template, references, strict=True)
+        faithfulness_score(p.think, log, d, shown_pairs(near), y) if think_counts(p, y) else 0.0
+        for p, y, log, d, near in zip(_parsed(completions, task), label, template, datasets, shown, strict=True)
     ]
 
 
@@ -251,10 +274,13 @@ def coherence_reward(
     task: Sequence[str] | None = None,
     **_: Any,
 ) -> list[float]:
-    """Perplexity-based fluency of the rationale; the LM runs only on completions that pass the gate."""
+    """Perplexity-based fluency of the rationale; the LM runs only on completions that pass the gate, and not at
+    all at `coherence_weight` 0 (every score 0)."""
     parsed = _parsed(completions, task)
-    scored = [i for i, (p, y) in enumerate(zip(parsed, label, strict=True)) if think_counts(p, y)]
     out = [0.0] * len(parsed)
+    if cfg.coherence_weight == 0:
+        return out
+    scored = [i for i, (p, y) in enumerate(zip(parsed, label, strict=True)) if think_counts(p, y)]
     if scored:
         for i, ppl in zip(scored, perplexity([parsed[i].think for i in scored]), strict=True):
             out[i] = coherence_score(ppl, cfg.coherence_max_ppl)
@@ -266,7 +292,7 @@ def reward_functions(cfg: RewardSettings, perplexity: Callable[[Sequence[str]], 
     return [
         partial(format_reward, cfg=cfg),
         partial(answer_reward, cfg=cfg),
-        grounding_reward,
+        faithfulness_reward,
         partial(coherence_reward, cfg=cfg, perplexity=perplexity),
         brevity_reward,
     ]
@@ -277,7 +303,7 @@ def reward_weights(cfg: RewardSettings) -> list[float]:
     return [
         cfg.format,
         cfg.answer,
-        cfg.think * cfg.grounding_weight,
+        cfg.think * cfg.faithfulness_weight,
         cfg.think * cfg.coherence_weight,
         cfg.think * cfg.brevity_weight,
     ]
@@ -295,9 +321,13 @@ def total_reward(
     reference: str | None,
     cfg: RewardSettings,
     perplexity: Callable[[Sequence[str]], list[float]],
+    dataset: str = "",
+    neighbours: Sequence[Any] = (),
 ) -> dict[str, float]:
-    """Every component and the weighted total for one completion (for tests, evaluation and debugging)."""
-    kwargs = {"completions": [completion], "label": [label], "template": [log], "rationale": [reference]}
+    """Every component and the weighted total for one completion (for tests, evaluation and debugging);
+    `neighbours` are the (template, label) pairs its prompt showed."""
+    kwargs = {"completions": [completion], "label": [label], "template": [log], "rationale": [reference],
+              "dataset": [dataset], "neighbours": [list(neighbours)]}
     values = [fn(**kwargs)[0] for fn in reward_functions(cfg, perplexity)]
     scores = dict(zip(COMPONENTS, values, strict=True))
     scores["total"] = sum(w * v for w, v in zip(reward_weights(cfg), values, strict=True))
