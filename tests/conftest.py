@@ -13,7 +13,7 @@ from workspace import copy_project
 REPO = Path(__file__).resolve().parents[1]
 # As the CLI does: no telemetry, patience for the temporary Prefect server on a busy machine, no hub downloads.
 for _key, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-                     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "HF_HUB_OFFLINE": "1"}.items():
+                     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300", "HF_HUB_OFFLINE": "1"}.items():
     os.environ.setdefault(_key, _value)
 # The suite's own Prefect home (the temporary servers' database, result storage), not the user's ~/.prefect: a
 # database there migrated by another Prefect version stops every temporary server ("No such revision").

@@ -383,6 +383,7 @@ def test_killing_the_server_mid_stream_is_reported_and_detection_resumes_after_a
         if cached >= 3:
             break
     assert cached >= 3, "no answers arrived before the kill"
+    launched_context = json.loads(Path(params.state_file).read_text())["launch"]["max_model_len"]
     os.killpg(server.status(params)["pid"], signal.SIGKILL)
     worker.join(timeout=300)
     assert not worker.is_alive()
@@ -393,11 +394,14 @@ def test_killing_the_server_mid_stream_is_reported_and_detection_resumes_after_a
     assert 3 <= kept < len(words)
 
     assert not server.status(params)["alive"]
-    restarted = server.deploy(live["ref"], params)
+    # restarted as it ran (an earlier test may have relaunched it with a wider context, which scopes the cache)
+    restarted = server.deploy(live["ref"], params.model_copy(update={"max_model_len": launched_context}))
     assert restarted["action"] == "deployed"
     summary = run()
     assert summary["lines"] == len(words) and summary["templates"] == len(words)
-    assert summary["requested"] == len(words) - kept  # what was answered before the kill is not asked again
+    with sqlite3.connect(tmp_path / "cache.sqlite") as db:  # on failure: which key a rerun missed
+        rows = db.execute("SELECT scope, dataset, template, valid FROM verdicts ORDER BY created_at").fetchall()
+    assert summary["requested"] == len(words) - kept, rows  # what was answered before the kill is not asked again
     print(f"\nkilled after {kept} answers; the rerun asked only the remaining {summary['requested']}")
 
 
