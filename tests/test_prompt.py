@@ -135,3 +135,22 @@ def test_training_prompts_carry_no_control_token_from_stored_log_text(served_tok
     dataset, dropped = importlib.import_module(f"tasks.{stage}").build_dataset([record], tokenizer, 10_000)
     assert dropped == 0
     assert control_ids(tokenizer, dataset[0]["prompt"]) == control_ids(tokenizer, prompt_messages("ok", "bgl"))
+
+
+def test_the_explain_task_is_given_the_verdict_it_explains_and_training_gives_it_the_expert_label() -> None:
+    """Issue 19: the rationale is written for the verdict (scored at serving, the expert's label in training), so
+    a reason never argues against the alert it comes with; the open question stays for versions without a
+    threshold, and the verdict task is never told its answer."""
+    from tasks.common.prompt import EXPLAIN_VERDICT_SYSTEM_PROMPT, SYSTEM_PROMPT, VERDICT, training_messages
+
+    given = prompt_messages("disk sda failed", "spirit", verdict="abnormal")
+    assert given[0]["content"] == EXPLAIN_VERDICT_SYSTEM_PROMPT
+    assert given[1]["content"].endswith("The verdict is abnormal. Explain why.")
+    open_question = prompt_messages("disk sda failed", "spirit")
+    assert open_question[0]["content"] == SYSTEM_PROMPT and "The verdict is" not in open_question[1]["content"]
+    example = training_messages("disk sda failed", "the log reads 'failed'.", 0, "spirit")
+    assert example[1]["content"].endswith("The verdict is normal. Explain why.")
+    assert example[2]["content"].endswith("<answer>normal</answer>")
+    assert "The verdict is" not in training_messages("disk sda failed", "", 1, "spirit", task=VERDICT)[1]["content"]
+    with pytest.raises(ValueError, match="explain task"):
+        prompt_messages("disk sda failed", "spirit", task=VERDICT, verdict="abnormal")

@@ -78,11 +78,13 @@ class TableEngine:
             self.prompts.append("\n".join(m["content"] for m in scoring_messages(template, dataset)))
         return ScoreRun([0.9 if ABNORMAL_WHEN.search(t) else 0.1 for t in templates], self.name, 0.01)
 
-    def classify(self, templates, datasets, adapter_dir=None, neighbours=None):
+    def classify(self, templates, datasets, adapter_dir=None, neighbours=None, verdicts=None):
+        """A rationale for the verdict it is given (the table's own answer when none is)."""
         completions = []
-        for template, dataset in zip(templates, datasets, strict=True):
-            self.prompts.append("\n".join(m["content"] for m in prompt_messages(template, dataset)))
-            label = int(bool(ABNORMAL_WHEN.search(template)))
+        given = verdicts if verdicts is not None else [None] * len(templates)
+        for template, dataset, verdict in zip(templates, datasets, given, strict=True):
+            self.prompts.append("\n".join(m["content"] for m in prompt_messages(template, dataset, verdict=verdict)))
+            label = int(bool(ABNORMAL_WHEN.search(template))) if verdict is None else int(verdict == "abnormal")
             completions.append(format_completion(f"the log reads {template}.", label))
         predictions = [to_prediction(t, d, c) for t, d, c in zip(templates, datasets, completions, strict=True)]
         return InferenceRun(predictions, self.name, "candidate", 0.01)
@@ -172,6 +174,22 @@ def test_a_version_without_a_threshold_is_judged_by_its_answer_word_as_it_is_ser
     scored = InProcessClassifier(ScoresEverythingAbnormal(), None, "candidate", threshold=0.5,
                                  rationales="none").classify(items)
     assert [v.verdict for v in scored] == ["abnormal", "abnormal"] and not any(v.rationale for v in scored)
+
+
+def test_the_rationale_shown_with_an_alert_is_written_for_the_scored_verdict() -> None:
+    """Issue 19, one verdict one reason: the explain prompt carries the verdict the score gave, so a template the
+    table itself would call normal is explained as abnormal when its score flags it (before, the rationale was a
+    second answer that argued `normal` under 150 of 190 alerts)."""
+
+    class ScoresEverythingAbnormal(TableEngine):
+        def score(self, templates, datasets, adapter_dir=None, neighbours=None):
+            return ScoreRun([0.99] * len(templates), self.name, 0.01)
+
+    engine = ScoresEverythingAbnormal()
+    answers = InProcessClassifier(engine, None, "candidate", threshold=0.5, rationales="abnormal").classify(
+        [("bgl", "generating <*>")])
+    assert answers[0].verdict == "abnormal" and answers[0].answer == "abnormal"
+    assert "The verdict is abnormal. Explain why." in engine.prompts[-1]
 
 
 def test_a_mined_template_takes_the_experts_label_by_the_correct_stages_matching() -> None:

@@ -41,9 +41,21 @@ VERDICT_SYSTEM_PROMPT = (
     "(BGL, Spirit, Thunderbird) and distributed systems (HDFS). Decide whether a log template "
     "reports an anomaly. Give only the verdict inside <answer></answer> as exactly one word: normal or abnormal."
 )
+# The explain task given the verdict (issue 19, "one verdict, one reason"): the calibrated score decides, then the
+# rationale is written for that verdict, so the reason a user reads argues for the alert it comes with. Trained
+# on the expert label in its place. Before it, the rationale was a second, free answer: through the endpoint
+# only 40 of 190 rationales shown with an alert concluded "abnormal" (issue 19).
+EXPLAIN_VERDICT_SYSTEM_PROMPT = (
+    "You are a site reliability engineer who reads system logs from supercomputers "
+    "(BGL, Spirit, Thunderbird) and distributed systems (HDFS). You are given a log template and its verdict. "
+    "Explain the verdict inside <think></think>: the component as written in the log, the log's own words "
+    "that decide the case, and a similar labelled log when one is shown and bears on it. Then repeat the "
+    "verdict inside <answer></answer> as exactly one word: normal or abnormal."
+)
 EXPLAIN, VERDICT = "explain", "verdict"
 TASKS = (EXPLAIN, VERDICT)
 USER_TEMPLATE = "Log ({dataset}):\n{log}\n\nIs this log normal or abnormal?"
+GIVEN_VERDICT_TEMPLATE = "Log ({dataset}):\n{log}\n\nThe verdict is {verdict}. Explain why."
 NEIGHBOURS_HEADER = "Similar logs an expert labelled:"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 TOP_LOGPROBS = 20  # next-token alternatives read for the verdict score (vLLM's default maximum)
@@ -124,10 +136,13 @@ Neighbours = Sequence[tuple[str, int]]  # (template, 0/1 expert label), most sim
 
 
 def user_prompt(log: str, dataset: str = "system log", max_chars: int = 2000,
-                special_tokens: Iterable[str] = (), neighbours: Neighbours = ()) -> str:
+                special_tokens: Iterable[str] = (), neighbours: Neighbours = (), verdict: str | None = None) -> str:
     """The user turn for one log: the labelled neighbours (when given), the log text (sanitized, at most
-    `max_chars`) and the question. Neighbour texts are sanitized like log text; their labels come from here."""
-    question = USER_TEMPLATE.format(dataset=dataset, log=sanitize_log(log, max_chars, special_tokens))
+    `max_chars`) and the question, or with `verdict` the verdict to explain. Neighbour texts are sanitized like
+    log text; their labels come from here."""
+    text = sanitize_log(log, max_chars, special_tokens)
+    question = (USER_TEMPLATE.format(dataset=dataset, log=text) if verdict is None else
+                GIVEN_VERDICT_TEMPLATE.format(dataset=dataset, log=text, verdict=label_name(verdict)))
     if not neighbours:
         return question
     tokens = tuple(special_tokens)
@@ -137,14 +152,22 @@ def user_prompt(log: str, dataset: str = "system log", max_chars: int = 2000,
 
 def prompt_messages(log: str, dataset: str = "system log", max_chars: int = 2000,
                     special_tokens: Iterable[str] = (), *, neighbours: Neighbours = (),
-                    task: str = EXPLAIN) -> list[dict[str, str]]:
+                    task: str = EXPLAIN, verdict: int | str | None = None) -> list[dict[str, str]]:
     """Chat messages up to (not including) the assistant turn; `special_tokens`: the reading tokenizer's;
-    `task`: `explain` (rationale, then verdict) or `verdict` (the verdict alone)."""
+    `task`: `explain` (rationale, then verdict) or `verdict` (the verdict alone). `verdict` (explain only):
+    the verdict the rationale is written for (the scored verdict; the expert label in training); None asks the
+    paper's open question, where the model decides in its answer word (zero-shot, versions without a threshold).
+    Raises ValueError for an unknown task or label, or a verdict given to the verdict task."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if verdict is not None and task != EXPLAIN:
+        raise ValueError("a given verdict only goes with the explain task")
+    given = None if verdict is None else label_name(verdict)
+    system = VERDICT_SYSTEM_PROMPT if task == VERDICT else SYSTEM_PROMPT if given is None else \
+        EXPLAIN_VERDICT_SYSTEM_PROMPT
     return [
-        {"role": "system", "content": SYSTEM_PROMPT if task == EXPLAIN else VERDICT_SYSTEM_PROMPT},
-        {"role": "user", "content": user_prompt(log, dataset, max_chars, special_tokens, neighbours)},
+        {"role": "system", "content": system},
+        {"role": "user", "content": user_prompt(log, dataset, max_chars, special_tokens, neighbours, given)},
     ]
 
 
@@ -200,9 +223,12 @@ def verdict_completion(label: int | str) -> str:
 
 def training_messages(log: str, rationale: str, label: int | str, dataset: str = "system log", *,
                       neighbours: Neighbours = (), task: str = EXPLAIN) -> list[dict[str, str]]:
-    """A full chat example for SFT: system, user, assistant (the rationale is not used by the verdict task)."""
+    """A full chat example for SFT: system, user, assistant (the rationale is not used by the verdict task).
+    The explain task is given the expert label as its verdict: the model learns to write the reason for the
+    verdict it is given, which at serving is the scored one."""
     completion = format_completion(rationale, label) if task == EXPLAIN else verdict_completion(label)
-    return [*prompt_messages(log, dataset, neighbours=neighbours, task=task),
+    return [*prompt_messages(log, dataset, neighbours=neighbours, task=task,
+                             verdict=label if task == EXPLAIN else None),
             {"role": "assistant", "content": completion}]
 
 

@@ -157,19 +157,22 @@ class Engine:
         self.max_prompt_tokens = max(32, self.max_model_len - self.max_new_tokens)
 
     def prompt_ids(self, templates: Sequence[str], datasets: Sequence[str],
-                   neighbours: NeighbourLists = None, *, scoring: bool = False) -> list[list[int]]:
+                   neighbours: NeighbourLists = None, *, scoring: bool = False,
+                   verdicts: Sequence[str | None] | None = None) -> list[list[int]]:
         """Token ids of each chat prompt, keeping the end of an over-long prompt. `scoring`: the verdict task with
         the assistant turn opened by `<answer>` (tasks.common.prompt.scoring_messages); else the explain task
-        with the generation prompt. `neighbours[i]`: the labelled templates shown with template i."""
+        with the generation prompt, given `verdicts[i]` to explain (None: the open question).
+        `neighbours[i]`: the labelled templates shown with template i."""
         shown = neighbours if neighbours is not None else [()] * len(templates)
+        given = verdicts if verdicts is not None else [None] * len(templates)
         texts = []
-        for t, d, near in zip(templates, datasets, shown, strict=True):
+        for t, d, near, verdict in zip(templates, datasets, shown, given, strict=True):
             if scoring:
                 messages = scoring_messages(t, d, special_tokens=self.special_tokens, neighbours=near)
                 texts.append(self.tokenizer.apply_chat_template(messages, continue_final_message=True,
                                                                 tokenize=False))
             else:
-                messages = prompt_messages(t, d, special_tokens=self.special_tokens, neighbours=near)
+                messages = prompt_messages(t, d, special_tokens=self.special_tokens, neighbours=near, verdict=verdict)
                 texts.append(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         # Keep the end of an over-long prompt: it holds the question and the assistant header.
@@ -198,15 +201,17 @@ class Engine:
         return ScoreRun([verdict_score(top) for top in tops], self.name, seconds)
 
     def classify(self, templates: Sequence[str], datasets: Sequence[str] | str = "system log",
-                 adapter_dir: str | Path | None = None, neighbours: NeighbourLists = None) -> InferenceRun:
-        """Classify every template once (the caller dedupes); completions that break the format count as normal."""
+                 adapter_dir: str | Path | None = None, neighbours: NeighbourLists = None,
+                 verdicts: Sequence[str | None] | None = None) -> InferenceRun:
+        """Classify every template once (the caller dedupes); completions that break the format count as normal.
+        `verdicts[i]`: the verdict template i's rationale is written for (the explain task given its verdict)."""
         if isinstance(datasets, str):
             datasets = [datasets] * len(templates)
         check_model_dirs(self.base_model_dir, adapter_dir)
         adapter = Path(adapter_dir) if adapter_dir is not None else None
         templates = [str(t) for t in templates]
         datasets = [str(d) for d in datasets]
-        prompts = self.prompt_ids(templates, datasets, neighbours)
+        prompts = self.prompt_ids(templates, datasets, neighbours, verdicts=verdicts)
         started = time.perf_counter()
         load_before = self.load_seconds_total
         completions = self.generate(prompts, adapter) if prompts else []

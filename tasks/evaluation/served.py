@@ -116,7 +116,10 @@ class InProcessClassifier:
         if explain:
             run = self.engine.classify([items[i][1] for i in explain], [items[i][0] for i in explain],
                                        adapter_dir=self.adapter_dir,
-                                       neighbours=[shown[i] for i in explain] if shown is not None else None)
+                                       neighbours=[shown[i] for i in explain] if shown is not None else None,
+                                       # written for the scored verdict (issue 19), as the endpoint's client does
+                                       verdicts=None if threshold is None else
+                                       [ABNORMAL if flagged[i] else NORMAL for i in explain])
             written = dict(zip(explain, run.predictions, strict=True))
         if threshold is None:  # a version without a threshold is served by the word its rationale ends in
             flagged = [written[i].verdict == ABNORMAL for i in range(len(items))]
