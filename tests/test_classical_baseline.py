@@ -110,3 +110,24 @@ def test_a_dataset_with_too_few_anomalies_falls_back_to_the_pooled_model(data: E
     scores = np.asarray([rules["classical"].verdicts[k]["score"] for k in keys])
     labels = np.asarray([rules["classical"].verdicts[k]["label"] for k in keys])
     assert (labels == (scores >= fits[POOLED]["threshold"])).all()
+
+
+def test_the_llm_threshold_carries_its_bootstrap_spread_and_it_narrows_with_more_anomalies() -> None:
+    """Issue 18 item 5: the validation fold's threshold is reported with its spread; on 13 anomalies it is wide,
+    on ten times as many drawn from the same scores it is narrower."""
+    import numpy as np
+
+    from tasks.evaluation.calibration import threshold_interval
+
+    rng = np.random.default_rng(0)
+
+    def draw(n_abnormal: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.r_[np.ones(n_abnormal), np.zeros(10 * n_abnormal)].astype(int)
+        scores = np.r_[rng.beta(5, 2, n_abnormal), rng.beta(2, 5, 10 * n_abnormal)]
+        return labels, scores
+
+    few = threshold_interval(*draw(13), resamples=300, confidence=0.95, seed=1)
+    many = threshold_interval(*draw(130), resamples=300, confidence=0.95, seed=1)
+    assert few is not None and many is not None and few[0] <= few[1] and many[0] <= many[1]
+    assert many[1] - many[0] < few[1] - few[0]
+    assert threshold_interval([1, 0, 0], [0.9, 0.1, 0.2], resamples=100, confidence=0.95, seed=1) is None

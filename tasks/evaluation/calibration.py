@@ -29,6 +29,9 @@ class Calibration:
     precision: float
     recall: float
     missing_scores: int  # validation items with no score (counted as normal)
+    # percentile interval of the same choice over stratified bootstrap resamples (`threshold_interval`); None
+    # when not computed (issue 18 item 5: the threshold rests on a few validation anomalies, so show its spread)
+    threshold_ci: list[float] | None = None
 
     def to_dict(self) -> dict[str, float | int]:
         """As plain data (calibration.json, registry tags)."""
@@ -68,3 +71,20 @@ def choose_threshold(labels: Sequence[int], scores: Sequence[float | None]) -> C
 def apply_threshold(scores: Sequence[float | None], threshold: float) -> np.ndarray:
     """0/1 verdicts by `tasks.common.prompt.scored_verdict`, the rule every served path applies."""
     return np.asarray([int(scored_verdict(s, threshold) == ABNORMAL) for s in scores], dtype=int)
+
+
+def threshold_interval(labels: Sequence[int] | np.ndarray, scores: Sequence[float | None] | np.ndarray,
+                       resamples: int, confidence: float, seed: int) -> list[float] | None:
+    """Percentile interval of the F1-maximising threshold (`choose_threshold`) over stratified bootstrap resamples
+    of (labels, scores); None without resamples or with fewer than 2 items of a class."""
+    truth, values = np.asarray(labels, dtype=int), as_scores(list(scores))
+    pos, neg = np.flatnonzero(truth == 1), np.flatnonzero(truth == 0)
+    if resamples == 0 or len(pos) < 2 or len(neg) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for _ in range(resamples):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        chosen.append(choose_threshold(truth[idx], values[idx]).threshold)
+    tail = (1 - confidence) / 2 * 100
+    return [float(np.percentile(chosen, tail)), float(np.percentile(chosen, 100 - tail))]
