@@ -110,9 +110,8 @@ def measure(model_dir: Path, adapter: Path | None, index_dir: Path, evaluate: An
     started = time.monotonic()
     try:
         def scores(frame: pd.DataFrame) -> list[float | None]:
-            templates = frame["template"].astype(str).tolist()
-            return engine.score(templates, frame["dataset"].astype(str).tolist(), adapter,
-                                index.prompt_neighbours(templates, k)).scores
+            templates, datasets = frame["template"].astype(str).tolist(), frame["dataset"].astype(str).tolist()
+            return engine.score(templates, datasets, adapter, index.prompt_neighbours(templates, datasets, k)).scores
 
         val_scores, test_scores = scores(validation), scores(test)
     finally:

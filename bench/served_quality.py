@@ -75,7 +75,7 @@ def main() -> None:
                                  settings.evaluate.seed)
         diff = paired_mean_f1_difference({dataset: (labels, served, bar)}, boot)
         shown = [(v, t) for v, (_, t) in zip(verdicts, keys, strict=True) if v.rationale]
-        near = {t: client.neighbours_of(t, endpoint) for _, t in shown}  # (template, label) as the prompt shows
+        near = {t: client.neighbours_of(t, endpoint, dataset) for _, t in shown}  # (template, label) as shown
         items = [(v.rationale, t, dataset, near[t], v.verdict) for v, t in shown]
         faithfulness = faithfulness_report(items)  # the shared checks (tasks/evaluation/rationales.py)
         shown_all += [(dataset, t, v.verdict or "", f"{v.score:.3f}" if v.score is not None else "-", v.rationale)

@@ -378,11 +378,12 @@ class Client:
         alternatives, endpoint = self.next_token_logprobs(messages, model=model, continue_final_message=True)
         return verdict_score(alternatives), endpoint
 
-    def neighbours_of(self, template: str, endpoint: Endpoint) -> list[tuple[str, int]]:
-        """The served version's labelled neighbours of a template ([] when its prompts carry none)."""
+    def neighbours_of(self, template: str, endpoint: Endpoint, dataset: str | None = None) -> list[tuple[str, int]]:
+        """The served version's labelled neighbours of a template of `dataset` (None: unknown), under its index's
+        policy (same system, similarity floor; tasks.common.retrieval); [] when its prompts carry none."""
         if not endpoint.index_dir or endpoint.neighbours <= 0:
             return []
-        return load_index(endpoint.index_dir).prompt_neighbours([template], endpoint.neighbours)[0]
+        return load_index(endpoint.index_dir).prompt_neighbours([template], [dataset], endpoint.neighbours)[0]
 
     def explain_messages(self, template: str, dataset: str, endpoint: Endpoint,
                          neighbours: list[tuple[str, int]] | None = None, *, squeeze: float = 1.0,
@@ -390,7 +391,7 @@ class Client:
         """The explain-task chat messages the served version answers with a rationale and an answer word;
         `neighbours` None looks them up in the version's index. Fitted to the served context less the answer
         budget (`max_tokens`, default the client's), times `squeeze` (see `fit_to_context`)."""
-        near = self.neighbours_of(template, endpoint) if neighbours is None else neighbours
+        near = self.neighbours_of(template, endpoint, dataset) if neighbours is None else neighbours
         return self.fit_to_context(
             lambda log, shown: prompt_messages(log, dataset, self.max_log_chars, endpoint.special_tokens,
                                                neighbours=shown),
@@ -401,7 +402,7 @@ class Client:
                          squeeze: float = 1.0) -> list[dict[str, str]]:
         """The verdict-task chat messages, ending in an open `<answer>` (continue the final message to score);
         `neighbours` None looks them up in the version's index. Fitted to the served context less one token."""
-        near = self.neighbours_of(template, endpoint) if neighbours is None else neighbours
+        near = self.neighbours_of(template, endpoint, dataset) if neighbours is None else neighbours
         return self.fit_to_context(
             lambda log, shown: scoring_messages(log, dataset, self.max_log_chars, endpoint.special_tokens,
                                                 neighbours=shown),
@@ -433,7 +434,7 @@ class Client:
         parsed, never the log text."""
         started = time.monotonic()
         endpoint = self.endpoint()
-        near = self.neighbours_of(template, endpoint)
+        near = self.neighbours_of(template, endpoint, dataset)
         score, verdict = None, None
         if endpoint.threshold is not None:
             score, endpoint = self._within_context(

@@ -277,7 +277,7 @@ def _largest_shift(client: Client, template: str, dataset: str, base_model: str)
     the first token of the explain answer and the answer word after `<answer>` (the verdict score's position).
     None when the server returned no log-probabilities for a position."""
     endpoint = client.endpoint()
-    near = client.neighbours_of(template, endpoint)
+    near = client.neighbours_of(template, endpoint, dataset)
     shifts = []
     for messages, continued in ((client.explain_messages(template, dataset, endpoint, near), False),
                                 (client.scoring_messages(template, dataset, endpoint, near), True)):

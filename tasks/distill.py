@@ -5,8 +5,9 @@ completion per template; each is validated with `tasks.common.prompt.parse_compl
 answer equal to the label) or rejected and counted. Each accepted template becomes two chat examples built
 by `tasks.common.prompt.training_messages`, so the SFT data has exactly the format serving expects: the
 `explain` task (rationale, then verdict) and the `verdict` task (the verdict alone, read as a score at
-serving). Each prompt carries the template's k nearest labelled training templates (the index stage),
-never itself or a near-duplicate of it; a seeded `index.bare_fraction` of the prompts carries none.
+serving). Each prompt carries the labelled training templates the index's policy shows (the index stage: k,
+similarity floor, same system, contrastive), never itself or a near-duplicate of it; a seeded
+`index.bare_fraction` of the prompts carries none.
 """
 
 from __future__ import annotations
@@ -82,20 +83,18 @@ def judge(answer: str | Exception, label: int) -> tuple[str | None, str | None]:
 
 
 def training_neighbours(index: TemplateIndex | None, templates: list[str], settings: IndexSettings,
-                        seed: int) -> list[list[tuple[str, int]]]:
-    """For each training template, the neighbours its prompts show: the k nearest labelled templates other than
+                        seed: int, datasets: list[str] | None = None) -> list[list[tuple[str, int]]]:
+    """For each training template (of `datasets`, one per template; None: unknown), the neighbours its prompts
+    show under the index's policy (tasks.common.retrieval: k, floor, same system, contrastive), other than
     itself and below `near_duplicate_similarity` to it; [] for a seeded `bare_fraction` of them (or no index)."""
     import numpy as np
 
     if index is None or settings.k == 0:
         return [[] for _ in templates]
     rng = np.random.default_rng(seed)
-    found = index.search(templates, settings.k + 3, exclude_same=True)  # room for the near-duplicates dropped
-    out = []
-    for near in found:
-        kept = [(n.template, n.label) for n in near if n.similarity < settings.near_duplicate_similarity]
-        out.append([] if rng.random() < settings.bare_fraction else kept[:settings.k])
-    return out
+    found = index.prompt_neighbours(templates, datasets, exclude_same=True,
+                                    below=settings.near_duplicate_similarity)
+    return [[] if rng.random() < settings.bare_fraction else near for near in found]
 
 
 def distill(train_file: Path, out_file: Path, report_file: Path, teacher: Teacher,
@@ -107,7 +106,7 @@ def distill(train_file: Path, out_file: Path, report_file: Path, teacher: Teache
     items = [(str(t), int(y), str(d)) for t, y, d in zip(frame["template"], frame["label"], frame["dataset"],
                                                           strict=True)]
     shown: dict[str, list[list[tuple[str, int]]]] = {
-        task: (training_neighbours(index, [t for t, _, _ in items], retrieval, seed + offset)
+        task: (training_neighbours(index, [t for t, _, _ in items], retrieval, seed + offset, [d for _, _, d in items])
                if retrieval is not None else [[] for _ in items])
         for offset, task in enumerate((EXPLAIN, VERDICT))}
     rows, rejected, failures = [], Counter(), []

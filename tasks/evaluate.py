@@ -33,11 +33,11 @@ from tasks.common.files import read_labelled_templates, write_json_atomic
 from tasks.common.prompt import ABNORMAL, NORMAL, scored_verdict
 from tasks.common.retrieval import INDEX_FILE, TemplateIndex
 from tasks.common.settings import DetectSettings, EvaluateSettings, IndexSettings, load_settings
-from tasks.detection.verdicts import TemplateVerdict
+from tasks.detection.verdicts import TemplateVerdict, shows_rationale
 from tasks.evaluation.calibration import Calibration, choose_threshold
 from tasks.evaluation.intervals import BootstrapSettings, paired_mean_f1_difference
 from tasks.evaluation.metrics import Evaluation, MethodResult, score
-from tasks.evaluation.rationales import rationale_report
+from tasks.evaluation.rationales import CHECKS, check_rationale, faithfulness_report
 from tasks.evaluation.report import flat_metrics, main_sets, markdown_table, write_outputs
 from tasks.evaluation.served import InProcessClassifier, detect_log, read_labelled_log, served_sets
 from tasks.evaluation.testdata import SESSION_SETS, EvalData, EvalSet, Key, load_test_data
@@ -54,18 +54,50 @@ def load_index(retrieval: IndexSettings | None, root: Path) -> TemplateIndex | N
     return TemplateIndex.load(root / retrieval.out_dir / INDEX_FILE)
 
 
-def rationale_summary(candidate: MethodResult, index: TemplateIndex | None, k: int) -> dict[str, Any]:
-    """Component match and quote grounding of the candidate's rationales (tasks/evaluation/rationales.py), over
-    all and per verdict, with a few examples of each verdict for the report."""
-    items = {ABNORMAL: [], NORMAL: []}
-    for (dataset, template), v in candidate.verdicts.items():
-        if v.get("rationale"):
-            near = [n.template for n in index.search([template], k)[0]] if index is not None and k else []
-            items[ABNORMAL if v["label"] else NORMAL].append((v["rationale"], template, dataset, near))
-    return {"all": rationale_report([*items[ABNORMAL], *items[NORMAL]]),
-            **{verdict: rationale_report(rows) for verdict, rows in items.items()},
-            "examples": {verdict: [{"log": log, "rationale": r} for r, log, _, _ in rows[:3]]
-                         for verdict, rows in items.items()}}
+def rationale_summary(candidate: MethodResult, sets: Sequence[EvalSet],
+                      neighbours: Callable[[Sequence[Key]], Any], policy: str, has_threshold: bool,
+                      examples: int, seed: int) -> dict[str, Any]:
+    """Faithfulness of the candidate's rationales (tasks.evaluation.rationales.faithfulness_report, issue 19 item
+    3) on every set, over two scopes: `all` (every rationale the evaluation had written, i.e. every explained
+    item) and `shown` (those `detect` would show under `policy`, params.yaml detect.rationales: what a user
+    reads). Each rationale is checked against its log, the neighbours its prompt showed (`neighbours(keys)`, the
+    same function the prompts were built with) and the verdict it comes with (the scored one). Also `pooled`
+    over every key once, and `examples`: up to `examples` rationales per verdict (seeded) from the served BGL_2k
+    and Thunderbird_2k logs, each with the checks it failed. Sets named `*_sample` (the zero-shot samples) are
+    left out: they repeat template-set keys."""
+    import random
+
+    written = [key for key, v in candidate.verdicts.items() if v.get("rationale")]
+    shown_near = neighbours(written) if written else None
+    near = {key: list(shown_near[i]) if shown_near is not None else [] for i, key in enumerate(written)}
+
+    def item(key: Key) -> tuple[str, str, str, list[Any], int]:
+        v = candidate.verdicts[key]
+        return v["rationale"], key[1], key[0], near[key], int(v["label"])
+
+    def shown(key: Key) -> bool:
+        return shows_rationale(policy, ABNORMAL if candidate.verdicts[key]["label"] else NORMAL, has_threshold)
+
+    def scopes(keys: Sequence[Key]) -> dict[str, Any]:
+        keys = [key for key in keys if key in near]
+        return {"shown": faithfulness_report(item(key) for key in keys if shown(key)),
+                "all": faithfulness_report(item(key) for key in keys)}
+
+    def sample(prefix: str) -> dict[str, list[dict[str, Any]]]:
+        keys = list(dict.fromkeys(key for s in sets if s.name.startswith(prefix) for key in s.unique_keys()
+                                  if key in near))
+        out = {}
+        for verdict, label in ((ABNORMAL, 1), (NORMAL, 0)):
+            group = [key for key in keys if candidate.verdicts[key]["label"] == label]
+            picked = random.Random(seed).sample(group, min(examples, len(group)))
+            out[verdict] = [{"dataset": key[0], "log": key[1], "score": candidate.verdicts[key].get("score"),
+                             "rationale": candidate.verdicts[key]["rationale"], "shown": shown(key),
+                             "failed": check_rationale(*item(key)).failed()} for key in picked]
+        return out
+
+    return {"policy": policy, "threshold": has_threshold, "checks": list(CHECKS), "pooled": scopes(written),
+            "sets": {s.name: scopes(s.unique_keys()) for s in sets if not s.name.endswith("_sample")},
+            "examples": {"served_bgl2k": sample("served_bgl2k"), "served_thunderbird": sample("served_thunderbird")}}
 
 
 def rule_method(name: str, keys: Sequence[Key], predict: Callable[[list[str]], np.ndarray], engine: str,
@@ -348,7 +380,8 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
         "ablations": {ANSWER_WORD: "without calibration: the answer word the model wrote",
                       NO_RETRIEVAL: "without retrieval: bare prompts, no neighbours",
                       "sft_only": "without RL: the SFT adapter"},
-        "rationales": rationale_summary(results[CANDIDATE], index, k),
+        "rationales": rationale_summary(results[CANDIDATE], all_sets, with_neighbours, detect.rationales,
+                                        calibration is not None, settings.rationale_examples, settings.seed),
         "speed": {name: {"engine": r.engine, "unique_templates": len(r.verdicts), "seconds": round(r.seconds, 2),
                          "templates_per_s": round(r.templates_per_s, 4)} for name, r in ordered.items()},
         "test_data": {"digests": {s.name: s.digest() for s in all_sets},

@@ -3,7 +3,9 @@
 Built from the training split only (data/split/train.parquet: never a validation or test template), so a
 retrieved neighbour is always one whose label an expert decided and the model may learn from. Output:
 models/index/ with the pickled tasks.common.retrieval.TemplateIndex and index.json (counts, the training
-file's sha256); registered with every model version and loaded by detect, the client and the pyfunc model.
+file's sha256, the prompt policy). The policy (k, floor, same_system, contrastive, features: params.yaml
+`index`) is stored in the index, so every reader shows the same neighbours. Registered with every model
+version and loaded by detect, the client and the pyfunc model.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ def run(settings: IndexSettings) -> dict[str, Any]:
     frame = read_labelled_templates(train_file, ("dataset", "template", "label"),
                                     missing_hint="run `dvc repro split`", what="training templates")
     index = TemplateIndex(frame["template"].astype(str).tolist(), frame["label"].astype(int).tolist(),
-                          frame["dataset"].astype(str).tolist(), settings.features)
+                          frame["dataset"].astype(str).tolist(), settings.features, k=settings.k,
+                          floor=settings.floor, same_system=settings.same_system, contrastive=settings.contrastive)
     meta = {"templates": len(index), "abnormal": int(index.labels.sum()), "train_file": settings.train_file,
-            "train_sha256": sha256_file(train_file), "features": f"TF-IDF {settings.features} n-grams, cosine"}
+            "train_sha256": sha256_file(train_file), "features": f"TF-IDF {settings.features} n-grams, cosine",
+            "policy": index.policy()}
     with atomic_dir(resolve_path(settings.out_dir)) as staging:
         index.save(staging / INDEX_FILE)
         write_json_atomic(staging / INDEX_META, meta)
@@ -42,7 +46,8 @@ def main() -> None:
         import mlflow
 
         mlflow.log_params({"k": settings.k, "features": settings.features, "bare_fraction": settings.bare_fraction,
-                           "near_duplicate_similarity": settings.near_duplicate_similarity})
+                           "near_duplicate_similarity": settings.near_duplicate_similarity, "floor": settings.floor,
+                           "same_system": settings.same_system, "contrastive": settings.contrastive})
         mlflow.log_metrics({"templates": meta["templates"], "abnormal": meta["abnormal"]})
         mlflow.log_artifacts(str(resolve_path(settings.out_dir)), artifact_path="index")
     print(f"index: {meta['templates']} training templates ({meta['abnormal']} abnormal) → {settings.out_dir}")

@@ -200,3 +200,66 @@ def test_a_changed_gate_rule_or_evaluation_asks_for_a_new_judgement(monkeypatch:
     assert release.judgement_digest(looser) != first
     metrics_file.write_text(json.dumps(metrics(0.6, 0.7)))
     assert release.judgement_digest(settings) != first
+
+
+# ---- rationale faithfulness (issue 19 item 3) ------------------------------------------------------------------
+
+FAITHFUL = {"rationales": 50, "agrees": 1.0, "component_in_log": 1.0, "quotes_grounded": 1.0,
+            "cited_neighbour_shown": 1.0, "false_no_failure_word": 0.0, "false_no_failure_word_count": 0}
+FAITHFULNESS = PARAMS.model_copy(update={"min_rationale_agreement": 0.98, "min_component_in_log": 0.95,
+                                         "min_quotes_grounded": 0.98, "min_cited_neighbour_shown": 0.98,
+                                         "max_false_no_failure_word": 0})
+
+
+def with_rationales(scope: str = "shown", **flaws: float) -> dict[str, Any]:
+    """metrics(0.7, 0.6) with a `rationales` block as tasks.evaluate.rationale_summary writes it: every set faithful
+    except served_bgl2k_lines, whose `scope` row carries `flaws` (the other scope stays faithful)."""
+    bad = {**FAITHFUL, **flaws}
+    sets = {name: {"shown": dict(FAITHFUL), "all": dict(FAITHFUL)} for name in ("template_bgl", "served_bgl2k_lines")}
+    sets["served_bgl2k_lines"][scope] = bad
+    pooled = {"shown": dict(FAITHFUL), "all": dict(FAITHFUL)}
+    pooled[scope] = {**FAITHFUL, "false_no_failure_word_count": bad["false_no_failure_word_count"]}
+    return {**metrics(0.7, 0.6), "rationales": {"policy": "abnormal", "threshold": True, "pooled": pooled,
+                                                "sets": sets}}
+
+
+def test_faithful_rationales_pass_every_faithfulness_rule() -> None:
+    verdict = evaluate_gate(with_rationales(), None, FAITHFULNESS)
+    assert verdict.passed
+    assert rule(verdict, "min_rationale_agreement").measured == 1.0
+    assert rule(verdict, "max_false_no_failure_word").measured == 0
+
+
+@pytest.mark.parametrize(("name", "flaw"), [
+    ("min_rationale_agreement", {"agrees": 0.21}),  # the issue-19 served run: 40 of 190 alerts argued "abnormal"
+    ("min_component_in_log", {"component_in_log": 0.68}),
+    ("min_quotes_grounded", {"quotes_grounded": 0.9}),
+    ("min_cited_neighbour_shown", {"cited_neighbour_shown": 0.5}),
+    ("max_false_no_failure_word", {"false_no_failure_word": 0.02, "false_no_failure_word_count": 1}),
+])
+def test_a_report_failing_a_faithfulness_rule_is_refused_naming_the_rule_and_the_set(name: str, flaw: dict) -> None:
+    verdict = evaluate_gate(with_rationales(**flaw), None, FAITHFULNESS)
+    assert [r.name for r in verdict.failed] == [name]
+    assert f"{name} measured" in verdict.summary() and "served_bgl2k_lines" in rule(verdict, name).detail
+
+
+def test_faithfulness_is_gated_on_the_rationales_of_the_chosen_scope() -> None:
+    """Unfaithful rationales that no user sees (scope `all` only) pass at scope `shown`, fail at scope `all`."""
+    hidden = with_rationales("all", agrees=0.5)
+    assert evaluate_gate(hidden, None, FAITHFULNESS).passed
+    everything = FAITHFULNESS.model_copy(update={"rationale_scope": "all"})
+    assert [r.name for r in evaluate_gate(hidden, None, everything).failed] == ["min_rationale_agreement"]
+
+
+def test_metrics_without_faithfulness_fail_the_rules_instead_of_passing_silently() -> None:
+    verdict = evaluate_gate(metrics(0.7, 0.6), None, FAITHFULNESS)
+    assert {r.name for r in verdict.failed} == {"min_rationale_agreement", "min_component_in_log",
+                                                "min_quotes_grounded", "min_cited_neighbour_shown",
+                                                "max_false_no_failure_word"}
+    assert "no rationale faithfulness" in rule(verdict, "min_quotes_grounded").detail
+
+
+def test_the_shipped_gate_holds_issue_19s_targets() -> None:
+    gate = load_settings(Path(__file__).resolve().parents[1] / "params.yaml").gate
+    assert (gate.rationale_scope, gate.min_rationale_agreement, gate.min_component_in_log, gate.min_quotes_grounded,
+            gate.max_false_no_failure_word) == ("shown", 0.98, 0.95, 0.98, 0)

@@ -36,8 +36,13 @@ def candidate(caught: int) -> tuple[dict[str, Any], dict[str, Any]]:
     block = {"f1": f1, "precision": 1.0, "recall": caught / 100, "format_valid_rate": 0.97}
     methods = {name: dict(block) for name in GATED}
     methods["served_thunderbird_templates"] = {"false_alarm_rate": 0.1}
+    faithful = {"rationales": 50, "agrees": 1.0, "component_in_log": 1.0, "quotes_grounded": 1.0,
+                "cited_neighbour_shown": 1.0, "false_no_failure_word": 0.0, "false_no_failure_word_count": 0}
     metrics = {"engine": "transformers", "candidate": "rationanomaly", "methods": {"rationanomaly": methods},
-               "test_data": {"digests": DIGESTS}, "bootstrap": {"resamples": 500, "confidence": 0.95, "seed": 7}}
+               "test_data": {"digests": DIGESTS}, "bootstrap": {"resamples": 500, "confidence": 0.95, "seed": 7},
+               # rationales that pass the gate's faithfulness rules (tasks.evaluate.rationale_summary's shape)
+               "rationales": {"policy": "abnormal", "pooled": {"shown": faithful, "all": faithful},
+                              "sets": {name: {"shown": faithful, "all": faithful} for name in GATED}}}
     items = {name: {"ids": [str(i) for i in range(400)], "labels": [1] * 100 + [0] * 300,
                     "pred": [1] * caught + [0] * (100 - caught) + [0] * 300, "digest": DIGESTS[name]}
              for name in GATED}

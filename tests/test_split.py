@@ -172,7 +172,8 @@ def test_the_retrieval_index_holds_training_templates_only(shipped, tmp_path: Pa
 
     _, split_dir = shipped
     settings = IndexSettings(train_file=str(split_dir / "train.parquet"), out_dir=str(tmp_path / "index"), k=3,
-                             features="word", bare_fraction=0.3, near_duplicate_similarity=0.95)
+                             features="word", floor=0.1, same_system=True, contrastive=True, bare_fraction=0.3,
+                             near_duplicate_similarity=0.95)
     meta = index_stage.run(settings)
     index = TemplateIndex.load(tmp_path / "index" / INDEX_FILE)
     train = pd.read_parquet(split_dir / "train.parquet")

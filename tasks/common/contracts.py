@@ -98,7 +98,9 @@ class Metrics(TypedDict):
     differences: dict[str, dict[str, Any]]  # per set: candidate − best baseline / − sft_only, paired, with interval
     calibration: dict[str, dict[str, Any]]  # per scored method: the threshold and its validation figures
     ablations: dict[str, str]  # method name → what it leaves out
-    rationales: dict[str, Any]  # component match and quote grounding of the candidate's rationales, examples
+    # faithfulness of the candidate's rationales (tasks.evaluate.rationale_summary, issue 19): detect's policy,
+    # per set and pooled the `shown` and `all` faithfulness_report, examples per verdict from BGL_2k/Thunderbird_2k
+    rationales: dict[str, Any]
     speed: dict[str, MethodSpeed]
     test_data: TestDataSummary
     bootstrap: dict[str, Any]

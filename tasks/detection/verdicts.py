@@ -39,6 +39,16 @@ class TemplateVerdict:
     answer: str | None = None
 
 
+RATIONALE_POLICIES = ("abnormal", "all", "none")  # params.yaml detect.rationales
+
+
+def shows_rationale(policy: str, verdict: str | None, has_threshold: bool) -> bool:
+    """Whether `detect` asks for (and a user sees) a rationale for a template with this scored `verdict`, under
+    `policy` (params.yaml detect.rationales: abnormal | all | none). A version without a threshold is served by
+    the word its rationale ends in, so every template gets one whatever the policy."""
+    return not has_threshold or policy == "all" or (policy == "abnormal" and verdict == "abnormal")
+
+
 class Classifier(Protocol):
     """Answers (dataset, template) items; `on_result` is called in the caller's thread as each answer arrives."""
 

@@ -193,22 +193,38 @@ def classical_lines(metrics: Metrics | dict[str, Any]) -> list[str]:
     return lines
 
 
+FAITHFULNESS_COLUMNS = (("agrees", "argues for its verdict"), ("component_in_log", "names a component in the log"),
+                        ("quotes_grounded", "quotes only the log or a shown neighbour"),
+                        ("cited_neighbour_shown", "cites only shown neighbours"))
+
+
 def rationale_lines(metrics: Metrics | dict[str, Any]) -> list[str]:
-    """Rationale grounding shares and a few rationales per verdict."""
+    """Faithfulness of the candidate's rationales (issue 19 item 3) per set, for the rationales `detect` shows
+    and for every one written, then a sample of rationales per verdict from BGL_2k and Thunderbird_2k."""
     r = metrics.get("rationales") or {}
-    if not r.get("all", {}).get("rationales"):
+    if not (r.get("pooled") or {}).get("all", {}).get("rationales"):
         return []
-    lines = ["| rationales of | count | names the log's own component | quotes only words the log holds | both |",
-             "|---|---|---|---|---|"]
-    for key in ("all", "abnormal", "normal"):
-        row = r.get(key) or {}
-        if row.get("rationales"):
-            lines.append(f"| {key} | {row['rationales']} | {row['component_match']:.3f} | {row['quotes_in_log']:.3f} "
-                         f"| {row['both']:.3f} |")
-    for verdict, examples in (r.get("examples") or {}).items():
-        if examples:
-            lines += ["", f"Judged {verdict}:"]
-            lines += [f"- `{e['log'][:160]}` → {e['rationale'][:400]}" for e in examples]
+    lines = [f"Shown: the rationales `detect` gives a user (detect.rationales: {r.get('policy')}"
+             + ("" if r.get("threshold") else "; no threshold, so every template") + "). All: every rationale the "
+             "evaluation wrote, each for its scored verdict. Checks: tasks/evaluation/rationales.py.", "",
+             "| set | scope | rationales | " + " | ".join(title for _, title in FAITHFULNESS_COLUMNS)
+             + " | false \"no failure word\" | all checks pass |",
+             "|---|---|---|" + "---|" * len(FAITHFULNESS_COLUMNS) + "---|---|"]
+    for name, scopes in [("all sets (each template once)", r["pooled"]), *(r.get("sets") or {}).items()]:
+        for scope in ("shown", "all"):
+            row = scopes.get(scope) or {}
+            if not row.get("rationales"):
+                continue
+            lines.append(f"| {SET_TITLES.get(name, name)} | {scope} | {row['rationales']} | "
+                         + " | ".join(f"{row[key]:.3f}" for key, _ in FAITHFULNESS_COLUMNS)
+                         + f" | {row['false_no_failure_word_count']} | {row['all_pass']:.3f} |")
+    for log_name, by_verdict in (r.get("examples") or {}).items():
+        for verdict, examples in by_verdict.items():
+            lines += ["", f"{log_name}, judged {verdict}:"]
+            lines += [f"- `{e['log'][:160]}` (score {fmt_number(e.get('score'))}"
+                      f"{', shown' if e.get('shown') else ', not shown'}"
+                      f"{'; fails ' + ', '.join(e['failed']) if e.get('failed') else '; passes every check'})"
+                      f" → {e['rationale'][:400]}" for e in examples] or ["- (no rationale written)"]
     return lines
 
 
@@ -271,7 +287,7 @@ def report_markdown(metrics: Metrics) -> str:
         lines += ["## Ablations (the paper's Fig. 2)", "", ablation_table(metrics), ""]
     rationale_part = rationale_lines(metrics)
     if rationale_part:
-        lines += ["## Rationales: do they explain the log they are about?", "", *rationale_part, ""]
+        lines += ["## Rationales: do they argue for their verdict, on evidence in the log?", "", *rationale_part, ""]
     if extra:
         lines += ["## Subsets and samples", "", markdown_table(metrics, extra), ""]
     lines += ["## Answer format, rationales and speed", "",
@@ -432,4 +448,9 @@ def flat_metrics(metrics: Metrics) -> dict[str, float]:
                     out[f"{method}.{s}.{key}"] = float(block[key])
             if block.get("f1_ci"):
                 out[f"{method}.{s}.f1_low"], out[f"{method}.{s}.f1_high"] = map(float, block["f1_ci"])
+    r = metrics.get("rationales") or {}
+    for name, scopes in [("pooled", r.get("pooled") or {}), *(r.get("sets") or {}).items()]:
+        for scope, row in scopes.items():  # rationales.<set>.<shown|all>.<check share or count>
+            for key, value in row.items():
+                out[f"rationales.{name}.{scope}.{key}"] = float(value)
     return out

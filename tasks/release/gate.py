@@ -11,7 +11,13 @@ Rules (params.yaml `gate`):
 - champion_same_test_data: the champion's results were measured on the same test data (else they don't compare);
 - champion_margin: the paired bootstrap interval of (candidate − champion) mean F1 over the min_f1 sets lies
   above −champion_margin, so a gain within sampling noise never replaces the champion (issue 13);
-- max_regression.<set>: no test set's F1 falls more than this below the champion's (point values).
+- max_regression.<set>: no test set's F1 falls more than this below the champion's (point values);
+- min_rationale_agreement, min_component_in_log, min_quotes_grounded, min_cited_neighbour_shown: the share of
+  rationales passing that check (tasks.evaluation.rationales, issue 19 item 3) on the worst set, over the
+  rationales of `rationale_scope` (shown: those `detect` gives a user; all: every one written), at least this;
+- max_false_no_failure_word: false "no failure word" claims over every rationale in scope (each template once)
+  at most this. Read from metrics.json's `rationales` block (tasks.evaluate.rationale_summary); a rule set on
+  metrics without that block fails and says so.
 """
 
 from __future__ import annotations
@@ -162,6 +168,45 @@ def champion_margin_rule(candidate_items: dict[str, Any] | None, champion_items:
                 f"{-margin:+.4f}", interval)
 
 
+# gate field → the check of tasks.evaluation.rationales it bounds from below (a share per set)
+RATIONALE_SHARE_RULES = {"min_rationale_agreement": "agrees", "min_component_in_log": "component_in_log",
+                         "min_quotes_grounded": "quotes_grounded", "min_cited_neighbour_shown": "cited_neighbour_shown"}
+
+
+def rationale_rules(metrics: dict[str, Any] | None, settings: GateSettings) -> list[Rule]:
+    """The faithfulness rules set in `settings` (module docstring), from metrics.json's `rationales` block."""
+    wanted = {name: getattr(settings, name) for name in (*RATIONALE_SHARE_RULES, "max_false_no_failure_word")
+              if getattr(settings, name) is not None}
+    if not wanted:
+        return []
+    block = (metrics or {}).get("rationales") or {}
+    scope = settings.rationale_scope
+    if "sets" not in block or "pooled" not in block:
+        return [Rule(name, threshold, None, False, "no rationale faithfulness in the candidate's metrics "
+                     "(re-evaluate with the current evaluate stage)") for name, threshold in wanted.items()]
+    per_set = {name: scopes.get(scope) or {} for name, scopes in block["sets"].items()}
+    measured = {name: row for name, row in per_set.items() if row.get("rationales")}
+    where = f"{scope} rationales (detect.rationales: {block.get('policy')})"
+    rules = []
+    for name, threshold in wanted.items():
+        if name == "max_false_no_failure_word":
+            count = int((block["pooled"].get(scope) or {}).get("false_no_failure_word_count", 0))
+            offenders = [s for s, row in measured.items() if row.get("false_no_failure_word_count")]
+            rules.append(Rule(name, threshold, count, count <= threshold,
+                              f"{where}, each template once" + (f"; in {', '.join(offenders)}" if offenders else "")))
+            continue
+        check = RATIONALE_SHARE_RULES[name]
+        if not measured:
+            rules.append(Rule(name, threshold, None, True, f"no {where} on any set"))
+            continue
+        worst = min(measured, key=lambda s: measured[s][check])
+        failing = [s for s, row in measured.items() if row[check] < threshold]
+        rules.append(Rule(name, threshold, measured[worst][check], not failing,
+                          f"{check} on {where}; worst set {worst} ({measured[worst]['rationales']} rationales)"
+                          + (f"; below on {', '.join(failing)}" if failing else "")))
+    return rules
+
+
 def evaluate_gate(candidate: dict[str, Any], champion: dict[str, Any] | None, settings: GateSettings,
                   *, champion_version: str | None = None, candidate_name: str | None = None,
                   candidate_items: dict[str, Any] | None = None,
@@ -205,6 +250,7 @@ def evaluate_gate(candidate: dict[str, Any], champion: dict[str, Any] | None, se
             rules.append(Rule(f"max_format_invalid_rate.{name}", threshold, invalid,
                               invalid is not None and invalid <= threshold,
                               "" if invalid is not None else "no format-valid rate (not an LLM?)"))
+    rules += rationale_rules(candidate, settings)
 
     if champ is None:
         rules.append(Rule("champion_margin", -settings.champion_margin, None, True, "no champion yet: first candidate"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.common.contracts import CANDIDATE
-from tasks.evaluation.report import markdown_table, sets_of
+from tasks.evaluation.report import FAITHFULNESS_COLUMNS, markdown_table, rationale_lines, sets_of
 from tasks.release.gate import GateVerdict
 
 # MLflow keeps a model version's description in a 5,000-character column: the registry stores the compact card
@@ -14,6 +14,20 @@ DESCRIPTION_LIMIT = 4900
 # The compact card's metrics: the candidate, its RL ablation and the lexical baselines on the headline sets.
 HEADLINE_METHODS = (CANDIDATE, "sft_only", "keywords", "tfidf_lr")
 HEADLINE_SETS = ("template_bgl", "template_spirit", "served_bgl2k_lines_corrected")
+
+
+def faithfulness_lines(metrics: dict[str, Any], *, compact: bool) -> list[str]:
+    """The rationales' faithfulness (issue 19): the full card has eval.md's table per set and its sample per
+    verdict from BGL_2k and Thunderbird_2k; the compact one a line over the rationales users see."""
+    r = metrics.get("rationales") or {}
+    if not compact:
+        return rationale_lines(metrics) or ["(no rationale measured)"]
+    row = (r.get("pooled") or {}).get("shown") or {}
+    if not row.get("rationales"):
+        return [f"No rationale shown (detect.rationales: {r.get('policy')})."]
+    shares = "; ".join(f"{title} {row[key]:.3f}" for key, title in FAITHFULNESS_COLUMNS)
+    return [f"Over the {row['rationales']} rationales `detect` shows (detect.rationales: {r.get('policy')}): "
+            f"{shares}; false \"no failure word\" claims {row['false_no_failure_word_count']}. Per set: the full card."]
 
 
 def model_card(name: str, metrics: dict[str, Any], verdict: GateVerdict, record: dict[str, Any],
@@ -69,6 +83,8 @@ def model_card(name: str, metrics: dict[str, Any], verdict: GateVerdict, record:
         f"review queue: {c.get('review_queue_size')} templates awaiting an expert.", "",
         "## Metrics (precision / recall / F1, abnormal = positive)", "", table, "",
         f"Engine: {metrics.get('engine')}.", "",
+        "## Rationales: do they argue for the verdict, on evidence in the log?", "",
+        *faithfulness_lines(metrics, compact=compact), "",
         "## Gate", "", gate, "",
         "## Limits",
         "- Trained and tested on BGL and Spirit templates (LogPrompt) with session checks on BGL_2k and HDFS; other "

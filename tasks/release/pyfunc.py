@@ -138,7 +138,8 @@ class RationAnomalyModel(mlflow.pyfunc.PythonModel):
         scores: list[float | None] = [None] * len(cells)
         valid, rationales, completions = [False] * len(cells), [""] * len(cells), [""] * len(cells)
         if rows:
-            shown = self.index.prompt_neighbours(logs, self.neighbours) if self.index is not None else None
+            shown = (self.index.prompt_neighbours(logs, datasets, self.neighbours)  # the index's floor, same system
+                     if self.index is not None else None)
             run = self.engine.classify(logs, datasets, adapter_dir=self.adapter_dir, neighbours=shown)
             if self.threshold is None:
                 answers = [(p.verdict or NORMAL, None, p.valid) for p in run.predictions]
