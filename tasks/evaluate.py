@@ -39,6 +39,7 @@ from tasks.evaluation.intervals import BootstrapSettings, paired_mean_f1_differe
 from tasks.evaluation.metrics import Evaluation, MethodResult, score
 from tasks.evaluation.rationales import CHECKS, check_rationale, faithfulness_report
 from tasks.evaluation.report import flat_metrics, main_sets, markdown_table, write_outputs
+from tasks.evaluation.retrieval_quality import retrieval_quality
 from tasks.evaluation.served import InProcessClassifier, detect_log, read_labelled_log, served_sets
 from tasks.evaluation.testdata import SESSION_SETS, EvalData, EvalSet, Key, load_test_data
 
@@ -276,14 +277,16 @@ def rule_baselines(settings: EvaluateSettings, methods: Sequence[str], data: Eva
         classical_fits = {scope: fit.to_dict() for scope, fit in detector.fits.items()}
     if {"knn_1", "knn_vote"} & set(methods):
         knn = index or TemplateIndex(data.train["template"], data.train["label"], data.train["dataset"])
+        systems = [d for d, _ in all_keys]  # rule_method passes the keys' templates in this order
         if "knn_1" in methods:
-            out["knn_1"] = rule_method("knn_1", all_keys, lambda ts: baselines.knn_1_predict(knn, ts),
+            out["knn_1"] = rule_method("knn_1", all_keys, lambda ts: baselines.knn_1_predict(knn, ts, systems),
                                        "scikit-learn")
         if "knn_vote" in methods:
             votes = settings.knn.k
             out["knn_vote"] = rule_method(
-                "knn_vote", all_keys, lambda ts: (baselines.knn_vote_scores(knn, ts, votes) >= 0.5).astype(int),
-                "scikit-learn", lambda ts: baselines.knn_vote_scores(knn, ts, votes))
+                "knn_vote", all_keys,
+                lambda ts: (baselines.knn_vote_scores(knn, ts, votes, systems) >= 0.5).astype(int),
+                "scikit-learn", lambda ts: baselines.knn_vote_scores(knn, ts, votes, systems))
     return out, classical_fits
 
 
@@ -312,7 +315,7 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
     def with_neighbours(batch: Sequence[Key]) -> list[list[tuple[str, int]]] | None:
         if index is None or k == 0:
             return None
-        return index.prompt_neighbours([t for _, t in batch], k)
+        return index.prompt_neighbours([t for _, t in batch], [d for d, _ in batch], k)
 
     factory = engine_factory or open_engine
     engine = factory(root / settings.base_model_dir, settings.engine, batch_size=settings.batch_size,
@@ -403,6 +406,10 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
     }
     if classical_fits:
         metrics["classical"] = classical_fits
+    if index is not None and k:  # what the prompts showed on the test split (issue 18)
+        items = [(str(t), d, int(y)) for d, f in data.templates.items()
+                 for t, y in zip(f["template"], f["label"], strict=True)]
+        metrics["retrieval"] = {"policy": index.policy(), "datasets": retrieval_quality(index, items, k)}
     return Evaluation(metrics, data, ordered, all_sets)
 
 

@@ -110,6 +110,10 @@ class Metrics(TypedDict):
     # the classical baseline's fits, per dataset and "*" (the default for a system without training templates):
     # training templates, chosen C, threshold with its bootstrap interval and per-fold values, out-of-fold figures
     classical: NotRequired[dict[str, dict[str, Any]]]
+    # what the prompts showed on the test split (issue 18): the index policy and, per dataset, recall@k, shares
+    # of prompts showing any neighbour / one below the floor, neighbours from another system
+    # (tasks.evaluation.retrieval_quality)
+    retrieval: NotRequired[dict[str, Any]]
 
 
 class ServeState(TypedDict):

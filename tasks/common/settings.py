@@ -106,7 +106,12 @@ class IndexSettings(Section):
     train_file: str
     out_dir: str
     k: int = Field(ge=0)  # neighbours in a prompt (0: prompts carry none)
-    features: Literal["word", "char"]  # TF-IDF over word 1-2 grams or character 3-5 grams (retrieval.FEATURES)
+    # TF-IDF over word 1-2 grams, character 3-5 grams, or both blocks side by side (retrieval.FEATURES, WORD_CHAR)
+    features: Literal["word", "char", "word+char"]
+    # the prompt policy, stored in the index at build time so every reader applies it (tasks.common.retrieval):
+    floor: float = Field(ge=0, le=1)  # a shown neighbour's cosine similarity is at least this (and above 0)
+    same_system: bool  # neighbours from the query's own dataset when the index holds it (else all datasets)
+    contrastive: bool  # the nearest abnormal and the nearest normal above the floor first, then fill to k
     # share of training examples written with no neighbours, so a bare prompt (a plain OpenAI client) still works
     bare_fraction: float = Field(ge=0, le=1)
     # a training example never sees a neighbour this similar (cosine) to itself: near-duplicates would leak its label

@@ -14,6 +14,7 @@ from tasks.common.contracts import CALIBRATION_FILE, Metrics
 from tasks.common.files import atomic_dir, write_json_atomic
 from tasks.common.formatting import fmt_number
 from tasks.evaluation.metrics import Evaluation
+from tasks.evaluation.retrieval_quality import quality_table
 
 SET_TITLES = {"template_bgl": "BGL templates", "template_spirit": "Spirit templates",
               "session_bgl2k": "BGL_2k windows (sessions)", "session_hdfs": "HDFS sessions",
@@ -285,6 +286,12 @@ def report_markdown(metrics: Metrics) -> str:
                   *calibration_lines(metrics), "", "![precision-recall curves](pr_curves.png)", ""]
     if metrics.get("ablations"):
         lines += ["## Ablations (the paper's Fig. 2)", "", ablation_table(metrics), ""]
+    if metrics.get("retrieval"):
+        policy = metrics["retrieval"]["policy"]
+        lines += ["## Retrieval: the neighbours the prompts showed (test split)", "",
+                  f"Index policy: {', '.join(f'{key} {value}' for key, value in policy.items())}. recall@k: "
+                  "a neighbour with the template's own label among those shown.", "",
+                  *quality_table(metrics["retrieval"]["datasets"]), ""]
     rationale_part = rationale_lines(metrics)
     if rationale_part:
         lines += ["## Rationales: do they argue for their verdict, on evidence in the log?", "", *rationale_part, ""]
