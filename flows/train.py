@@ -18,7 +18,7 @@ def reward_summary_markdown(results: list[dict[str, Any]]) -> str:
     sft, grpo = read_json("reports/sft.json"), read_json("reports/grpo.json")
     lines = ["# Training", "", stages_table(results), "", "| stage | steps | wall time (s) |", "|---|---|---|"]
     for name, report in (("sft", sft), ("grpo", grpo)):
-        lines.append(f"| {name} | {report.get('steps', '?')} | {report.get('runtime_s', report.get('seconds', '?'))} |")
+        lines.append(f"| {name} | {report.get('steps', '?')} | {report.get('wall_time_s', '?')} |")
     first, last = grpo.get("first_rewards") or {}, grpo.get("final_rewards") or {}
     if last:
         lines += ["", "## GRPO reward by component", "", "| component | first step | last step |", "|---|---|---|"]

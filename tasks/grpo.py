@@ -16,31 +16,23 @@ import csv
 import json
 import math
 import shutil
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tasks.common.config import resolve_path
 from tasks.common.errors import InputError
-from tasks.common.files import atomic_path, sha256_json, write_json_atomic
+from tasks.common.files import atomic_path, sha256_json
 from tasks.common.prompt import EXPLAIN, defang_messages
 from tasks.common.settings import GrpoSettings, load_settings
 from tasks.common.tokenizers import special_tokens_of
-from tasks.training.callbacks import install_callbacks
-from tasks.training.checkpoints import prepare_checkpoints, publish_adapter
-from tasks.training.launch import (
-    is_main_process,
-    relaunch_with_accelerate,
-    report_process,
-    stage_tracking,
-    topology,
-)
+from tasks.training.checkpoints import prepare_checkpoints
+from tasks.training.launch import is_main_process, relaunch_with_accelerate
 from tasks.training.model import (
     adapter_digest,
     base_model_sha256,
     count_parameters,
-    library_versions,
     lora_config,
     require_base_model,
     set_torch_threads,
@@ -55,7 +47,7 @@ from tasks.training.rewards import (
     reward_functions,
     reward_weights,
 )
-from tasks.training.stage import Prepared, load_tokenizer, log_run_start, read_inputs, trainer_arguments
+from tasks.training.stage import Prepared, load_tokenizer, read_inputs, train_and_report, trainer_arguments
 
 STAGE = "grpo"
 CSV_COLUMNS = (
@@ -281,78 +273,57 @@ def prepare_grpo(settings: GrpoSettings) -> PreparedGrpo:
     return PreparedGrpo(trainer, inputs, out_dir, ckpt_dir, resume, dropped, trainable, total, sft_digest)
 
 
-def run(settings: GrpoSettings) -> dict[str, Any]:
-    """Train GRPO; returns the report written to reports/grpo.json (rewards per component, first and last
-    steps). Raises what `prepare_grpo` raises, and RuntimeError when the adapter did not change."""
-    prep = prepare_grpo(settings)
-    trainer, resume, out_dir, ckpt_dir = prep.trainer, prep.resume, prep.out_dir, prep.ckpt_dir
-    data_sha, base_sha = prep.inputs.data_sha, prep.inputs.base_sha
-    sft_digest, trainable = prep.sft_digest, prep.trainable
+def grpo_fields(prepared: PreparedGrpo, settings: GrpoSettings) -> Callable[[Any], dict[str, Any]]:
+    """The grpo report's own fields, read from the trained Trainer: every reward component (with total reward,
+    per-class answer, length and KL) at the first and the last step and over the first and last quarter, and
+    the SFT adapter it continued from."""
 
-    with stage_tracking(STAGE) as mlflow:
-        install_callbacks(trainer, STAGE, mlflow)
-        log_run_start(mlflow, settings, prep, sft_adapter_sha256=str(sft_digest))
-        started, cpu_started = time.monotonic(), time.process_time()
-        trainer.train(resume_from_checkpoint=resume.checkpoint)
-        wall, cpu = time.monotonic() - started, time.process_time() - cpu_started
-        steps = int(trainer.state.global_step)
-        report_process(STAGE, trainer)
+    def fields(trainer: Any) -> dict[str, Any]:
         rows = reward_rows(trainer.state.log_history)
-
-        report: dict[str, Any] = {
-            "stage": STAGE,
-            "steps": steps,
-            "wall_time_s": round(wall, 1),
-            "s_per_step": round(wall / max(1, steps - resume.step), 3),
-            # CPU seconds of all threads: what a step costs, whatever the neighbours on a shared machine do
-            "cpu_s_per_step": round(cpu / max(1, steps - resume.step), 3),
-            "resumed_from_step": resume.step,
-            "trainable_params": trainable,
-            "total_params": prep.total,
-            "prompts": len(trainer.train_dataset),
-            "dropped_too_long": prep.dropped,
-            "repeated_abnormal": prep.inputs.repeated_abnormal,
-            "runtime_s": round(wall, 1),
-            **topology(trainer),
-            # per component (and total reward, per-class answer, length, KL) at the first and the last step
+        return {
             "first_rewards": numeric(rows[0]) if rows else {},
             "final_rewards": numeric(rows[-1]) if rows else {},
             "first_window_mean": window_means(rows, first=True),
             "final_window_mean": window_means(rows, first=False),
-            "sft_adapter_sha256": sft_digest,
-        }
-        base_meta = {
-            "data_file": settings.data_file,
-            "data_sha256": data_sha,
-            "base_model_dir": settings.base_model_dir,
-            "base_model_sha256": base_sha,
             "sft_adapter_dir": settings.sft_adapter_dir,
-            "params": settings.model_dump(),
-            "versions": library_versions(),
-            "mlflow_run_id": mlflow.active_run().info.run_id if mlflow is not None else None,
+            "sft_adapter_sha256": prepared.sft_digest,
         }
 
-        def meta(digest: str) -> dict[str, Any]:
-            if digest == sft_digest:
-                zero_std = [h.get("frac_reward_zero_std") for h in trainer.state.log_history]
-                raise RuntimeError(
-                    f"GRPO left the adapter byte-identical to the SFT adapter (trl issue 6700 symptom, or every "
-                    f"group had equal rewards: frac_reward_zero_std per step {zero_std}); not publishing it"
-                )
-            return {**report, "adapter_sha256": digest, **base_meta}
+    return fields
 
-        report["adapter_sha256"] = publish_adapter(trainer, out_dir, meta)
-        if is_main_process():
-            csv_path, png_path = resolve_path(settings.rewards_csv), resolve_path(settings.rewards_png)
-            write_curve(rows, csv_path, png_path)
-            write_json_atomic(resolve_path(settings.report_file), report)
-            if mlflow is not None:
-                mlflow.log_metrics({"wall_time_s": wall, "trainable_params": trainable, "steps": steps})
-                for path in (csv_path, png_path, out_dir / "training_meta.json"):
-                    mlflow.log_artifact(str(path))
-            if not settings.keep_checkpoints:
-                shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return report
+
+def refuse_unchanged(prepared: PreparedGrpo) -> Callable[[str], None]:
+    """RuntimeError when the trained adapter's digest is the SFT adapter's: GRPO changed nothing."""
+
+    def refuse(digest: str) -> None:
+        if digest == prepared.sft_digest:
+            zero_std = [h.get("frac_reward_zero_std") for h in prepared.trainer.state.log_history]
+            raise RuntimeError(
+                f"GRPO left the adapter byte-identical to the SFT adapter (trl issue 6700 symptom, or every "
+                f"group had equal rewards: frac_reward_zero_std per step {zero_std}); not publishing it"
+            )
+
+    return refuse
+
+
+def curve_writer(settings: GrpoSettings) -> Callable[[Any], list[Path]]:
+    """Writes the reward curve (reports/grpo_rewards.csv and its PNG) from the trained Trainer; returns both."""
+
+    def write(trainer: Any) -> list[Path]:
+        csv_path, png_path = resolve_path(settings.rewards_csv), resolve_path(settings.rewards_png)
+        write_curve(reward_rows(trainer.state.log_history), csv_path, png_path)
+        return [csv_path, png_path]
+
+    return write
+
+
+def run(settings: GrpoSettings) -> dict[str, Any]:
+    """Train GRPO; returns the report written to reports/grpo.json (`GrpoReport`: rewards per component, first and
+    last steps; the adapter's training_meta.json adds params and versions). Raises what `prepare_grpo` raises, and
+    RuntimeError when the adapter did not change."""
+    prep = prepare_grpo(settings)
+    return train_and_report(STAGE, settings, prep, grpo_fields(prep, settings), refuse=refuse_unchanged(prep),
+                            write_outputs=curve_writer(settings), tags={"sft_adapter_sha256": str(prep.sft_digest)})
 
 
 def main() -> None:

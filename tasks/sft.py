@@ -14,36 +14,27 @@ fingerprint (params + data + base model hashes) matches. The adapter folder is p
 
 from __future__ import annotations
 
-import shutil
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from tasks.common.config import resolve_path
 from tasks.common.errors import InputError
-from tasks.common.files import sha256_json, write_json_atomic
+from tasks.common.files import sha256_json
 from tasks.common.prompt import ANSWER_OPEN, defang_messages
 from tasks.common.settings import SftSettings, load_settings
 from tasks.common.tokenizers import special_tokens_of
-from tasks.training.callbacks import install_callbacks
-from tasks.training.checkpoints import prepare_checkpoints, publish_adapter
-from tasks.training.launch import (
-    is_main_process,
-    relaunch_with_accelerate,
-    report_process,
-    stage_tracking,
-    topology,
-)
+from tasks.training.checkpoints import prepare_checkpoints
+from tasks.training.launch import is_main_process, relaunch_with_accelerate
 from tasks.training.model import (
     count_parameters,
-    library_versions,
     lora_config,
     require_base_model,
     set_torch_threads,
     torch_dtype,
 )
 from tasks.training.records import load_sft_records
-from tasks.training.stage import Prepared, load_tokenizer, log_run_start, read_inputs, trainer_arguments
+from tasks.training.stage import Prepared, load_tokenizer, read_inputs, train_and_report, trainer_arguments
 
 STAGE = "sft"
 
@@ -143,67 +134,26 @@ def prepare_sft(settings: SftSettings, *, full_finetune: bool = False) -> Prepar
                        masked)
 
 
-def run(settings: SftSettings) -> dict[str, Any]:
-    """Train the SFT adapter; returns the metadata written to training_meta.json (reports/sft.json is its
-    summary). Raises what `prepare_sft` raises, before the first step."""
-    prep = prepare_sft(settings)
-    trainer, resume, out_dir = prep.trainer, prep.resume, prep.out_dir
-    trainable, total, data_sha, base_sha = prep.trainable, prep.total, prep.inputs.data_sha, prep.inputs.base_sha
-    with stage_tracking(STAGE) as mlflow:
-        install_callbacks(trainer, STAGE, mlflow)
-        log_run_start(mlflow, settings, prep)
-        started, cpu_started = time.monotonic(), time.process_time()
-        result = trainer.train(resume_from_checkpoint=resume.checkpoint)
-        runtime, cpu = time.monotonic() - started, time.process_time() - cpu_started
-        steps = int(trainer.state.global_step)
-        report_process(STAGE, trainer)
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+def sft_fields(prepared: PreparedSft) -> Callable[[Any], dict[str, Any]]:
+    """The sft report's own fields, read from the trained Trainer: the masked prompt size and the loss at the
+    first and the last logging step."""
 
-        meta = {
-            "stage": STAGE,
-            "steps": steps,
-            "runtime_s": round(runtime, 1),
-            "s_per_step": round(runtime / max(1, steps - resume.step), 3),
-            # CPU seconds of all threads: what a step costs, whatever the neighbours on a shared machine do
-            "cpu_s_per_step": round(cpu / max(1, steps - resume.step), 3),
-            "resumed_from_step": resume.step,
-            "trainable_params": trainable,
-            "total_params": total,
-            "examples": len(trainer.train_dataset),
-            "dropped_too_long": prep.dropped,
-            "repeated_abnormal": prep.inputs.repeated_abnormal,
-            "prompt_tokens_masked_first_example": prep.masked,
-            **topology(trainer),
+    def fields(trainer: Any) -> dict[str, Any]:
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return {
+            "prompt_tokens_masked_first_example": prepared.masked,
             "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None,
-            "train_loss": float(result.training_loss) if result.training_loss is not None else None,
-            "data_file": settings.data_file,
-            "data_sha256": data_sha,
-            "base_model_dir": settings.base_model_dir,
-            "base_model_sha256": base_sha,
-            "params": settings.model_dump(),
-            "versions": library_versions(),
-            # lets an auditor holding only the adapter folder find the run that made it
-            "mlflow_run_id": mlflow.active_run().info.run_id if mlflow is not None else None,
         }
-        meta["adapter_sha256"] = publish_adapter(trainer, out_dir, lambda digest: {**meta, "adapter_sha256": digest})
-        if is_main_process():
-            report = {k: v for k, v in meta.items() if k not in ("params", "versions")}
-            write_json_atomic(resolve_path(settings.report_file), report)
-            if mlflow is not None:
-                mlflow.log_metrics(
-                    {
-                        "runtime_s": runtime,
-                        "trainable_params": trainable,
-                        "total_params": total,
-                        "steps": steps,
-                        "examples": len(trainer.train_dataset),
-                    }
-                )
-                mlflow.log_artifact(str(out_dir / "training_meta.json"))
-            if not settings.keep_checkpoints:
-                shutil.rmtree(prep.ckpt_dir, ignore_errors=True)
-    return meta
+
+    return fields
+
+
+def run(settings: SftSettings) -> dict[str, Any]:
+    """Train the SFT adapter; returns the report written to reports/sft.json (`SftReport`; the adapter's
+    training_meta.json adds params and versions). Raises what `prepare_sft` raises, before the first step."""
+    prep = prepare_sft(settings)
+    return train_and_report(STAGE, settings, prep, sft_fields(prep))
 
 
 def main() -> None:
@@ -216,7 +166,7 @@ def main() -> None:
     meta = run(settings)
     if is_main_process():
         print(
-            f"[{STAGE}] done: {meta['steps']} steps in {meta['runtime_s']} s, final loss {meta['final_loss']}, "
+            f"[{STAGE}] done: {meta['steps']} steps in {meta['wall_time_s']} s, final loss {meta['final_loss']}, "
             f"adapter → {settings.out_dir}",
             flush=True,
         )

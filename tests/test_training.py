@@ -209,7 +209,7 @@ def test_sft_run_is_tracked_in_mlflow_with_params_loss_per_step_and_dataset(sft_
     run = stage_runs(sft_project, "sft")[-1]
     assert run.data.params["lora.r"] == str(params["lora"]["r"])
     assert run.data.params["learning_rate"] == str(params["learning_rate"])
-    assert run.data.metrics["trainable_params"] > 0 and run.data.metrics["runtime_s"] > 0
+    assert run.data.metrics["trainable_params"] > 0 and run.data.metrics["wall_time_s"] > 0
     resumed = params["save_steps"]
     assert metric_steps(sft_project, run.info.run_id, "loss") == list(range(resumed + 1, params["max_steps"] + 1))
     assert metric_steps(sft_project, run.info.run_id, "learning_rate")
@@ -257,6 +257,10 @@ def test_grpo_writes_the_reward_curve_and_report(grpo_project: Path):
     assert (grpo_project / "reports" / "grpo_rewards.png").read_bytes()[:4] == b"\x89PNG"
     report = read_json(grpo_project / "reports" / "grpo.json")
     assert report["steps"] == steps and report["wall_time_s"] > 0
+    sft_report = read_json(grpo_project / "reports" / "sft.json")
+    shared = {k for k in sft_report if k in report}
+    assert {"wall_time_s", "examples", "train_loss", "mlflow_run_id", "data_sha256"} <= shared
+    assert "runtime_s" not in report and "prompts" not in report and "runtime_s" not in sft_report
     assert set(COMPONENTS) <= set(report["final_rewards"]) and set(COMPONENTS) <= set(report["first_rewards"])
     assert report["final_rewards"]["format"] == curve["format"].iloc[-1]
 
@@ -463,3 +467,62 @@ def test_balancing_repeats_anomalies_up_to_the_fraction_and_refuses_a_bad_one() 
         validate_settings(raw)
     with pytest.raises(InputError, match="no abnormal example"):
         balance_classes([{"label": 0}], 0.3, seed=1, field_name="f")
+
+
+def test_both_training_reports_name_each_shared_fact_alike_and_the_train_summary_reads_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One frame writes the facts sft and grpo share (issue 19 item 5: `runtime_s` vs `wall_time_s`, `examples` vs
+    `prompts`, and a `seconds` key flows/train.py read that no report wrote); each stage adds only its own fields."""
+    from transformers import TrainerState
+
+    from flows.train import reward_summary_markdown
+    from tasks.common.contracts import GrpoReport, SftReport, TrainingReport
+    from tasks.grpo import PreparedGrpo, grpo_fields
+    from tasks.sft import PreparedSft, sft_fields
+    from tasks.training.checkpoints import Resume
+    from tasks.training.stage import (
+        RUN_METRICS,
+        SHARED_REPORT_KEYS,
+        RunStats,
+        TrainingInputs,
+        run_metrics,
+        shared_report,
+        with_stage_fields,
+    )
+
+    settings = load_settings(REPO / "params.yaml")
+    inputs = TrainingInputs(tmp_path / "train.jsonl", [], 3, tmp_path / "base", "d" * 64, "b" * 64)
+    frame = {"inputs": inputs, "out_dir": tmp_path, "ckpt_dir": tmp_path, "resume": Resume(None, 2), "dropped": 1,
+             "trainable": 10, "total": 1000}
+    sft_prep = PreparedSft(trainer=None, masked=150, **frame)
+    grpo_prep = PreparedGrpo(trainer=None, sft_digest="s" * 64, **frame)
+    # what the stages read from the trained Trainer: its log history (a real TrainerState)
+    sft_history = [{"loss": 2.0, "step": 1}, {"loss": 1.5, "step": 4}]
+    grpo_history = [{"step": 1, "reward": 0.5, metric_name("format"): 1.0}]
+    sft_done = type("Trained", (), {"state": TrainerState(log_history=sft_history)})
+    grpo_done = type("Trained", (), {"state": TrainerState(log_history=grpo_history)})
+    reports = {}
+    for stage, prep, stage_settings, own in (
+        ("sft", sft_prep, settings.sft, sft_fields(sft_prep)),
+        ("grpo", grpo_prep, settings.grpo, grpo_fields(grpo_prep, settings.grpo)),
+    ):
+        stats = RunStats(steps=4, wall_s=12.34 if stage == "sft" else 56.78, cpu_s=20.0, train_loss=1.7, examples=24,
+                         launcher="in-process", world_size=1)
+        shared = shared_report(stage, stage_settings, prep, stats, "run-id")
+        reports[stage] = with_stage_fields(shared, own(sft_done if stage == "sft" else grpo_done))
+    assert set(SHARED_REPORT_KEYS) == set(TrainingReport.__annotations__)
+    assert set(reports["sft"]) == set(SftReport.__annotations__)
+    assert set(reports["grpo"]) == set(GrpoReport.__annotations__)
+    assert set(reports["sft"]) & set(reports["grpo"]) == set(SHARED_REPORT_KEYS)
+    assert reports["sft"]["s_per_step"] == round(12.34 / 2, 3), "per step of this run: 4 steps, resumed at 2"
+    assert set(run_metrics(reports["sft"])) == set(run_metrics(reports["grpo"])) == set(RUN_METRICS)
+    with pytest.raises(ValueError, match=r"\['examples'\] are shared facts"):
+        with_stage_fields(reports["sft"], {"examples": 3})
+
+    (tmp_path / "reports").mkdir()
+    for stage, report in reports.items():
+        (tmp_path / "reports" / f"{stage}.json").write_text(json.dumps(report), encoding="utf-8")
+    monkeypatch.setenv("RATIONANOMALY_ROOT", str(tmp_path))
+    summary = reward_summary_markdown([])
+    assert "| sft | 4 | 12.3 |" in summary and "| grpo | 4 | 56.8 |" in summary, summary

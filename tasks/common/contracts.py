@@ -4,8 +4,8 @@
   flow and the model card.
 - `.serve/state.json` (`ServeState`): written by serving.server on a successful deploy; read by the client,
   `detect`, the deploy flow and `rationanomaly serve --status`.
-- `reports/sft.json`, `reports/grpo.json` (`SftReport`, `GrpoReport`): written by the training stages; read by
-  the train flow's summary and the retrain summary.
+- `reports/sft.json`, `reports/grpo.json` (`SftReport`, `GrpoReport`, sharing `TrainingReport`): written by the
+  training stages (tasks.training.stage); read by the train flow's summary and the retrain summary.
 
 These are TypedDicts: JSON in, JSON out, with the shape written down once. `CANDIDATE` is the candidate's
 method name in every metrics table.
@@ -142,28 +142,53 @@ class ServeState(TypedDict):
     smoke: dict[str, Any]
 
 
-class SftReport(TypedDict, total=False):
-    """reports/sft.json: steps, wall time (s), loss at the first and last logging step, data and model digests."""
+class TrainingReport(TypedDict, total=False):
+    """What reports/sft.json and reports/grpo.json both say, under one name each (tasks.training.stage writes it
+    for both stages; training_meta.json in the adapter folder adds `params` and `versions`).
+
+    Times are seconds: `wall_time_s` of `trainer.train` (this run only, after any resume), `s_per_step` and
+    `cpu_s_per_step` (CPU seconds of all threads) per step trained in this run. `examples` are the training rows
+    (SFT examples, GRPO prompts) after `dropped_too_long` were dropped; `repeated_abnormal` counts the anomalies
+    repeated to the balance fraction. `train_loss` is the Trainer's mean loss over this run's steps.
+    """
 
     stage: str
     steps: int
-    runtime_s: float
+    wall_time_s: float
     s_per_step: float
-    first_loss: float | None
-    final_loss: float | None
+    cpu_s_per_step: float
+    resumed_from_step: int
+    trainable_params: int
+    total_params: int
     examples: int
+    dropped_too_long: int
+    repeated_abnormal: int
+    launcher: str  # "accelerate" or "in-process"
+    world_size: int
+    train_loss: float | None
+    data_file: str
+    data_sha256: str
+    base_model_dir: str
+    base_model_sha256: str | None
+    mlflow_run_id: str | None
     adapter_sha256: str | None
 
 
-class GrpoReport(TypedDict, total=False):
-    """reports/grpo.json: steps, wall time (s) and every reward component at the first and last step."""
+class SftReport(TrainingReport, total=False):
+    """reports/sft.json: the shared facts, the loss at the first and last logging step, the masked prompt size."""
 
-    stage: str
-    steps: int
-    runtime_s: float
-    wall_time_s: float
+    first_loss: float | None
+    final_loss: float | None
+    prompt_tokens_masked_first_example: int
+
+
+class GrpoReport(TrainingReport, total=False):
+    """reports/grpo.json: the shared facts, every reward component at the first and last step (and the mean of
+    the first and last quarter of the steps), and the SFT adapter it continued from."""
+
     first_rewards: dict[str, float]
     final_rewards: dict[str, float]
     first_window_mean: dict[str, float | None]
     final_window_mean: dict[str, float | None]
-    adapter_sha256: str | None
+    sft_adapter_dir: str | None
+    sft_adapter_sha256: str | None
