@@ -25,7 +25,7 @@ from tasks.detection.verdicts import ClassifierError
 
 REPO = Path(__file__).resolve().parents[1]
 DETECT = load_settings(REPO / "params.yaml").detect  # the shipped detect knobs
-QUESTION = re.compile(r"Log \([^)]*\):\n(?P<log>.*)\n\nIs this log", re.DOTALL)
+QUESTION = re.compile(r"Log \([^)]*\):\n(?P<log>.*)\n\n(?:Is this log|The verdict is)", re.DOTALL)
 ABNORMAL_WORDS = re.compile(r"\berror\b|fail|fatal|\bexception\b|abort|severed", re.IGNORECASE)
 
 BGL = [
@@ -565,3 +565,18 @@ def test_cli_detect_writes_json_lines_and_exits_non_zero_when_the_endpoint_is_do
                                       "--model-version", "7", "--max-retries", "1"])
     assert result.exit_code == 1
     assert "did not answer" in result.output
+
+
+def test_a_template_without_a_letter_word_is_normal_without_a_model_call(tmp_path: Path, chat_server: Any) -> None:
+    """Issue 18 item 4b, the verdict rule's first stage: a register dump holds no word of two or more letters
+    (none of 1,520 such expert-corrected templates is abnormal), so the client judges it normal with score 0 and
+    sends nothing; a template with words is still scored by the model."""
+    server = chat_server()
+    head = "- 1117838570 2005.06.03 R02-M1-N0-C:J12-U11 2005-06-03-15.42.50.675872 R02-M1-N0-C:J12-U11 RAS KERNEL INFO "
+    data = lines_file([head + "r00=0x00000000 r01=0x1eb2f7c0 r02=0x00000000", head + "data TLB error interrupt"])
+    summary, records = run_detect(tmp_path, server.url, data, endpoint={"threshold": 0.5})
+    templates = [r for r in records if r["kind"] == "template"]
+    dump = next(r for r in templates if "r00=" in r["template"])
+    assert dump["verdict"] == "normal" and dump["score"] == 0.0
+    alerts = sum(r["verdict"] == "abnormal" for r in templates)
+    assert server.requests == 1 + alerts and summary["requested"] == 2  # one score request, a rationale per alert

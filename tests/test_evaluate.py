@@ -158,7 +158,8 @@ def test_smoke_evaluation_of_a_real_adapter(eval_root: Path, base_model_dir: Pat
 
     assert metrics["engine"] == "transformers" and metrics["candidate"] == "rationanomaly"
     assert list(metrics["methods"]) == list(METHODS)
-    assert set(metrics["calibration"]) == {"rationanomaly", "rationanomaly_no_retrieval", "sft_only"}
+    assert set(metrics["calibration"]) == {"rationanomaly", "rationanomaly_no_retrieval",
+                                           "rationanomaly_no_first_stage", "sft_only"}
     assert 0.0 <= metrics["calibration"]["rationanomaly"]["threshold"] <= 1.0
     # what the registry stores with the adapter: the candidate's threshold and the neighbours its prompts carry
     assert json.loads((eval_root / "reports/eval/calibration.json").read_text()) == \
@@ -169,7 +170,8 @@ def test_smoke_evaluation_of_a_real_adapter(eval_root: Path, base_model_dir: Pat
               "served_thunderbird_lines", "served_thunderbird_templates"}
     samples = {"template_bgl_sample", "template_spirit_sample"}  # the zero-shot model's fixed sample, all answer it
     assert set(metrics["methods"]["zero_shot"]) == samples
-    for method in ("sft_only", "rationanomaly_no_retrieval", "rationanomaly_answer_word"):
+    for method in ("sft_only", "rationanomaly_no_retrieval", "rationanomaly_no_first_stage",
+                   "rationanomaly_answer_word"):
         assert set(metrics["methods"][method]) == template_sets | samples  # the served path: candidate and rules
     assert "average_precision" in metrics["methods"]["sft_only"]["template_bgl"]
     answer_word = metrics["methods"]["rationanomaly_answer_word"]["template_bgl"]

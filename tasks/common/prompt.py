@@ -205,6 +205,27 @@ def verdict_score(top_logprobs: Mapping[str, float]) -> float | None:
     return abnormal / total if total > 0 else None
 
 
+# The verdict rule's first stage (issue 18 item 4b): a template without a word of two or more letters (a hex or
+# register dump, a list of numbers) is normal without a model call, with score FIRST_STAGE_SCORE. The same letter
+# words are the TF-IDF tokens of retrieval and the baselines. Measured on the expert-corrected templates: none of
+# the 1,520 such templates among 3,063 (BGL 1,280, Spirit 240) is abnormal; they are 518 of 707 BGL and 99 of 519
+# Spirit test templates, so the first stage halves the model calls of the test split.
+LETTER_WORD = r"(?u)\b[a-zA-Z][a-zA-Z_]+\b"
+FIRST_STAGE_SCORE = 0.0
+_LETTER_WORD_RE = re.compile(LETTER_WORD)
+
+
+def first_stage_normal(log: str) -> bool:
+    """Whether the verdict rule calls `log` normal before any model call: it holds no word of two or more letters.
+
+    >>> first_stage_normal("r00=0x00000000 r01=0x1eb2f7c0"), first_stage_normal("<*> <*> 0x3f")
+    (True, True)
+    >>> first_stage_normal("ciod: failed to read <*>")
+    False
+    """
+    return _LETTER_WORD_RE.search(log) is None
+
+
 def scored_verdict(score: float | None, threshold: float) -> str:
     """The verdict of a calibrated score: `abnormal` when it reaches the version's threshold; a missing score
     (neither answer word among the top tokens) is `normal`, everywhere (evaluation, client, pyfunc, detect)."""

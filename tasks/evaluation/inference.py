@@ -30,7 +30,9 @@ from typing import Any
 from tasks.common.config import resolve_threads
 from tasks.common.errors import InputError
 from tasks.common.prompt import (
+    FIRST_STAGE_SCORE,
     TOP_LOGPROBS,
+    first_stage_normal,
     parse_completion,
     prompt_messages,
     scoring_messages,
@@ -91,6 +93,7 @@ class ScoreRun:
     scores: list[float | None]
     engine: str
     seconds: float
+    model_calls: int | None = None  # templates the model scored (the rest: the first stage); None: all of them
 
 
 def to_prediction(template: str, dataset: str, completion: str | None) -> Prediction:
@@ -187,18 +190,26 @@ class Engine:
         raise NotImplementedError
 
     def score(self, templates: Sequence[str], datasets: Sequence[str], adapter_dir: str | Path | None = None,
-              neighbours: NeighbourLists = None) -> ScoreRun:
+              neighbours: NeighbourLists = None, *, first_stage: bool = True) -> ScoreRun:
         """The calibrated verdict score of every template: P(abnormal) against P(normal) of the answer word's
         first token after a prefilled `<answer>` (the verdict task; one forward pass, no generation). A score is
-        None when neither word is among the top tokens."""
+        None when neither word is among the top tokens. `first_stage`: a template the verdict rule's first stage
+        calls normal (tasks.common.prompt.first_stage_normal) gets FIRST_STAGE_SCORE without a model call, as on
+        the served path; False scores every template (the ablation)."""
         check_model_dirs(self.base_model_dir, adapter_dir)
         adapter = Path(adapter_dir) if adapter_dir is not None else None
-        prompts = self.prompt_ids([str(t) for t in templates], [str(d) for d in datasets], neighbours, scoring=True)
+        templates, datasets = [str(t) for t in templates], [str(d) for d in datasets]
+        asked = [i for i, t in enumerate(templates) if not (first_stage and first_stage_normal(t))]
+        shown = [neighbours[i] for i in asked] if neighbours is not None else None
+        prompts = self.prompt_ids([templates[i] for i in asked], [datasets[i] for i in asked], shown, scoring=True)
         started = time.perf_counter()
         load_before = self.load_seconds_total
         tops = self.next_token_logprobs(prompts, adapter) if prompts else []
         seconds = time.perf_counter() - started - (self.load_seconds_total - load_before)
-        return ScoreRun([verdict_score(top) for top in tops], self.name, seconds)
+        scores: list[float | None] = [FIRST_STAGE_SCORE] * len(templates)
+        for i, top in zip(asked, tops, strict=True):
+            scores[i] = verdict_score(top)
+        return ScoreRun(scores, self.name, seconds, len(asked))
 
     def classify(self, templates: Sequence[str], datasets: Sequence[str] | str = "system log",
                  adapter_dir: str | Path | None = None, neighbours: NeighbourLists = None,

@@ -75,6 +75,8 @@ class MethodResult:
     engine: str
     is_llm: bool
     notes: list[str] = field(default_factory=list)
+    # model calls per template (LLM methods: scoring requests over unique templates; None for the rules)
+    model_calls_per_template: float | None = None
 
     @property
     def templates_per_s(self) -> float:
