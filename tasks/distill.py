@@ -1,9 +1,12 @@
 """distill stage: a CoT rationale for every training template, conditioned on its corrected label.
 
 The teacher (tasks.data.teachers: `lexicon` offline, or any OpenAI-compatible endpoint) writes a
-completion per template; each is validated with `tasks.common.prompt.parse_completion` (format, and an
-answer equal to the label) or rejected and counted. Each accepted template becomes two chat examples built
-by `tasks.common.prompt.training_messages`, so the SFT data has exactly the format serving expects: the
+completion per template, shown the neighbours its explain example shows; each is validated with
+`tasks.common.prompt.parse_completion` (format, and an answer equal to the label) and the rationale checks of
+issue 19 (tasks.evaluation.rationales.check_rationale: concludes the label, names a component the log holds,
+quotes only the log or a shown neighbour, cites only a shown neighbour with its label, no false "no failure
+word") or rejected and counted per reason (`check_failed:<check>`). Each accepted template becomes two chat
+examples built by `tasks.common.prompt.training_messages`, so the SFT data has exactly the format serving expects: the
 `explain` task (rationale, then verdict) and the `verdict` task (the verdict alone, read as a score at
 serving). Each prompt carries the labelled training templates the index's policy shows (the index stage: k,
 similarity floor, same system, contrastive), never itself or a near-duplicate of it; a seeded
@@ -28,11 +31,15 @@ from tasks.common.errors import InputError
 from tasks.common.files import atomic_path, read_labelled_templates, write_text_atomic
 from tasks.common.prompt import EXPLAIN, VERDICT, label_name, parse_completion, training_messages
 from tasks.common.retrieval import INDEX_FILE, TemplateIndex
-from tasks.common.settings import DistillSettings, IndexSettings, load_settings
+from tasks.common.settings import CorrectSettings, DistillSettings, IndexSettings, load_settings
 from tasks.common.tracking import stage_run
-from tasks.data.teachers import Teacher, make_teacher
+from tasks.data.teachers import Teacher, expert_notes, make_teacher
+from tasks.evaluation.rationales import CHECKS, check_rationale
 
 REQUIRED_COLUMNS = ("dataset", "template", "label")
+# Every rejection reason the report counts (zero when none): format, label, request, and each rationale check.
+REJECTIONS = ("format_invalid", "label_disagrees", "request_failed",
+              *(f"check_failed:{name}" for name in CHECKS))
 
 
 def load_train(path: Path) -> pd.DataFrame:
@@ -41,10 +48,15 @@ def load_train(path: Path) -> pd.DataFrame:
                                    what="training templates")
 
 
-def _ask(teacher: Teacher) -> Callable[[tuple[str, int, str]], str | Exception]:
-    def ask(item: tuple[str, int, str]) -> str | Exception:
+Item = tuple[str, int, str]
+Neighbours = list[tuple[str, int]]
+
+
+def _ask(teacher: Teacher) -> Callable[[tuple[Item, Neighbours]], str | Exception]:
+    def ask(job: tuple[Item, Neighbours]) -> str | Exception:
+        (log, label, dataset), neighbours = job
         try:
-            return teacher.completion(*item)
+            return teacher.completion(log, label, dataset, neighbours)
         except InputError:
             raise
         except Exception as exc:  # a failed request is counted as a rejection, not a crash
@@ -53,25 +65,32 @@ def _ask(teacher: Teacher) -> Callable[[tuple[str, int, str]], str | Exception]:
     return ask
 
 
-def completions(teacher: Teacher, items: list[tuple[str, int, str]]) -> Iterator[str | Exception]:
-    """The teacher's answers in input order, in parallel threads when it allows, with a progress bar."""
+def completions(teacher: Teacher, items: list[Item],
+                neighbours: list[Neighbours] | None = None) -> Iterator[str | Exception]:
+    """The teacher's answers in input order, in parallel threads when it allows, with a progress bar; each item
+    is asked with its `neighbours` (the ones its explain example shows; none when None)."""
     ask = _ask(teacher)
+    jobs = list(zip(items, neighbours if neighbours is not None else [[] for _ in items], strict=True))
     with Progress(transient=True) as progress:
         bar = progress.add_task(f"distill ({teacher.name})", total=len(items))
         if teacher.concurrency > 1:
             with ThreadPoolExecutor(max_workers=teacher.concurrency) as pool:
-                for answer in pool.map(ask, items):
+                for answer in pool.map(ask, jobs):
                     progress.advance(bar)
                     yield answer
         else:
-            for item in items:
-                answer = ask(item)
+            for job in jobs:
+                answer = ask(job)
                 progress.advance(bar)
                 yield answer
 
 
-def judge(answer: str | Exception, label: int) -> tuple[str | None, str | None]:
-    """(rationale, None) for an answer that fits the format and the label, else (None, rejection reason)."""
+def judge(answer: str | Exception, label: int, log: str | None = None, dataset: str = "",
+          neighbours: Neighbours = ()) -> tuple[str | None, str | None]:
+    """(rationale, None) for an answer that fits the format and the label and, given its `log`, passes the
+    rationale checks (tasks.evaluation.rationales.check_rationale, issue 19) against the log, the `neighbours`
+    its explain example shows and the label; else (None, rejection reason): `request_failed`, `format_invalid`,
+    `label_disagrees` or `check_failed:<first failed check>`."""
     if isinstance(answer, Exception):
         return None, "request_failed"
     parsed = parse_completion(answer)
@@ -79,6 +98,10 @@ def judge(answer: str | Exception, label: int) -> tuple[str | None, str | None]:
         return None, "format_invalid"
     if parsed.answer != label_name(label):
         return None, "label_disagrees"
+    if log is not None:
+        failed = check_rationale(parsed.think or "", log, dataset, neighbours, label).failed()
+        if failed:
+            return None, f"check_failed:{failed[0]}"
     return parsed.think, None
 
 
@@ -111,9 +134,9 @@ def distill(train_file: Path, out_file: Path, report_file: Path, teacher: Teache
         for offset, task in enumerate((EXPLAIN, VERDICT))}
     rows, rejected, failures = [], Counter(), []
     per_dataset: dict[str, Counter[str]] = {}
-    for position, ((template, label, dataset), answer) in enumerate(zip(items, completions(teacher, items),
-                                                                       strict=True)):
-        rationale, reason = judge(answer, label)
+    answers = completions(teacher, items, shown[EXPLAIN])  # the teacher sees what the explain example shows
+    for position, ((template, label, dataset), answer) in enumerate(zip(items, answers, strict=True)):
+        rationale, reason = judge(answer, label, template, dataset, shown[EXPLAIN][position])
         counts = per_dataset.setdefault(dataset, Counter())
         counts["total"] += 1
         if reason:
@@ -137,8 +160,7 @@ def distill(train_file: Path, out_file: Path, report_file: Path, teacher: Teache
         "teacher": teacher.name, "total": len(items), "accepted": len(rows) // 2,
         "examples": {task: sum(r["task"] == task for r in rows) for task in (EXPLAIN, VERDICT)},
         "examples_with_neighbours": sum(bool(r["neighbours"]) for r in rows), "rejected_total": sum(rejected.values()),
-        "rejected": {reason: rejected.get(reason, 0) for reason in ("format_invalid", "label_disagrees",
-                                                                     "request_failed")},
+        "rejected": {reason: rejected.get(reason, 0) for reason in REJECTIONS},
         "per_dataset": {name: {k: c.get(k, 0) for k in ("total", "accepted", "rejected")}
                         for name, c in per_dataset.items()},
         "accepted_abnormal": sum(row["label"] for row in rows if row["task"] == EXPLAIN),
@@ -155,11 +177,16 @@ def distill(train_file: Path, out_file: Path, report_file: Path, teacher: Teache
     return report
 
 
-def run(settings: DistillSettings, retrieval: IndexSettings, seed: int) -> dict[str, Any]:
-    """The stage (paths relative to the repo root); returns the distillation report. Raises InputError for
-    bad training data or teacher settings (before any request), RuntimeError when no rationale is accepted."""
+def run(settings: DistillSettings, retrieval: IndexSettings, seed: int,
+        correct: CorrectSettings | None = None) -> dict[str, Any]:
+    """The stage (paths relative to the repo root); returns the distillation report. `correct`: where the correct
+    stage wrote the corrected templates and the review resolution, the lexicon teacher's expert notes (none when
+    None). Raises InputError for bad training data or teacher settings (before any request), RuntimeError when
+    no rationale is accepted."""
     root = repo_root()
-    teacher = make_teacher(settings, root)  # checks the teacher's settings before any work
+    notes = (expert_notes(root / correct.out_file, root / correct.resolution_file)
+             if correct is not None and settings.teacher == "lexicon" else None)
+    teacher = make_teacher(settings, root, notes)  # checks the teacher's settings before any work
     index = TemplateIndex.load(resolve_path(retrieval.out_dir) / INDEX_FILE) if retrieval.k else None
     return distill(root / settings.train_file, root / settings.out_file, root / settings.report_file, teacher,
                    index, retrieval, seed)
@@ -168,13 +195,13 @@ def run(settings: DistillSettings, retrieval: IndexSettings, seed: int) -> dict[
 def main() -> None:
     everything = load_settings()
     settings = everything.distill
-    report = run(settings, everything.index, everything.split.seed)
+    report = run(settings, everything.index, everything.split.seed, everything.correct)
     with stage_run("distill", teacher=report["teacher"]):
         import mlflow
 
         mlflow.log_params({"teacher": report["teacher"], "model": report.get("model", "lexicon")})
         mlflow.log_metrics({"total": report["total"], "accepted": report["accepted"],
-                            **{f"rejected_{k}": v for k, v in report["rejected"].items()},
+                            **{f"rejected_{k.replace(':', '_')}": v for k, v in report["rejected"].items()},
                             "mean_rationale_words": report["mean_rationale_words"]})
     print(f"distill ({report['teacher']}): {report['accepted']}/{report['total']} rationales accepted, "
           f"rejected {report['rejected']}, mean {report['mean_rationale_words']} words")

@@ -17,8 +17,9 @@ from tasks.common.errors import InputError
 from tasks.common.prompt import CATEGORIES, parse_completion, training_messages
 from tasks.common.settings import DistillSettings, load_settings
 from tasks.correct import correct_templates
-from tasks.data.teachers import LexiconTeacher, OpenAITeacher, lexicon_rationale, make_teacher
-from tasks.distill import distill
+from tasks.data.teachers import LexiconTeacher, OpenAITeacher, expert_notes, lexicon_rationale, make_teacher
+from tasks.distill import REJECTIONS, distill, judge
+from tasks.evaluation.rationales import check_rationale, cited_neighbours
 from tasks.split import split_all
 
 LOGS = [
@@ -40,7 +41,7 @@ def test_lexicon_rationales_are_grounded_in_three_parts_and_end_in_the_label():
         rationale = lexicon_rationale(log, label, dataset)
         parts = re.fullmatch(r"Domain knowledge: (.+) Core information: (.+) Deduction: (.+)", rationale)
         assert parts, rationale
-        assert rationale.endswith(f"so the log is {'abnormal' if label else 'normal'}.")
+        assert rationale.endswith(f"So the log is {'abnormal' if label else 'normal'}.")
         assert log.split()[0] in parts.group(2), "core information quotes the log"
         if label:
             assert any(category in parts.group(3) for category in CATEGORIES), rationale
@@ -132,6 +133,11 @@ class ChatServer:
                        f"<answer>{label}</answer>"
                 if "BADFORMAT" in log:
                     text = f"I think it is {label}."
+                if "NOFAILWORD" in log:  # the issue-19 fault: a claim the log's own `failed` contradicts
+                    text = (f"<think>`mount` reports a routine step without any failure word, so the log is {label}."
+                            f"</think><answer>{label}</answer>")
+                if "INVENTED" in log:  # a component the log does not name
+                    text = f"<think>`MidplaneSwitch` loads jobs, so the log is {label}.</think><answer>{label}</answer>"
                 self.reply(200, {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
                                  "choices": [{"index": 0, "finish_reason": "stop",
                                               "message": {"role": "assistant", "content": text}}],
@@ -190,8 +196,8 @@ def test_openai_teacher_rejects_disagreeing_labels_and_caches_every_answer(chat_
     params = openai_params(chat_server, tmp_path / "cache")
     report = distill(train, tmp_path / "sft.jsonl", tmp_path / "distill.json", make_teacher(params, tmp_path))
     assert report["teacher"] == "openai" and report["model"] == "teacher-test"
-    assert (report["accepted"], report["rejected"]) == (3, {"format_invalid": 1, "label_disagrees": 1,
-                                                             "request_failed": 0})
+    assert (report["accepted"], report["rejected"]) == (3, {**dict.fromkeys(REJECTIONS, 0), "format_invalid": 1,
+                                                             "label_disagrees": 1})
     assert report["requests"] == 5 and report["cache_hits"] == 0
     assert chat_server.requests["FLAKY mount: RPC: Timed out"] == 2, "a 500 is retried by the client"
     edram = next(b["messages"][-1]["content"] for b in chat_server.bodies if "EDRAM" in b["messages"][-1]["content"])
@@ -258,3 +264,53 @@ def test_training_neighbours_never_show_the_example_itself_or_a_near_twin():
     assert "instruction cache parity error corrected!" not in [t for t, _ in shown[0]]
     bare = training_neighbours(index, templates * 20, settings.model_copy(update={"bare_fraction": 0.3}), seed=1)
     assert 0.15 < sum(not near for near in bare) / len(bare) < 0.45  # a share trained without neighbours
+
+
+# --- issue 19: the distill stage checks every teacher's rationale ----------------------------------------------------
+
+
+def test_openai_answers_failing_the_rationale_checks_are_rejected_and_counted(chat_server: ChatServer,
+                                                                              tmp_path: Path):
+    rows = [("spirit", "NOFAILWORD mount failed for /home", 1), ("bgl", "INVENTED ciod: Error loading <*>", 1),
+            ("bgl", "<*> error detected in EDRAM bank <*>", 1)]
+    train = tmp_path / "train.parquet"
+    pd.DataFrame(rows, columns=["dataset", "template", "label"]).to_parquet(train, index=False)
+    report = distill(train, tmp_path / "sft.jsonl", tmp_path / "d.json",
+                     make_teacher(openai_params(chat_server, tmp_path / "cache"), tmp_path))
+    assert report["accepted"] == 1 and report["rejected_total"] == 2
+    assert report["rejected"]["check_failed:false_no_failure_word"] == 1
+    assert report["rejected"]["check_failed:component_in_log"] == 1
+
+
+def test_judge_rejects_a_rationale_under_the_wrong_conclusion_or_citing_an_unshown_neighbour():
+    log = "ciod: Error loading <*>: invalid or missing program image"
+    cites = ('<think>`ciod` says "Error loading". An expert labelled the similar log "ciod: Error reading <*>" '
+             'abnormal. So the log is abnormal.</think><answer>abnormal</answer>')
+    assert judge(cites, 1, log, "bgl", [("ciod: Error reading <*> socket", 1)])[1] is None
+    assert judge(cites, 1, log, "bgl", [])[1] == "check_failed:quotes_grounded"
+    assert judge(cites, 1, log, "bgl", [("ciod: Error reading <*> socket", 0)])[1] == \
+        "check_failed:cited_neighbour_shown"
+    normal_story = cites.replace("So the log is abnormal.", "So the log is normal.")
+    assert judge(normal_story, 1, log, "bgl", [("ciod: Error reading <*> socket", 1)])[1] == "check_failed:agrees"
+    assert judge(cites, 1)[1] is None, "without the log only format and label are judged"
+
+
+def test_the_lexicon_teacher_passes_every_check_on_the_real_training_data_with_the_neighbours_shown(
+        train_file: Path, tmp_path: Path):
+    from tasks.common.retrieval import TemplateIndex
+
+    frame = pd.read_parquet(train_file)
+    index = TemplateIndex(frame["template"].tolist(), frame["label"].tolist(), frame["dataset"].tolist())
+    retrieval = load_settings(Path(__file__).resolve().parents[1] / "params.yaml").index
+    notes = expert_notes(train_file.parents[1] / "templates.parquet")
+    report = distill(train_file, tmp_path / "train.jsonl", tmp_path / "d.json", LexiconTeacher(notes), index,
+                     retrieval, seed=0)
+    assert report["rejected_total"] == 0 and report["accepted"] == len(frame)
+    assert 40 <= report["mean_rationale_words"] <= 70
+    explain = [row for row in read_jsonl(tmp_path / "train.jsonl") if row["task"] == "explain"]
+    cited = [row for row in explain if cited_neighbours(row["rationale"])]
+    assert len(cited) >= 0.3 * len(explain), "a shown same-label neighbour is cited"
+    for row in explain:
+        shown = [tuple(n) for n in row["neighbours"]]
+        assert check_rationale(row["rationale"], row["template"], row["dataset"], shown, row["label"]).passed
+    assert any("the experts corrected its label" in row["rationale"] for row in explain), "expert notes are used"

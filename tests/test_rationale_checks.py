@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.data.teachers import FAILURE_WORDS, keyword_hits, keyword_words
+from tasks.data.teachers import FAILURE_WORDS, keyword_hits, keyword_words, lexicon_rationale
 from tasks.evaluation import baselines
 from tasks.evaluation.rationales import (
     CHECKS,
     check_rationale,
     cited_neighbours,
+    claims_no_failure_word,
     conclusion,
     faithfulness_report,
     named_component,
@@ -65,10 +66,9 @@ def test_the_issue_examples_are_caught():
     caught = [check_rationale(r, log, dataset, [], 1).failed() for log, dataset, r in ISSUE_EXAMPLES]
     assert caught[0] == ["agrees", "false_no_failure_word"]
     assert caught[1] == ["agrees"]
-    assert caught[2] == ["agrees", "component_in_log", "false_no_failure_word"]  # names syslog, not the mail system
+    assert caught[2] == ["agrees", "false_no_failure_word"]
     # Under the verdict it concludes, a "no failure word" claim on a log that says `fatal` still fails.
-    assert check_rationale(ISSUE_EXAMPLES[2][2], POSTQUEUE, "spirit", [], 0).failed() == [
-        "component_in_log", "false_no_failure_word"]
+    assert check_rationale(ISSUE_EXAMPLES[2][2], POSTQUEUE, "spirit", [], 0).failed() == ["false_no_failure_word"]
 
 
 def test_a_no_failure_word_claim_is_true_on_a_log_without_a_keyword():
@@ -117,3 +117,23 @@ def test_faithfulness_report_gives_shares_and_counts():
     assert report["all_pass"] == 0.25
     assert set(CHECKS) <= set(report)
     assert faithfulness_report([])["rationales"] == 0
+
+
+@pytest.mark.parametrize(("log", "dataset"), [(MIDPLANE, "bgl"), (TEMPERATURE, "bgl"), (POSTQUEUE, "spirit")])
+@pytest.mark.parametrize("label", [0, 1])
+def test_the_lexicon_teachers_rationale_for_each_issue_example_passes(log, dataset, label):
+    neighbours = [(NEAR[0], label), ("ciod: Error loading <*>", 1 - label)]
+    rationale = lexicon_rationale(log, label, dataset, neighbours)
+    checks = check_rationale(rationale, log, dataset, neighbours, label)
+    assert checks.passed, (checks, rationale)
+    assert named_component(rationale) in log and cited_neighbours(rationale)[0][1] == ("normal", "abnormal")[label]
+    assert not claims_no_failure_word(rationale)
+    assert 35 <= len(rationale.split()) <= 80
+
+
+def test_an_error_worded_normal_log_gets_its_benign_reason_with_its_source():
+    rationale = lexicon_rationale("<*> to=<*>, relay=<*>, status=deferred (host <*> said: 451 try again)", 0, "spirit")
+    assert "queue" in rationale and "source: Postfix" in rationale and rationale.endswith("So the log is normal.")
+    noted = lexicon_rationale(MIDPLANE, 0, "bgl", note="the experts corrected its label from abnormal to normal")
+    assert "the experts corrected its label" in noted
+    assert check_rationale(noted, MIDPLANE, "bgl", [], 0).passed

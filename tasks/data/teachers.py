@@ -1,16 +1,20 @@
 """Rationale teachers for the distill stage: each writes a CoT completion for a log, given its expert label.
 
-- `LexiconTeacher` (offline default): a grounded rationale in the paper's three parts: domain
-  knowledge about the component (from a lexicon of BGL/Spirit/HDFS components), core information
-  quoted from the log (its opening words, failure or success words, values), and a deduction mapped
-  to a Table 1 category that ends in the label. Short on purpose (about 40-70 words): the student is
-  small and evaluation cost grows with every generated token.
+- `LexiconTeacher` (offline default): an evidence-grounded rationale (issue 19) in the paper's three parts:
+  domain knowledge (the component named as the log writes it, in backquotes, then the knowledge of the
+  lexicon entry it matched, attributed to that entry), core information (the log's opening words and its
+  deciding failure or success words, quoted), and a deduction mapped to a Table 1 category; for a log the
+  experts call normal despite an error word, why it is benign from a source (an expert correction or review
+  note, the BENIGN lexicon with each entry's source, else the experts' label itself); a shown neighbour with
+  the same label cited with that label; ending "So the log is <label>.". Short on purpose (about 40-70
+  words): the student is small and evaluation cost grows with every generated token.
 - `OpenAITeacher`: any OpenAI-compatible chat endpoint (GPT-4o in the paper). Answers are cached on
   disk under the sha256 of the request (model, temperature, messages), so a rerun costs no request;
   transient failures are retried with exponential backoff by the client (`max_retries`).
 
 Both return the full completion text (`<think>…</think><answer>…</answer>`); the distill stage
-validates it with `tasks.prompt.parse_completion` and rejects and counts what does not fit.
+validates it with `tasks.prompt.parse_completion` and the rationale checks (tasks.evaluation.rationales) and
+rejects and counts what does not fit.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import os
 import re
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,8 +41,9 @@ class Teacher(Protocol):
     name: str
     concurrency: int
 
-    def completion(self, log: str, label: int, dataset: str) -> str:
-        """The teacher's completion for one log whose expert label is `label` (1 = abnormal)."""
+    def completion(self, log: str, label: int, dataset: str, neighbours: Sequence[tuple[str, int]] = ()) -> str:
+        """The teacher's completion for one log whose expert label is `label` (1 = abnormal), shown with the
+        labelled `neighbours` (template, 0/1) the explain example's prompt shows."""
         ...
 
 
@@ -108,7 +114,8 @@ COMPONENTS: tuple[Component, ...] = (
        "between nodes, driven by the mthca/ib modules", NETWORK),
     _c("PBS", r"pbs|TMom|qsub|Scheduler|im_eof|node_bailout|task_check|scan_for_exiting|epilog|prolog|\bjob\b",
        "PBS schedules batch jobs; pbs_mom on each node starts, tracks and cleans up job tasks", SOFTWARE),
-    _c("mail system", r"postfix|sendmail|relay=|status=(?:sent|deferred|bounced)|/etc/mail|\bMX\b|smtp|port 25|"
+    _c("mail system", r"postfix|postqueue|postdrop|postsuper|sendmail|relay=|status=(?:sent|deferred|bounced)|"
+       r"/etc/mail|\bMX\b|smtp|port 25|"
        r"from=<", "postfix and sendmail queue and relay system mail and log every delivery attempt", NETWORK),
     _c("authentication services", r"sshd|ssh2|password|authenticat|\bPAM\b|pam_|login|kerberos|\bsudo\b|TTY=|passwd|"
        r"\buser\b|\buid\b", "sshd, PAM and sudo authenticate users and record each login or privileged command",
@@ -129,6 +136,8 @@ COMPONENTS: tuple[Component, ...] = (
        "network daemons listen on ports and hold connections with clients and servers", NETWORK),
     _c("init", r"\binit\b|respawn|runlevel|shutdown|shutting down|halted|reboot", "init starts and respawns system "
        "services and drives shutdown and reboot", SYSTEM_ERROR),
+    _c("logging daemon", r"syslog|klogd|log daemon|audit", "syslogd and klogd collect kernel and service messages "
+       "into the system log", SYSTEM_ERROR),
     _c("kernel boot messages", r"ACPI|APIC|\bIRQ|\bPCI\b|pci|BIOS|Bootdata|command line|Memory:|RAM|totalpages|\bCPU\d|"
        r"Intel|agpgart|usb|ehci|serial|NET4|zone|pages|highmem|lowmem|hash table|Calibrat|console|VGA|Copyright|"
        r"rights reserved|version|driver|\bv\d", "at boot the Linux kernel reports the CPUs, memory, interrupts, buses "
@@ -136,8 +145,6 @@ COMPONENTS: tuple[Component, ...] = (
     _c("process control", r"segfault|segmentation|signal|killed|panic|oops|out of memory|allocate memory|assert"
        r"|abort|core dump", "the kernel manages processes and memory and reports crashes, kills and exhaustion",
        SOFTWARE),
-    _c("logging daemon", r"syslog|klogd|log daemon|audit", "syslogd and klogd collect kernel and service messages "
-       "into the system log", SYSTEM_ERROR),
     _c("user application", r"\bAPP\b|application|program|exited|exit code|image", "user applications run on the "
        "compute nodes and report how they start and end", SOFTWARE),
     _c("HDFS DataNode", r"\bblock\b|blk_|DataNode|PacketResponder|Receiving|Received", "HDFS DataNodes store file "
@@ -201,9 +208,6 @@ CUE_WORDS = re.compile(
 SUCCESS_WORDS = re.compile(r"\b(?:succeeded|success\w*|ok|good|started|starting|completed?|accepted|sent|registered|"
                            r"enabled|initiali[sz]ed|mounted|ready|running|installed|supported|detected|found)\b", re.I)
 RECOVERED_WORDS = re.compile(r"\b(?:corrected|recovered|retry(?:ing)?|restarted|resumed|cleared|suppressing)\b", re.I)
-VALUE = re.compile(r"\b(?:0x[0-9a-f]+|\d+(?:\.\d+)?)\b", re.I)
-IMPACT = {HARDWARE: "the node and its jobs", NETWORK: "communication between nodes and servers",
-          SOFTWARE: "the running job or service", SYSTEM_ERROR: "normal system operation"}
 
 
 def find_component(log: str, dataset: str) -> Component:
@@ -233,7 +237,7 @@ def _unique(words: list[str], limit: int) -> list[str]:
 
 
 def _quote(items: list[str]) -> str:
-    quoted = [f"'{item}'" for item in items]
+    quoted = [f'"{item}"' for item in items]
     return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
 
 
@@ -246,67 +250,209 @@ def snippet(log: str, max_words: int = 10, max_chars: int = 90) -> str:
     return text + (" …" if text != " ".join(words) else "")
 
 
-def lexicon_rationale(log: str, label: int, dataset: str) -> str:
-    """Domain knowledge, core information and deduction for one log, ending in its label."""
+@dataclass(frozen=True)
+class Benign:
+    """Why an error-worded log can be normal: the pattern it shows, the reason, and where the reason is stated."""
+
+    pattern: re.Pattern[str]
+    reason: str
+    source: str
+
+
+def _b(pattern: str, reason: str, source: str) -> Benign:
+    return Benign(re.compile(pattern, re.IGNORECASE), reason, source)
+
+
+# Benign readings of error words, each from a named source (a man page, an RFC, a standard, or the log's own
+# words); only entries whose reason the source states. Used for logs the experts label normal (issue 19).
+BENIGN: tuple[Benign, ...] = (
+    _b(r"\.{2,}\s*0\s*$", "the counter reads 0, so none occurred", "the log's own value"),
+    _b(r"\bno \w+ (?:are|is) active", "the status says none of them is active", "the log's own words"),
+    _b(r"\bcorrected\b", "a corrected error was repaired by the error-correcting code and the data stayed intact",
+       "Linux kernel EDAC documentation: corrected (CE) versus uncorrected (UE) errors"),
+    _b(r"status=deferred", "postfix keeps a deferred message in its queue and retries the delivery later",
+       "Postfix OVERVIEW, the deferred queue"),
+    _b(r"stat=Deferred", "sendmail keeps a deferred message in its queue and retries it at a later queue run",
+       "sendmail(8)"),
+    _b(r"running e2fsck is recommended|maximal mount count", "the kernel mounted the file system and only advises "
+       "a later check", "e2fsck(8), tune2fs(8)"),
+    _b(r"mounting ext3 filesystem as ext2", "an ext3 file system can be mounted as ext2, without its journal",
+       "Linux ext3 documentation"),
+    _b(r"Received TERM|\bSIGTERM\b", "TERM is the signal that asks a process to end, so it stopped on request",
+       "signal(7)"),
+    _b(r"Failed password|authentication failure|FAILED LOGIN|Password authentication for user .* failed|access "
+       r"denied for user|bad username|invalid user|illegal user|in login name", "the authentication service refused "
+       "the credentials and recorded the attempt, as it is built to do", "sshd(8), pam(8)"),
+    _b(r"\bLIP reset", "a loop initialisation (LIP) re-establishes the Fibre Channel loop when a device joins or "
+       "resets", "Fibre Channel Arbitrated Loop standard (FC-AL)"),
+    _b(r"time reset [+-]?\d", "ntpd steps the clock when its offset exceeds the 128 ms step threshold", "ntpd(8)"),
+    _b(r"\bDHCPNAK\b", "a DHCPNAK tells a client its requested address is wrong for its network and the client "
+       "starts over", "RFC 2131, section 3.1"),
+    _b(r"\bSIMULAT", "the log says the event is simulated, a deliberate test", "the log's own words"),
+    _b(r"\busage:", "a usage line is a command's reply to wrong arguments: it printed its syntax",
+       "the log's own words"),
+    _b(r"\bfailed\b.*:\s*OK\b", "the log ends in OK: the operation succeeded on retry", "the log's own words"),
+)
+
+
+def benign_reason(log: str) -> Benign | None:
+    """The first BENIGN entry whose pattern occurs in the log, else None."""
+    return next((entry for entry in BENIGN if entry.pattern.search(log)), None)
+
+
+_TOKEN_CHARS = re.compile(r"[\w.\-]")
+_PROGRAM = re.compile(r"^\s*(?:<\*>\s*|>+\s*)*([A-Za-z][\w.\-]*[A-Za-z0-9])(?:\[[^\]]*\]|\(\d*\))?:")
+_WORD = re.compile(r"[A-Za-z][\w.\-]*[A-Za-z0-9]")
+_STOP = frozenset(("the", "a", "an", "is", "are", "was", "were", "be", "been", "has", "have", "had", "not", "no",
+                   "of", "on", "in", "at", "to", "for", "from", "with", "by", "and", "or", "as", "this", "that",
+                   "it", "its", "fully", "all", "any", "some"))
+
+
+def component_token(log: str, component: Component) -> str:
+    """The component as written in the log: the whole word (letters, digits, `_.-`) around the first word
+    character the lexicon entry's pattern matched (`MidplaneSwitchController` for the MMCS entry's `Midplane`);
+    for a log no specific entry matches, its syslog-style `program:` prefix, else its first word that is neither
+    a function word nor a keyword."""
+    match = None if component.pattern.pattern == "." else component.pattern.search(log)
+    start = next((i for i in range(match.start(), match.end()) if log[i].isalnum()), None) if match else None
+    if start is not None:
+        end = start
+        while start > 0 and _TOKEN_CHARS.match(log[start - 1]):
+            start -= 1
+        while end < len(log) and _TOKEN_CHARS.match(log[end]):
+            end += 1
+        token = log[start:end].strip("._-")
+        if token:
+            return token[:60]
+    program = _PROGRAM.match(log)  # a syslog-style `program:` or `program[pid]:` prefix
+    if program and not keyword_hits(program.group(1)):
+        return program.group(1)[:60]
+    words = [w for w in _WORD.findall(log) if w.lower() not in _STOP and not keyword_hits(w)]
+    return (words or _WORD.findall(log) or log.split() or ["log"])[0][:60]
+
+
+def _fragment(text: str, max_words: int, max_chars: int = 70) -> str:
+    """The opening words of `text` to quote: cut before any double quote, capped, with an ellipsis when cut."""
+    clean = snippet(text.split('"')[0], max_words=max_words, max_chars=max_chars)
+    return clean if clean.strip(" …") else ""
+
+
+def failure_words(log: str) -> list[str]:
+    """The log's words that may decide the case, as written: keyword-list words first, then other cue words."""
+    return _unique([*keyword_words(log), *CUE_WORDS.findall(log)], 3)
+
+
+def _cite(neighbours: Sequence[tuple[str, int]], label: int) -> str:
+    """A sentence citing the first shown neighbour with the same label, or '' when none is shown."""
+    for template, neighbour_label in neighbours:
+        if int(neighbour_label) == label and (quoted := _fragment(template, 6, 50)):
+            return f' An expert labelled the similar log "{quoted}" {label_name(label)}.'
+    return ""
+
+
+def lexicon_rationale(log: str, label: int, dataset: str, neighbours: Sequence[tuple[str, int]] = (),
+                      note: str | None = None) -> str:
+    """Domain knowledge, core information and deduction for one log, ending in its label (issue 19): the
+    component named as written in the log (`backquoted`), the lexicon's knowledge attributed to its entry, the
+    log's deciding words quoted, for an error-worded normal log the benign reason with its source (`note`: an
+    expert correction or review note, else BENIGN, else the experts' label itself), and a shown neighbour with
+    the same label cited with it. Never claims the log holds no failure word."""
     component = find_component(log, dataset)
+    token = component_token(log, component)
     category = find_category(log, component)
-    failures = _unique(CUE_WORDS.findall(log), 3)
+    failures = failure_words(log)
     successes = _unique(SUCCESS_WORDS.findall(log), 2)
     recovered = _unique(RECOVERED_WORDS.findall(log), 1)
     dump = component.name == "register dump"  # hex words cost many tokens: quote less of a dump
-    quoted = snippet(log, max_words=2 if dump else 10)
-    values = [] if dump else _unique([v for v in VALUE.findall(log) if len(v) > 1 and v not in quoted], 2)
-    placeholders = log.count("<*>")
-
-    core = f'the log reads "{quoted}"'
+    quoted = _fragment(log, 2 if dump else 7, 60)
+    core = f'the log reads "{quoted}"' if quoted else "the log"
     if failures:
-        core += f", with the failure word{'s' if len(failures) > 1 else ''} {_quote(failures)}"
+        core += f", with {_quote(failures)}"
     elif successes:
         core += f", with {_quote(successes)}"
-    if values:
-        core += f" and value{'s' if len(values) > 1 else ''} {', '.join(values)}"
-    elif placeholders:
-        core += f" and {placeholders} variable field{'s' if placeholders > 1 else ''}"
-    where = f"the {component.name}"
+    where = f"`{token}`"
     if label == 1:
         if failures:
-            deduction = (f"{_quote(failures[:2])} from {where} {'signal' if len(failures) > 1 else 'signals'} "
-                         f"a {category} that can disrupt {IMPACT[category]}")
+            deduction = f"{_quote(failures[:2])} {'signal' if len(failures) > 1 else 'signals'} a {category}"
         else:
-            deduction = (f"without an explicit error word, this event still marks a {category} in {where} "
-                         f"that can disrupt {IMPACT[category]}")
+            deduction = f"this event marks a {category}"
+        if note:
+            deduction += f"; {note}"
     elif dump:
         deduction = "a register dump is context printed around another event, not a failure by itself"
-    elif recovered:
-        deduction = (f"the condition was {recovered[0].lower()} automatically and service continues, "
-                     f"leaving no {category}")
     elif failures:
-        deduction = (f"although it says {_quote(failures[:1])}, this is an expected, handled condition in {where} "
-                     f"that does not stop service and is no {category}")
+        benign = benign_reason(log)
+        if note:
+            why = note
+        elif benign is not None:
+            why = f"{benign.reason} (source: {benign.source})"
+        elif recovered:
+            why = f"it says {_quote(recovered)}, so the condition was handled"
+        else:
+            why = "the experts label this message normal"
+        deduction = f"although it says {_quote(failures[:1])}, {why}"
     elif successes:
         deduction = f"it records a routine, successful step of {where}, with no sign of a {category}"
     else:
-        deduction = f"it is routine status output of {where} without any failure word or sign of a {category}"
-    return (f"Domain knowledge: {component.knowledge}. Core information: {core}. "
-            f"Deduction: {deduction}, so the log is {label_name(label)}.")
+        deduction = f"it is routine status output of {where}, with no sign of a {category}"
+    return (f"Domain knowledge: the log names {where}; lexicon ({component.name}): {component.knowledge}. "
+            f"Core information: {core}. Deduction: {deduction}.{_cite(neighbours, label)} "
+            f"So the log is {label_name(label)}.")
+
+
+def expert_notes(corrected_file: Path | None, resolution_file: Path | None = None) -> dict[str, str]:
+    """template → what the experts decided about it, for the teachers' deduction: a label the `correct` stage
+    changed (data/corrected/templates.parquet, columns template, label_original, label, correction) and the
+    review notes of a resolved multi-annotator review (the resolution file's `notes`, from the review CSVs'
+    `note` column). Quote characters are dropped from notes (a note is no quote of the log). Missing files: {}."""
+    import pandas as pd
+
+    notes: dict[str, str] = {}
+    if corrected_file is not None and Path(corrected_file).exists():
+        frame = pd.read_parquet(corrected_file)
+        if {"template", "label_original", "label", "correction"} <= set(frame.columns):
+            changed = frame[frame["label_original"].astype(int) != frame["label"].astype(int)]
+            for template, before, after, how in zip(changed["template"], changed["label_original"],
+                                                    changed["label"], changed["correction"], strict=True):
+                where = "a review" if how == "review" else "the expert patch"
+                notes[str(template)] = (f"the experts corrected its label from {label_name(int(before))} to "
+                                        f"{label_name(int(after))} ({where})")
+    if resolution_file is not None and Path(resolution_file).exists():
+        records = json.loads(Path(resolution_file).read_text(encoding="utf-8"))
+        for record in records if isinstance(records, list) else []:
+            said = [re.sub(r"[\"'`]", "", str(n)) for n in record.get("notes") or []]
+            if said and record.get("input"):
+                template = str(record["input"]).strip()
+                notes[template] = (notes.get(template, "the reviewers labelled it " + str(record.get("rectified")))
+                                   + "; a reviewer notes " + "; ".join(said)[:160])
+    return notes
 
 
 class LexiconTeacher:
-    """Offline, deterministic teacher: grounded rationales from the component lexicon."""
+    """Offline, deterministic teacher: grounded rationales from the component lexicon, the benign lexicon and the
+    experts' notes (`notes`: template → sentence, from `expert_notes`)."""
 
     name = "lexicon"
     concurrency = 1
 
-    def completion(self, log: str, label: int, dataset: str) -> str:
+    def __init__(self, notes: Mapping[str, str] | None = None) -> None:
+        self.notes = dict(notes or {})
+
+    def completion(self, log: str, label: int, dataset: str, neighbours: Sequence[tuple[str, int]] = ()) -> str:
         """The grounded lexicon rationale and the label as a completion (deterministic, offline)."""
-        return format_completion(lexicon_rationale(log, label, dataset), label)
+        note = self.notes.get(log.strip())
+        return format_completion(lexicon_rationale(log, label, dataset, neighbours, note), label)
 
 
 TEACHER_SYSTEM = (
     "You explain expert labels of system log templates. Categories of anomalies (the RationAnomaly paper, Table 1): "
-    + ", ".join(CATEGORIES) + ". Write a short rationale of 40 to 70 words in three parts: 'Domain knowledge:' what "
-    "the component that wrote the log does; 'Core information:' the key words and values quoted from the log; "
-    "'Deduction:' the reasoning, naming the category for an abnormal log, ending with the verdict. "
+    + ", ".join(CATEGORIES) + ". Write a short rationale of 40 to 70 words in three parts: 'Domain knowledge:' the "
+    "component as the log writes it, in backquotes (`like_this`), and what it does; 'Core information:' the log's "
+    "own words that decide the case, quoted exactly in double quotes; 'Deduction:' the reasoning (for an abnormal "
+    "log its category; for an error-worded normal log why the error word is benign). When a labelled similar log "
+    "shown above bears on the label, cite it as: An expert labelled the similar log \"...\" normal|abnormal. Never "
+    "say the log has no failure or error word when it has one, and state no fact the log, the similar logs or "
+    "common documentation do not support. End with: So the log is normal|abnormal. "
     "Reply exactly as <think>rationale</think><answer>normal or abnormal</answer> and nothing else."
 )
 
@@ -331,9 +477,11 @@ class OpenAITeacher:
         self.requests = self.cache_hits = 0
         self._lock = threading.Lock()
 
-    def messages(self, log: str, label: int, dataset: str) -> list[dict[str, str]]:
-        """The teacher sees the log and the expert's label, and rationalises that label (as in the paper)."""
-        user = (user_prompt(log, dataset, self.max_log_chars)
+    def messages(self, log: str, label: int, dataset: str,
+                 neighbours: Sequence[tuple[str, int]] = ()) -> list[dict[str, str]]:
+        """The teacher sees the log with the labelled neighbours the explain example shows, and the expert's label,
+        and rationalises that label (as in the paper)."""
+        user = (user_prompt(log, dataset, self.max_log_chars, neighbours=list(neighbours))
                 + f"\n\nThe expert label is: {label_name(label)}. Explain it.")
         return [{"role": "system", "content": TEACHER_SYSTEM}, {"role": "user", "content": user}]
 
@@ -342,9 +490,10 @@ class OpenAITeacher:
         request = {"model": self.model, "temperature": self.temperature, "messages": messages}
         return sha256_bytes(json.dumps(request, sort_keys=True, ensure_ascii=False).encode())
 
-    def completion(self, log: str, label: int, dataset: str) -> str:
-        """The endpoint's completion for one log, from the cache when asked before; raises after the retries."""
-        messages = self.messages(log, label, dataset)
+    def completion(self, log: str, label: int, dataset: str, neighbours: Sequence[tuple[str, int]] = ()) -> str:
+        """The endpoint's completion for one log, from the cache when asked before; raises after the retries. The
+        distill stage checks it like any teacher's (tasks.evaluation.rationales.check_rationale)."""
+        messages = self.messages(log, label, dataset, neighbours)
         path = self.cache_dir / f"{self.cache_key(messages)}.json"
         if path.exists():
             with self._lock:
@@ -364,11 +513,11 @@ class OpenAITeacher:
         return {"model": self.model, "requests": self.requests, "cache_hits": self.cache_hits}
 
 
-def make_teacher(settings: DistillSettings, root: Path) -> Teacher:
-    """The teacher named by `distill.teacher`; raises InputError (before any request) when the openai teacher's
-    API key is not set."""
+def make_teacher(settings: DistillSettings, root: Path, notes: Mapping[str, str] | None = None) -> Teacher:
+    """The teacher named by `distill.teacher` (the lexicon teacher with the experts' `notes`, see `expert_notes`);
+    raises InputError (before any request) when the openai teacher's API key is not set."""
     if settings.teacher == "lexicon":
-        return LexiconTeacher()
+        return LexiconTeacher(notes)
     opts = settings.openai.model_dump()
     cache_dir = Path(opts.pop("cache_dir"))
     return OpenAITeacher(cache_dir=cache_dir if cache_dir.is_absolute() else root / cache_dir,
