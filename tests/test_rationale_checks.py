@@ -137,3 +137,9 @@ def test_an_error_worded_normal_log_gets_its_benign_reason_with_its_source():
     noted = lexicon_rationale(MIDPLANE, 0, "bgl", note="the experts corrected its label from abnormal to normal")
     assert "the experts corrected its label" in noted
     assert check_rationale(noted, MIDPLANE, "bgl", [], 0).passed
+
+
+def test_a_benign_reason_is_given_only_where_its_source_applies():
+    assert "refused the credentials" in lexicon_rationale("Failed password for root from <*> port <*>", 0, "spirit")
+    chown = lexicon_rationale("chown: `nobody.nobody': invalid user", 0, "spirit")  # no login: chown's argument
+    assert "refused the credentials" not in chown and "the experts label this message normal" in chown

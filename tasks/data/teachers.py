@@ -280,9 +280,10 @@ BENIGN: tuple[Benign, ...] = (
        "Linux ext3 documentation"),
     _b(r"Received TERM|\bSIGTERM\b", "TERM is the signal that asks a process to end, so it stopped on request",
        "signal(7)"),
-    _b(r"Failed password|authentication failure|FAILED LOGIN|Password authentication for user .* failed|access "
-       r"denied for user|bad username|invalid user|illegal user|in login name", "the authentication service refused "
-       "the credentials and recorded the attempt, as it is built to do", "sshd(8), pam(8)"),
+    # login contexts only: `chown: ... invalid user` is no login (an unknown user name given to chown)
+    _b(r"Failed password|authentication failure|FAILED LOGIN|Password authentication for user .* failed|"
+       r"(?:Invalid|illegal) user \S+ from", "the authentication service refused the credentials and recorded the "
+       "attempt, as it is built to do", "sshd(8), pam(8)"),
     _b(r"\bLIP reset", "a loop initialisation (LIP) re-establishes the Fibre Channel loop when a device joins or "
        "resets", "Fibre Channel Arbitrated Loop standard (FC-AL)"),
     _b(r"time reset [+-]?\d", "ntpd steps the clock when its offset exceeds the 128 ms step threshold", "ntpd(8)"),
