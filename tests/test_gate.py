@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from registry_world import RATIONALE_RULES_OFF
 
 from tasks.common.settings import GateSettings, load_settings
 from tasks.release.gate import GateVerdict, evaluate_gate
 
-PARAMS = GateSettings(min_f1={"template_bgl": 0.5, "template_spirit": 0.5}, min_recall_abnormal=0.4,
+PARAMS = GateSettings(
+    **RATIONALE_RULES_OFF, min_f1={"template_bgl": 0.5, "template_spirit": 0.5}, min_recall_abnormal=0.4,
                       max_false_alarm_rate={}, max_format_invalid_rate=0.2, champion_margin=0.01,
                       max_regression_per_dataset=0.05, require_approval=False)
 DIGESTS = {"template_bgl": "aaa", "template_spirit": "bbb", "session_bgl2k": "ccc", "session_hdfs": "ddd"}

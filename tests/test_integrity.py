@@ -16,14 +16,23 @@ from pathlib import Path
 
 import pytest
 import yaml
-from registry_world import World, candidate_metrics, make_adapter, register_kwargs, release, world_in
+from registry_world import (
+    RATIONALE_RULES_OFF,
+    World,
+    candidate_metrics,
+    make_adapter,
+    register_kwargs,
+    release,
+    world_in,
+)
 
 from tasks.common.integrity import IntegrityError, tree_md5, verify_locked
 from tasks.common.settings import GateSettings, load_settings
 from tasks.release import registry
 from tasks.release.gate import evaluate_gate
 
-NO_RULES = GateSettings(min_f1={}, min_recall_abnormal=None, max_false_alarm_rate={}, max_format_invalid_rate=None,
+NO_RULES = GateSettings(
+    **RATIONALE_RULES_OFF, min_f1={}, min_recall_abnormal=None, max_false_alarm_rate={}, max_format_invalid_rate=None,
                         champion_margin=0.0, max_regression_per_dataset=None, require_approval=False)
 WEIGHTS = "adapter_model.safetensors"
 DVC = str(Path(sys.executable).with_name("dvc"))

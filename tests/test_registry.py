@@ -8,13 +8,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from registry_world import World, build_world, candidate_metrics, env_for, make_adapter, register_kwargs, release
+from registry_world import (
+    RATIONALE_RULES_OFF,
+    World,
+    build_world,
+    candidate_metrics,
+    env_for,
+    make_adapter,
+    register_kwargs,
+    release,
+)
 
 from tasks.common.settings import GateSettings
 from tasks.release import registry
 from tasks.release.gate import evaluate_gate
 
-NO_RULES = GateSettings(min_f1={}, min_recall_abnormal=None, max_false_alarm_rate={}, max_format_invalid_rate=None,
+NO_RULES = GateSettings(
+    **RATIONALE_RULES_OFF, min_f1={}, min_recall_abnormal=None, max_false_alarm_rate={}, max_format_invalid_rate=None,
                         champion_margin=0.0,
                         max_regression_per_dataset=None, require_approval=False)
 

@@ -95,6 +95,7 @@ class DistillSettings(Section):
     teacher: Literal["lexicon", "openai"]
     openai: OpenAITeacherSettings
     max_log_chars: int = Field(gt=0)
+    hard_negative_repeats: int = Field(ge=1)  # examples of an error-worded normal template written this many times
     train_file: str
     out_file: str
     report_file: str
@@ -300,6 +301,7 @@ class EvaluateSettings(Section):
     max_sessions_per_dataset: int | None = Field(ge=1)
     zero_shot_sample: int = Field(ge=1)  # templates per dataset the zero-shot base model answers (a fixed sample)
     rationale_examples: int = Field(ge=0)  # rationales per verdict shown from BGL_2k and Thunderbird_2k (issue 19)
+    explain_normal_sample: int = Field(ge=0)  # normal-verdict templates per dataset given a rationale (issue 19)
     batch_size: int = Field(ge=1)
     max_new_tokens: int = Field(ge=1)
     dtype: Literal["bfloat16", "float32", "float16"]
@@ -330,12 +332,12 @@ class GateSettings(Section):
     # Rationale faithfulness (issue 19 item 3; tasks.evaluation.rationales), on every set, over the rationales of
     # `rationale_scope` (shown: those detect gives a user; all: every one the evaluation wrote). Shares in [0, 1]
     # of the worst set; the count of false "no failure word" claims. None: the rule is off.
-    rationale_scope: Literal["shown", "all"] = "shown"
-    min_rationale_agreement: float | None = Field(default=None, ge=0, le=1)
-    min_component_in_log: float | None = Field(default=None, ge=0, le=1)
-    min_quotes_grounded: float | None = Field(default=None, ge=0, le=1)
-    min_cited_neighbour_shown: float | None = Field(default=None, ge=0, le=1)
-    max_false_no_failure_word: int | None = Field(default=None, ge=0)
+    rationale_scope: Literal["shown", "all"]
+    min_rationale_agreement: float | None = Field(ge=0, le=1)
+    min_component_in_log: float | None = Field(ge=0, le=1)
+    min_quotes_grounded: float | None = Field(ge=0, le=1)
+    min_cited_neighbour_shown: float | None = Field(ge=0, le=1)
+    max_false_no_failure_word: int | None = Field(ge=0)
 
 
 class RegistrySettings(Section):
