@@ -22,8 +22,10 @@ import httpx
 from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from tasks.common.prompt import (
-    ABNORMAL,
+    FIRST_STAGE_SCORE,
+    NORMAL,
     TOP_LOGPROBS,
+    first_stage_normal,
     fit_prompt,
     parse_completion,
     prompt_messages,
@@ -35,7 +37,7 @@ from tasks.common.prompt import (
 from tasks.common.retrieval import INDEX_FILE, TemplateIndex
 from tasks.common.settings import DetectSettings
 from tasks.common.tokenizers import chat_tokens, special_tokens_in, token_counter
-from tasks.detection.verdicts import ClassifierError, TemplateVerdict
+from tasks.detection.verdicts import ClassifierError, TemplateVerdict, shows_rationale
 
 ANSWER_CLOSE = "</answer>"
 # Where a server started with a reasoning parser puts the text between <think> and </think> (vllm#13375):
@@ -387,14 +389,15 @@ class Client:
 
     def explain_messages(self, template: str, dataset: str, endpoint: Endpoint,
                          neighbours: list[tuple[str, int]] | None = None, *, squeeze: float = 1.0,
-                         max_tokens: int | None = None) -> list[dict[str, str]]:
-        """The explain-task chat messages the served version answers with a rationale and an answer word;
+                         max_tokens: int | None = None, verdict: str | None = None) -> list[dict[str, str]]:
+        """The explain-task chat messages the served version answers with a rationale and an answer word, the
+        rationale written for `verdict` when given (the scored verdict; None: the model's open answer);
         `neighbours` None looks them up in the version's index. Fitted to the served context less the answer
         budget (`max_tokens`, default the client's), times `squeeze` (see `fit_to_context`)."""
         near = self.neighbours_of(template, endpoint, dataset) if neighbours is None else neighbours
         return self.fit_to_context(
             lambda log, shown: prompt_messages(log, dataset, self.max_log_chars, endpoint.special_tokens,
-                                               neighbours=shown),
+                                               neighbours=shown, verdict=verdict),
             template, near, endpoint, max_tokens or self.max_tokens, squeeze)
 
     def scoring_messages(self, template: str, dataset: str, endpoint: Endpoint,
@@ -430,25 +433,27 @@ class Client:
     def classify_one(self, template: str, dataset: str = "system log", *, max_tokens: int | None = None,
                      model: str | None = None) -> TemplateVerdict:
         """The verdict for one template: the scored answer word against the version's threshold, and a rationale
-        when `rationales` asks for it (always when the version has no threshold). Only the model's output is
-        parsed, never the log text."""
+        when `rationales` asks for it (always when the version has no threshold), written for that verdict (the
+        explain task given the verdict, issue 19: one verdict, one reason). Only the model's output is parsed,
+        never the log text."""
         started = time.monotonic()
         endpoint = self.endpoint()
         near = self.neighbours_of(template, endpoint, dataset)
         score, verdict = None, None
-        if endpoint.threshold is not None:
+        if endpoint.threshold is not None and first_stage_normal(template):  # normal without a model call
+            score, verdict = FIRST_STAGE_SCORE, NORMAL
+        elif endpoint.threshold is not None:
             score, endpoint = self._within_context(
                 lambda squeeze: self.score(self.scoring_messages(template, dataset, endpoint, near, squeeze=squeeze),
                                            model=model))
             verdict = scored_verdict(score, endpoint.threshold)
-        explain = endpoint.threshold is None or self.rationales == "all" or (
-            self.rationales == "abnormal" and verdict == ABNORMAL)
+        explain = shows_rationale(self.rationales, verdict, endpoint.threshold is not None)
         if not explain:
             return TemplateVerdict(template, dataset, verdict, score is not None, "", "", endpoint.version,
                                    time.monotonic() - started, score)
         text, endpoint = self._within_context(
             lambda squeeze: self.complete(self.explain_messages(template, dataset, endpoint, near, squeeze=squeeze,
-                                                                max_tokens=max_tokens),
+                                                                max_tokens=max_tokens, verdict=verdict),
                                           max_tokens=max_tokens, model=model))
         parsed = parse_completion(text)
         return TemplateVerdict(template, dataset, verdict if verdict is not None else parsed.answer,

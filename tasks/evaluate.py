@@ -17,6 +17,7 @@ reports/eval/ (eval.md, plots, predictions.jsonl, candidate_predictions.json, ca
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +35,7 @@ from tasks.common.prompt import ABNORMAL, NORMAL, scored_verdict
 from tasks.common.retrieval import INDEX_FILE, TemplateIndex
 from tasks.common.settings import DetectSettings, EvaluateSettings, IndexSettings, load_settings
 from tasks.detection.verdicts import TemplateVerdict, shows_rationale
-from tasks.evaluation.calibration import Calibration, choose_threshold
+from tasks.evaluation.calibration import Calibration, choose_threshold, threshold_interval
 from tasks.evaluation.intervals import BootstrapSettings, paired_mean_f1_difference
 from tasks.evaluation.metrics import Evaluation, MethodResult, score
 from tasks.evaluation.rationales import CHECKS, check_rationale, faithfulness_report
@@ -45,7 +46,8 @@ from tasks.evaluation.testdata import SESSION_SETS, EvalData, EvalSet, Key, load
 
 ANSWER_WORD = f"{CANDIDATE}_answer_word"  # ablation: without calibration (the paper's parsed answer)
 NO_RETRIEVAL = f"{CANDIDATE}_no_retrieval"  # ablation: without retrieval (bare prompts)
-METHODS = (*RULE_METHODS, *LLM_BASELINES, NO_RETRIEVAL, ANSWER_WORD, CANDIDATE)
+NO_FIRST_STAGE = f"{CANDIDATE}_no_first_stage"  # ablation: the model scores every template (no first stage)
+METHODS = (*RULE_METHODS, *LLM_BASELINES, NO_RETRIEVAL, NO_FIRST_STAGE, ANSWER_WORD, CANDIDATE)
 
 
 def load_index(retrieval: IndexSettings | None, root: Path) -> TemplateIndex | None:
@@ -147,10 +149,12 @@ def _served_verdict(v: TemplateVerdict) -> dict[str, Any]:
 
 
 def llm_method(name: str, engine: Any, keys: Sequence[Key], adapter_dir: Path | None,
-               neighbours: Any = None) -> MethodResult:
+               neighbours: Any = None, verdicts: Sequence[str] | None = None) -> MethodResult:
     """An LLM method's written answer (rationale, then the answer word) on every key through `engine` (the base
-    model alone when `adapter_dir` is None); `neighbours[i]` are shown with key i."""
-    run_ = engine.classify([t for _, t in keys], [d for d, _ in keys], adapter_dir=adapter_dir, neighbours=neighbours)
+    model alone when `adapter_dir` is None); `neighbours[i]` are shown with key i; `verdicts[i]` is the verdict
+    key i's rationale is written for (None: the model answers the open question)."""
+    run_ = engine.classify([t for _, t in keys], [d for d, _ in keys], adapter_dir=adapter_dir, neighbours=neighbours,
+                           verdicts=verdicts)
     verdicts = {(p.dataset, p.template): _llm_verdict(p) for p in run_.predictions}
     return MethodResult(name, verdicts, run_.seconds, run_.engine, True, run_.notes)
 
@@ -223,28 +227,57 @@ def item_predictions(result: MethodResult, sets: Sequence[EvalSet]) -> dict[str,
 
 
 def scored_method(name: str, engine: Any, adapter: Path | None, keys: Sequence[Key], data: EvalData,
-                  neighbours: Callable[[Sequence[Key]], Any]) -> tuple[MethodResult, Calibration | None]:
+                  neighbours: Callable[[Sequence[Key]], Any], bootstrap: BootstrapSettings | None = None,
+                  first_stage: bool = True) -> tuple[MethodResult, Calibration | None]:
     """A method judged by its calibrated verdict score: the threshold fitted on the validation fold, then every
     key scored and thresholded. Without a validation fold (or one without anomalies) the threshold is 0.5 and
     no calibration is returned; evaluate_all then judges the candidate by its answer word, as it is served.
 
-    `neighbours(keys)` gives the labelled templates shown with each key (None: bare prompts).
+    `neighbours(keys)` gives the labelled templates shown with each key (None: bare prompts). With `bootstrap`,
+    the calibration carries the threshold's spread over stratified resamples of the validation fold
+    (tasks.evaluation.calibration.threshold_interval; issue 18 item 5). `first_stage` False: the model scores
+    every template, none is called normal before it (the first-stage ablation).
     """
     val_keys, val_labels = data.validation_keys()
     calibration = None
     threshold = 0.5
     seconds = 0.0
     if val_keys and sum(val_labels):
-        val_run = engine.score([t for _, t in val_keys], [d for d, _ in val_keys], adapter, neighbours(val_keys))
+        val_run = engine.score([t for _, t in val_keys], [d for d, _ in val_keys], adapter, neighbours(val_keys),
+                               first_stage=first_stage)
         calibration = choose_threshold(val_labels, val_run.scores)
+        if bootstrap is not None:
+            calibration = dataclasses.replace(calibration, threshold_ci=threshold_interval(
+                val_labels, val_run.scores, bootstrap.resamples, bootstrap.confidence, bootstrap.seed))
         threshold, seconds = calibration.threshold, val_run.seconds
-    run_ = engine.score([t for _, t in keys], [d for d, _ in keys], adapter, neighbours(keys))
+    run_ = engine.score([t for _, t in keys], [d for d, _ in keys], adapter, neighbours(keys),
+                        first_stage=first_stage)
     verdicts = {key: {"label": int(scored_verdict(s, threshold) == ABNORMAL), "score": s, "valid": None,
                       "rationale_words": None} for key, s in zip(keys, run_.scores, strict=True)}
     result = MethodResult(name, verdicts, run_.seconds + seconds, run_.engine, True)
     result.notes.append(f"verdict score ≥ {threshold:.4f}" + (" (fitted on the validation fold)" if calibration
                                                               else " (no validation fold)"))
+    calls = len(keys) if run_.model_calls is None else run_.model_calls
+    result.model_calls_per_template = calls / max(1, len(keys))
+    if first_stage:
+        result.notes.append(f"the model scored {calls} of {len(keys)} templates; the first stage called the rest "
+                            "normal (no letter word)")
     return result, calibration
+
+
+def explained_keys(candidate: MethodResult, keys: Sequence[Key], normal_sample: int, seed: int) -> list[Key]:
+    """The keys the evaluation writes a rationale for: every one the candidate calls abnormal (the rationales
+    `detect` shows by default) and a seeded sample of `normal_sample` normal-verdict keys per dataset (so the
+    report has rationales of both verdicts), in `keys` order."""
+    import random
+
+    normals: dict[str, list[Key]] = {}
+    for key in keys:
+        if not candidate.verdicts[key]["label"]:
+            normals.setdefault(key[0], []).append(key)
+    sampled = {key for group in normals.values() for key in random.Random(seed).sample(group, min(normal_sample,
+                                                                                                   len(group)))}
+    return [key for key in keys if candidate.verdicts[key]["label"] or key in sampled]
 
 
 def rule_baselines(settings: EvaluateSettings, methods: Sequence[str], data: EvalData, keys: Sequence[Key],
@@ -323,20 +356,31 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
                      max_model_len=settings.max_model_len, kvcache_gib=settings.kvcache_space_gib,
                      threads=settings.torch_threads)
     try:
-        candidate, calibration = scored_method(CANDIDATE, engine, paths[CANDIDATE], keys, data, with_neighbours)
-        explained = llm_method("explain", engine, keys, paths[CANDIDATE], with_neighbours(keys))
-        for key, answer in explained.verdicts.items():  # the rationale beside the scored verdict
-            candidate.verdicts[key].update({**answer, "label": candidate.verdicts[key]["label"],
-                                            "answer_label": answer["label"]})
-        candidate.seconds += explained.seconds
-        results[ANSWER_WORD] = MethodResult(  # the paper's verdict: the word the model wrote, no score
-            ANSWER_WORD, {key: {**{f: x for f, x in v.items() if f not in ("score", "answer_label")},
-                                "label": v["answer_label"]} for key, v in candidate.verdicts.items()},
-            candidate.seconds, candidate.engine, True, ["the answer word the model wrote, no score or threshold"])
+        candidate, calibration = scored_method(CANDIDATE, engine, paths[CANDIDATE], keys, data, with_neighbours,
+                                               bootstrap_settings(settings))
         if calibration is None:  # no threshold to register: the version is served by its answer word, so judge that
-            for verdict in candidate.verdicts.values():
-                verdict["label"] = verdict["answer_label"]
+            explained = llm_method("explain", engine, keys, paths[CANDIDATE], with_neighbours(keys))
+            for key, answer in explained.verdicts.items():
+                candidate.verdicts[key].update({**answer, "answer_label": answer["label"]})
             candidate.notes = ["the answer word the model wrote: no validation fold anomaly to fit a threshold on"]
+            answer_word = {key: {f: x for f, x in v.items() if f not in ("score", "answer_label")}
+                           for key, v in candidate.verdicts.items()}
+            answer_note = "the answer word the model wrote, no score or threshold"
+        else:  # the score decides; a rationale is written for that verdict (issue 19), as the endpoint does
+            chosen = explained_keys(candidate, keys, settings.explain_normal_sample, settings.seed)
+            explained = llm_method("explain", engine, chosen, paths[CANDIDATE], with_neighbours(chosen),
+                                   [ABNORMAL if candidate.verdicts[key]["label"] else NORMAL for key in chosen])
+            for key, answer in explained.verdicts.items():
+                candidate.verdicts[key].update({**answer, "label": candidate.verdicts[key]["label"],
+                                                "answer_label": answer["label"]})
+            # without calibration: the more probable answer word of the verdict task (score 0.5), no threshold
+            answer_word = {key: {"label": int(v["score"] is not None and v["score"] >= 0.5), "score": None,
+                                 "valid": v["score"] is not None, "rationale_words": None}
+                           for key, v in candidate.verdicts.items()}
+            answer_note = "the verdict task's more probable answer word (score 0.5), no calibrated threshold"
+        candidate.seconds += explained.seconds
+        results[ANSWER_WORD] = MethodResult(ANSWER_WORD, answer_word, candidate.seconds, candidate.engine, True,
+                                            [answer_note])
         classifier = InProcessClassifier(engine, paths[CANDIDATE], version="candidate",
                                          threshold=calibration.threshold if calibration else None,
                                          neighbours=with_neighbours, rationales=detect.rationales)
@@ -352,6 +396,11 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
             results[NO_RETRIEVAL] = bare
             if bare_calibration:
                 calibrations[NO_RETRIEVAL] = bare_calibration.to_dict()
+        every, every_calibration = scored_method(NO_FIRST_STAGE, engine, paths[CANDIDATE], keys, data, with_neighbours,
+                                                 first_stage=False)
+        results[NO_FIRST_STAGE] = every
+        if every_calibration:
+            calibrations[NO_FIRST_STAGE] = every_calibration.to_dict()
         if "sft_only" in methods:
             sft, sft_calibration = scored_method("sft_only", engine, paths["sft_only"], keys, data, with_neighbours)
             results["sft_only"] = sft
@@ -382,11 +431,14 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
         "calibration": calibrations,
         "ablations": {ANSWER_WORD: "without calibration: the answer word the model wrote",
                       NO_RETRIEVAL: "without retrieval: bare prompts, no neighbours",
+                      NO_FIRST_STAGE: "without the first stage: the model scores templates without a letter word too",
                       "sft_only": "without RL: the SFT adapter"},
         "rationales": rationale_summary(results[CANDIDATE], all_sets, with_neighbours, detect.rationales,
                                         calibration is not None, settings.rationale_examples, settings.seed),
         "speed": {name: {"engine": r.engine, "unique_templates": len(r.verdicts), "seconds": round(r.seconds, 2),
-                         "templates_per_s": round(r.templates_per_s, 4)} for name, r in ordered.items()},
+                         "templates_per_s": round(r.templates_per_s, 4),
+                         "model_calls_per_template": None if r.model_calls_per_template is None
+                         else round(r.model_calls_per_template, 4)} for name, r in ordered.items()},
         "test_data": {"digests": {s.name: s.digest() for s in all_sets},
                       "sets": {s.name: {"family": s.family, "n": len(s.ids), "abnormal": int(s.labels.sum()),
                                         "note": s.note} for s in all_sets},

@@ -142,9 +142,10 @@ def calibration_lines(metrics: Metrics | dict[str, Any]) -> list[str]:
     fold = (metrics.get("test_data") or {}).get("validation") or {}
     lines = [f"Thresholds fitted on the validation fold ({fold.get('n')} training templates held out, "
              f"{fold.get('abnormal')} abnormal; never the test split) to maximise abnormal-class F1:", "",
-             "| method | threshold | validation AP | validation P / R / F1 |", "|---|---|---|---|"]
+             "| method | threshold [95% bootstrap] | validation AP | validation P / R / F1 |", "|---|---|---|---|"]
     for method, c in (metrics.get("calibration") or {}).items():
-        lines.append(f"| {method} | {c['threshold']:.4f} | {c['average_precision']:.3f} | "
+        lines.append(f"| {method} | {c['threshold']:.4f} {_interval(c.get('threshold_ci'))} | "
+                     f"{c['average_precision']:.3f} | "
                      f"{c['precision']:.3f} / {c['recall']:.3f} / {c['f1']:.3f} |")
     return lines
 
@@ -299,7 +300,7 @@ def report_markdown(metrics: Metrics) -> str:
         lines += ["## Subsets and samples", "", markdown_table(metrics, extra), ""]
     lines += ["## Answer format, rationales and speed", "",
               "| method | engine | format-valid rate | invalid answers (as normal) | mean rationale words "
-              "| unique templates | templates/s |", "|---|---|---|---|---|---|---|"]
+              "| unique templates | templates/s | model calls per template |", "|---|---|---|---|---|---|---|---|"]
     for method, blocks in metrics["methods"].items():
         template_blocks = [b for s, b in blocks.items() if s.startswith("template_")]
         valid = [b["format_valid_rate"] for b in template_blocks if b.get("format_valid_rate") is not None]
@@ -308,7 +309,8 @@ def report_markdown(metrics: Metrics) -> str:
         speed = metrics["speed"][method]
         lines.append(f"| {method} | {speed['engine']} | {fmt_number(float(np.mean(valid)) if valid else None)} | "
                      f"{invalid if valid else '—'} | {fmt_number(float(np.mean(words)) if words else None, 1)} | "
-                     f"{speed['unique_templates']} | {speed['templates_per_s']:.2f} |")
+                     f"{speed['unique_templates']} | {speed['templates_per_s']:.2f} | "
+                     f"{fmt_number(speed.get('model_calls_per_template'))} |")
     lines += ["", "## Test data", "",
               "| set | items | abnormal | note |", "|---|---|---|---|"]
     lines += [f"| {SET_TITLES.get(name, name)} | {v['n']} | {v['abnormal']} | {v.get('note', '')} |"

@@ -46,7 +46,7 @@ from tasks.detection.detector import Detector
 from tasks.detection.formats import FORMATS
 from tasks.detection.framing import LineFramer
 from tasks.detection.records import record_content
-from tasks.detection.verdicts import TemplateVerdict
+from tasks.detection.verdicts import TemplateVerdict, shows_rationale
 from tasks.evaluation.testdata import EvalSet, Key
 
 NORMAL_TAG = "-"  # LogHub's first field of a normal line
@@ -110,8 +110,8 @@ class InProcessClassifier:
         scored = self.engine.score([t for _, t in items], [d for d, _ in items], self.adapter_dir, shown)
         threshold = self.threshold
         flagged = [threshold is not None and scored_verdict(s, threshold) == ABNORMAL for s in scored.scores]
-        explain = [i for i, abnormal in enumerate(flagged) if threshold is None or self.rationales == "all"
-                   or (self.rationales == "abnormal" and abnormal)]
+        explain = [i for i, abnormal in enumerate(flagged)
+                   if shows_rationale(self.rationales, ABNORMAL if abnormal else NORMAL, threshold is not None)]
         written = {}
         if explain:
             run = self.engine.classify([items[i][1] for i in explain], [items[i][0] for i in explain],

@@ -140,12 +140,14 @@ class RationAnomalyModel(mlflow.pyfunc.PythonModel):
         if rows:
             shown = (self.index.prompt_neighbours(logs, datasets, self.neighbours)  # the index's floor, same system
                      if self.index is not None else None)
-            run = self.engine.classify(logs, datasets, adapter_dir=self.adapter_dir, neighbours=shown)
             if self.threshold is None:
+                run = self.engine.classify(logs, datasets, adapter_dir=self.adapter_dir, neighbours=shown)
                 answers = [(p.verdict or NORMAL, None, p.valid) for p in run.predictions]
-            else:
+            else:  # the score decides; the rationale is written for that verdict (issue 19)
                 scored = self.engine.score(logs, datasets, self.adapter_dir, shown).scores
                 answers = [(scored_verdict(s, self.threshold), s, s is not None) for s in scored]
+                run = self.engine.classify(logs, datasets, adapter_dir=self.adapter_dir, neighbours=shown,
+                                           verdicts=[verdict for verdict, _, _ in answers])
             for i, (verdict, score, ok), prediction in zip(rows, answers, run.predictions, strict=True):
                 verdicts[i], scores[i], valid[i] = verdict, score, ok
                 rationales[i], completions[i] = prediction.rationale, prediction.completion
