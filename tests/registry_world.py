@@ -133,7 +133,8 @@ def commit_outputs(root: Path, stages: tuple[str, ...] = ("grpo", "index")) -> N
     `dvc repro` leaves them: the registry checks registered bytes against these records. The stages' other deps
     and outputs, which the world does not need, get empty placeholders."""
     for placeholder in ("data/sft/train.jsonl", "data/split/train.parquet", "models/base/placeholder",
-                        "reports/grpo.json", "reports/grpo_rewards.csv"):
+                        "reports/grpo.json", "reports/grpo_rewards.csv", "reports/review_resolution.json",
+                        "data/corrected/templates.parquet"):
         (root / placeholder).parent.mkdir(parents=True, exist_ok=True)
         (root / placeholder).touch()
     dvc = Path(sys.executable).with_name("dvc")
