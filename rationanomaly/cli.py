@@ -138,7 +138,7 @@ def _register_commands() -> None:
     """Attach the commands defined beside the code they drive (each module imports its work lazily)."""
     from rationanomaly import cli_data, cli_registry, cli_serving
 
-    command("review")(cli_data.review)
+    app.add_typer(cli_data.review_app(one_line_errors), name="review")  # review [FOLDER] | review export
     command("gate")(cli_registry.gate)
     command("serve")(cli_serving.serve)
     command("detect")(cli_serving.detect)

@@ -117,7 +117,7 @@ def detect(
                     result = detector.run(file, handle, fmt)
     except (ClassifierError, InputError) as exc:
         _fail(f"detect stopped: {exc}")
-    print_summary(result)
+    print_summary(result, output=out)
     if summary is not None:
         summary.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 

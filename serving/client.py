@@ -34,7 +34,7 @@ from tasks.common.prompt import (
     token_logprobs,
     verdict_score,
 )
-from tasks.common.retrieval import INDEX_FILE, TemplateIndex
+from tasks.common.retrieval import INDEX_FILE, Neighbour, TemplateIndex, system_key
 from tasks.common.settings import DetectSettings
 from tasks.common.tokenizers import chat_tokens, special_tokens_in, token_counter
 from tasks.detection.verdicts import ClassifierError, TemplateVerdict, shows_rationale
@@ -383,9 +383,14 @@ class Client:
     def neighbours_of(self, template: str, endpoint: Endpoint, dataset: str | None = None) -> list[tuple[str, int]]:
         """The served version's labelled neighbours of a template of `dataset` (None: unknown), under its index's
         policy (same system, similarity floor; tasks.common.retrieval); [] when its prompts carry none."""
+        return [(n.template, n.label) for n in self.shown_neighbours(template, endpoint, dataset)]
+
+    @staticmethod
+    def shown_neighbours(template: str, endpoint: Endpoint, dataset: str | None = None) -> list[Neighbour]:
+        """`neighbours_of` with each neighbour's system and similarity (tasks.common.retrieval.Neighbour)."""
         if not endpoint.index_dir or endpoint.neighbours <= 0:
             return []
-        return load_index(endpoint.index_dir).prompt_neighbours([template], [dataset], endpoint.neighbours)[0]
+        return load_index(endpoint.index_dir).shown([template], [dataset], endpoint.neighbours)[0]
 
     def explain_messages(self, template: str, dataset: str, endpoint: Endpoint,
                          neighbours: list[tuple[str, int]] | None = None, *, squeeze: float = 1.0,
@@ -435,12 +440,16 @@ class Client:
         """The verdict for one template: the scored answer word against the version's threshold, and a rationale
         when `rationales` asks for it (always when the version has no threshold), written for that verdict (the
         explain task given the verdict, issue 19: one verdict, one reason). Only the model's output is parsed,
-        never the log text."""
+        never the log text. The verdict says whether a labelled neighbour of the template's own system was shown
+        (`neighbour_shown`, issue 20 item 4) and whether the first stage decided it (`first_stage`)."""
         started = time.monotonic()
         endpoint = self.endpoint()
-        near = self.neighbours_of(template, endpoint, dataset)
+        found = self.shown_neighbours(template, endpoint, dataset)
+        near = [(n.template, n.label) for n in found]
+        own = any(system_key(n.dataset) == system_key(dataset) for n in found)
         score, verdict = None, None
-        if endpoint.threshold is not None and first_stage_normal(template):  # normal without a model call
+        first = endpoint.threshold is not None and first_stage_normal(template)
+        if first:  # normal without a model call
             score, verdict = FIRST_STAGE_SCORE, NORMAL
         elif endpoint.threshold is not None:
             score, endpoint = self._within_context(
@@ -450,7 +459,8 @@ class Client:
         explain = shows_rationale(self.rationales, verdict, endpoint.threshold is not None)
         if not explain:
             return TemplateVerdict(template, dataset, verdict, score is not None, "", "", endpoint.version,
-                                   time.monotonic() - started, score)
+                                   time.monotonic() - started, score, neighbour_shown=own and not first,
+                                   first_stage=first)
         text, endpoint = self._within_context(
             lambda squeeze: self.complete(self.explain_messages(template, dataset, endpoint, near, squeeze=squeeze,
                                                                 max_tokens=max_tokens, verdict=verdict),
@@ -458,7 +468,8 @@ class Client:
         parsed = parse_completion(text)
         return TemplateVerdict(template, dataset, verdict if verdict is not None else parsed.answer,
                                parsed.valid if verdict is None else score is not None, parsed.think, text,
-                               endpoint.version, time.monotonic() - started, score, parsed.answer)
+                               endpoint.version, time.monotonic() - started, score, parsed.answer,
+                               neighbour_shown=own, first_stage=first)
 
     @staticmethod
     def _within_context(ask: Callable[[float], _T]) -> _T:

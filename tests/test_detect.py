@@ -580,3 +580,67 @@ def test_a_template_without_a_letter_word_is_normal_without_a_model_call(tmp_pat
     assert dump["verdict"] == "normal" and dump["score"] == 0.0
     alerts = sum(r["verdict"] == "abnormal" for r in templates)
     assert server.requests == 1 + alerts and summary["requested"] == 2  # one score request, a rationale per alert
+
+
+def test_template_records_say_whether_a_labelled_neighbour_of_their_system_was_shown(tmp_path: Path,
+                                                                                     chat_server: Any) -> None:
+    """Issue 20 item 4: each template record says whether its prompt showed a labelled neighbour of its own system
+    (above the index's floor); the summary counts templates and lines without one, apart from the first stage's
+    (no word of letters: known without a neighbour), and the printed summary names the export command."""
+    from rich.console import Console
+
+    from tasks.common.retrieval import INDEX_FILE, TemplateIndex
+    from tasks.detection.detector import print_summary
+
+    (tmp_path / "index").mkdir()
+    TemplateIndex(["instruction cache parity error corrected", "session closed for user root"], [1, 0],
+                  ["bgl", "bgl"], floor=0.1, same_system=True).save(tmp_path / "index" / INDEX_FILE)
+    server = chat_server()
+    endpoint = {"threshold": 0.5, "index_dir": str(tmp_path / "index"), "neighbours": 2}
+    dump = BGL[0].split("instruction")[0] + "r00=0x00000000 r01=0x1eb2f7c0"
+    summary, records = run_detect(tmp_path, server.url, lines_file(BGL + [dump] * 3), endpoint=endpoint)
+    shown = {r["template"]: (r["neighbour_shown"], r["first_stage"]) for r in records if r["kind"] == "template"}
+    assert shown == {"instruction cache parity error corrected": (True, False),
+                     "data TLB error interrupt": (True, False),  # shares `error` with the parity template
+                     "<*> double-hummer alignment exceptions": (False, False),  # no word in common: below the floor
+                     "r00=<*> r01=<*>": (False, True)}
+    assert (summary["templates_without_neighbour"], summary["lines_without_neighbour"]) == (1, 2)
+    assert (summary["templates_first_stage"], summary["lines_first_stage"]) == (1, 3)
+    # a system the index does not hold: neighbours of other systems are shown, but none of its own
+    server.prompts.clear()
+    summary, records = run_detect(tmp_path, server.url, lines_file([THUNDERBIRD] * 4), endpoint=endpoint)
+    (tb,) = [r for r in records if r["kind"] == "template"]
+    assert tb["dataset"] == "thunderbird" and "session closed for user root" in server.prompts[0]
+    assert tb["neighbour_shown"] is False and summary["lines_without_neighbour"] == 4
+    buffer = io.StringIO()
+    print_summary(summary, Console(file=buffer, width=300), output="runs/tb.jsonl")
+    printed = buffer.getvalue()
+    assert "1 templates (4 lines) were judged without a labelled neighbour of their system" in printed
+    assert "0 templates (0 lines) hold no word of letters" in printed
+    assert "rationanomaly review export runs/tb.jsonl" in printed
+    # a rerun is served from the cache, flags included
+    requests = server.requests
+    again, records = run_detect(tmp_path, server.url, lines_file([THUNDERBIRD] * 4), endpoint=endpoint)
+    assert server.requests == requests and again["lines_without_neighbour"] == 4
+    assert next(r for r in records if r["kind"] == "template")["neighbour_shown"] is False
+
+
+def test_a_verdict_cache_of_the_old_layout_is_rebuilt_not_misread(tmp_path: Path) -> None:
+    """LAYOUT 3 added neighbour_shown and first_stage: a layout-2 cache is emptied, never read with them missing."""
+    import sqlite3
+
+    from tasks.detection.cache import LAYOUT, VerdictCache, cache_scope
+
+    path = tmp_path / "cache.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE verdicts (model_version TEXT NOT NULL, scope TEXT NOT NULL, template TEXT NOT NULL, "
+                   "dataset TEXT, verdict TEXT, valid INTEGER, score REAL, rationale TEXT, raw TEXT, created_at REAL, "
+                   "PRIMARY KEY (scope, dataset, template))")
+        db.execute("INSERT INTO verdicts VALUES ('1', ?, 'link down', 'bgl', 'abnormal', 1, 0.9, 'r', '', 0)",
+                   (cache_scope("1", {}),))
+        db.execute("PRAGMA user_version = 2")
+    cache = VerdictCache(path, "1", {})
+    try:
+        assert LAYOUT == 3 and cache.get("link down", "bgl") is None and len(cache) == 0
+    finally:
+        cache.close()

@@ -3,7 +3,9 @@
 Millions of lines share a few thousand templates, so the classifier is asked once per template and the
 answer (verdict, rationale, model version) is kept in SQLite. Each answer is stored the moment it
 arrives: when the classifier fails, the run stops with a clear error and a rerun resumes from the
-cache. Output is JSON lines: a `template` record the first time a template (or its text) appears,
+cache. Output is JSON lines: a `template` record the first time a template (or its text) appears (with its
+verdict, score, rationale, the endpoint's threshold, an example line, `neighbour_shown`: whether a labelled
+neighbour of its system was in the prompt, and `first_stage`; issue 20 item 4),
 one `line` record per event (a line, or a multi-line record such as a stack trace: `line` is its first
 line, `last_line` its last), then one `window` record per `window_lines` events, or, for formats with a
 session key (HDFS block ids), one `session` record per session at the end of the input.
@@ -68,6 +70,8 @@ class DetectStats:
 
 
 AUTO_SAMPLE = 200  # non-empty lines the format vote reads (--format auto)
+EXAMPLE_CHARS = 500  # characters of a template's example line (its first event's content) in its record
+EXPORT_COMMAND = "rationanomaly review export"  # what labels the templates a run did not know (issue 20 item 1)
 # detect settings that change the verdict of one template under one model version: they scope the cache
 ANSWER_SETTINGS = ("max_line_chars", "max_tokens", "rationales")
 
@@ -84,6 +88,7 @@ class Detector:
         self.settings = settings
         self.client = client
         self.model_version = str(model_version or settings.model_version or client.model_version())
+        self.threshold = (answer_scope or {}).get("threshold")  # the endpoint's, written in each template record
         # the cache serves a verdict only under the same version, answer settings and `answer_scope` (what the
         # client knows decides answers: the endpoint's threshold, index and neighbour count)
         scope = {key: getattr(settings, key) for key in ANSWER_SETTINGS} | dict(answer_scope or {})
@@ -381,6 +386,9 @@ class Detector:
         finally:
             self.miner.checkpoint()
         verdict_of = {}
+        example = {}  # cluster id → its first event here: the example line of its template record
+        for record, cid in parsed:
+            example.setdefault(cid, record)
         for cid, template in templates.items():
             cached = self.cache.get(template, dataset)
             assert cached is not None  # _classify stored every template or raised
@@ -388,9 +396,13 @@ class Detector:
             if emitted.get(cid) != (template, dataset):
                 emitted[cid] = (template, dataset)
                 score = None if cached.score is None else round(cached.score, 4)
+                first = example[cid]
                 write(json.dumps({"kind": "template", "template_id": cid, "template": template,
                                   "verdict": verdict_of[cid][0], "score": score, "rationale": cached.rationale,
-                                  "dataset": dataset, "model_version": self.model_version}) + "\n")
+                                  "dataset": dataset, "model_version": self.model_version,
+                                  "threshold": self.threshold, "neighbour_shown": cached.neighbour_shown,
+                                  "first_stage": cached.first_stage, "example_line": first.first,
+                                  "example": first.parts[0][:EXAMPLE_CHARS]}) + "\n")
         for record, cid in parsed:
             label, abnormal, valid = verdict_of[cid]
             number, last = record.first, record.last
@@ -437,8 +449,25 @@ class Detector:
         templates.clear()
 
     def summary(self, stats: DetectStats) -> dict[str, Any]:
-        """Counts and the top anomalous templates with their rationales."""
+        """Counts and the top anomalous templates with their rationales.
+
+        What the run did not know (issue 20 item 4): `templates_without_neighbour` / `lines_without_neighbour` count
+        the templates judged with no labelled neighbour of their own system in the prompt (and their lines);
+        `templates_first_stage` / `lines_first_stage` those the verdict rule's first stage decided (no word of
+        letters: normal without a model call), which are known without a neighbour. A template whose classifier
+        does not report neighbours (`neighbour_shown` None) is in neither count.
+        """
         top = []
+        unknown = {"templates_without_neighbour": 0, "lines_without_neighbour": 0, "templates_first_stage": 0,
+                   "lines_first_stage": 0}
+        for cid, count in stats.line_counts.items():
+            template, dataset = self._emitted.get(cid, (None, ""))
+            cached = self.cache.get(template, dataset) if template is not None else None
+            kind = None if cached is None else "first_stage" if cached.first_stage else \
+                "without_neighbour" if cached.neighbour_shown is False else None
+            if kind is not None:
+                unknown[f"templates_{kind}"] += 1
+                unknown[f"lines_{kind}"] += count
         for cid, count in stats.line_counts.most_common():
             template, dataset = self._emitted.get(cid, (None, ""))
             cached = self.cache.get(template, dataset) if template is not None else None
@@ -452,11 +481,13 @@ class Detector:
         counts["lines_per_s"] = round(stats.lines / stats.seconds, 1) if stats.seconds else None
         return {"kind": "summary", "model_version": self.model_version, **counts,
                 "cache_entries": len(self.cache), "cache_invalidated": self.cache.invalidated,
-                "drain_state_reset": self.miner.state_reset, "top_anomalous": top}
+                "drain_state_reset": self.miner.state_reset, **unknown, "top_anomalous": top}
 
 
-def print_summary(summary: dict[str, Any], console: Any = None) -> None:
-    """A rich table for people: counts, then the top anomalous templates with rationales.
+def print_summary(summary: dict[str, Any], console: Any = None, output: str | None = None) -> None:
+    """A rich table for people: counts, what the run did not know (templates and lines judged without a labelled
+    neighbour of their system, with the export command that ranks them for labelling, on `output`: the detect
+    output file, None or '-' when it went to stdout), then the top anomalous templates with rationales.
 
     Log text and rationales are untrusted: they are shown as plain text, never read as console markup (a template
     holding `[/api/v1/orders]` would otherwise be a closing tag and crash the summary, issue 21 case 8).
@@ -474,6 +505,14 @@ def print_summary(summary: dict[str, Any], console: Any = None) -> None:
         if (key in summary and summary[key] not in ("", None)) or key in ("lines", "abnormal_lines", "templates"):
             counts.add_row(key, Text(str(summary.get(key))))
     console.print(counts)
+    if "templates_without_neighbour" in summary:
+        where = output if output and output != "-" else "<detect output file, --out>"
+        console.print(Text(
+            f"not known: {summary['templates_without_neighbour']} templates ({summary['lines_without_neighbour']} "
+            "lines) were judged without a labelled neighbour of their system; "
+            f"{summary['templates_first_stage']} templates ({summary['lines_first_stage']} lines) hold no word of "
+            "letters and are normal by the verdict rule's first stage, which needs no neighbour.\n"
+            f"label what is worth it: {EXPORT_COMMAND} {where} --out corrections/reviews/<your name>.csv"))
     if summary.get("drain_state_reset"):
         console.print(Text(f"note: {summary['drain_state_reset']}"))
     if summary["top_anomalous"]:

@@ -25,6 +25,12 @@ class TemplateVerdict:
     <think> (empty when no rationale was asked for); `raw` the whole completion; `answer` the word the
     rationale ended in (None when none was written or the completion broke the format); `latency_s` seconds
     from request to answer (retries included).
+
+    `neighbour_shown`: whether the prompt showed a labelled neighbour of the template's own system (a template
+    of a system the index does not hold gets False even when neighbours of other systems were shown; issue 20
+    item 4); None when the classifier does not say. `first_stage`: decided by the verdict rule's first stage
+    (tasks.common.prompt.first_stage_normal: no word of letters, normal without a model call), which needs no
+    neighbour.
     """
 
     template: str
@@ -37,6 +43,8 @@ class TemplateVerdict:
     latency_s: float
     score: float | None = None
     answer: str | None = None
+    neighbour_shown: bool | None = None
+    first_stage: bool = False
 
 
 RATIONALE_POLICIES = ("abnormal", "all", "none")  # params.yaml detect.rationales
