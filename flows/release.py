@@ -1,8 +1,16 @@
-"""Prefect flow `release`: evaluate → gate → register → (approve) → promote, with artifacts people read."""
+"""Prefect flow `release`: evaluate → gate → register → (approve) → promote, with artifacts people read.
+
+Flow `release-index-only` (issue 20): new expert labels served without retraining. It rebuilds the retrieval
+index from the review files (DVC: correct → index), keeps the adapter of the current @champion, re-measures
+what the version's verdict and the gate need (tasks.evaluate.evaluate_kept_adapter: the validation-fold
+threshold, the gated sets, the rationales) and registers the result as a new version judged by the same gate.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +29,7 @@ from tasks.common.dvc_ops import lock_hashes
 from tasks.common.errors import InputError
 from tasks.common.files import sha256_bytes, sha256_json
 from tasks.common.settings import Settings
-from tasks.evaluate import evaluate_adapter
+from tasks.evaluate import evaluate_adapter, evaluate_kept_adapter
 from tasks.evaluation.report import CANDIDATE_PREDICTIONS
 from tasks.release import registry
 from tasks.release.gate import GateVerdict, evaluate_gate, same_test_data
@@ -33,6 +41,12 @@ CANDIDATE_TAG = "candidate.adapter_md5"
 JUDGEMENT_TAG = "candidate.judgement_sha256"
 # The release flow run that registered a version: a retry of `register` in that run finds it instead of adding one.
 RUN_TAG = "release.flow_run_id"
+# An index-only release (issue 20): its kind, and the version whose adapter it kept.
+KIND_TAG, ADAPTER_FROM_TAG = "release.kind", "release.adapter_from"
+INDEX_ONLY = "index-only"
+# The index-only release's working folder: the kept adapter as downloaded, and its evaluation (metrics.json,
+# candidate_predictions.json, calibration.json) under `eval/`.
+INDEX_RELEASE_DIR = ".cache/index-release"
 
 
 class ApprovalInput(RunInput):
@@ -122,6 +136,21 @@ def _step(step: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
 
 
 @dataclass
+class KeptAdapter:
+    """An index-only release's adapter: the @champion's (`version`), downloaded into `adapter_dir`, with the
+    manifest md5 it was registered with; `calibration` the threshold refitted with the new index."""
+
+    version: str
+    adapter_dir: Path
+    adapter_md5: str
+    calibration: dict[str, Any] | None = None
+
+    def tags(self) -> dict[str, str]:
+        """The version tags that say what this release kept."""
+        return {KIND_TAG: INDEX_ONLY, ADAPTER_FROM_TAG: self.version}
+
+
+@dataclass
 class Judgement:
     """The release decision on the evaluated candidate before anything is registered.
 
@@ -208,8 +237,9 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
 
 @task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
 def register(metrics: dict[str, Any], items: dict[str, Any], verdict: GateVerdict, digest: str,
-             settings: Settings, judgement: str = "") -> str:
-    """A new registry version for every evaluated candidate (@challenger when its gate passed).
+             settings: Settings, judgement: str = "", kept: KeptAdapter | None = None) -> str:
+    """A new registry version for every evaluated candidate (@challenger when its gate passed). `kept`: an
+    index-only release's adapter and calibration (default: the grpo stage's adapter and evaluate's calibration).
 
     Retried (a remote registry may time out), and idempotent under retry: the version is tagged with this flow
     run and the candidate, and an attempt after one that registered it returns it instead of adding a second
@@ -219,10 +249,12 @@ def register(metrics: dict[str, Any], items: dict[str, Any], verdict: GateVerdic
     run = FlowRunContext.get()
     this_run = str(run.flow_run.id) if run is not None and run.flow_run is not None else ""
     version = registry.register_candidate(
-        root / settings.grpo.out_dir, root / settings.base_model.out_dir, metrics, verdict,
+        kept.adapter_dir if kept else root / settings.grpo.out_dir, root / settings.base_model.out_dir, metrics,
+        verdict, kept.tags() if kept else None,
         idempotency_tags={CANDIDATE_TAG: digest, JUDGEMENT_TAG: judgement, RUN_TAG: this_run},
         name=name, model_config=model_config(settings.evaluate), params=settings.model_dump(), predictions=items,
-        calibration=calibration(settings), index_dir=root / settings.index.out_dir if settings.index.k else None,
+        calibration=kept.calibration if kept else calibration(settings),
+        index_dir=root / settings.index.out_dir if settings.index.k else None,
     )
     card = registry.model_card_text(version, name=name)
     publish_markdown("model-card", card, f"Model card of version {version}")
@@ -246,7 +278,6 @@ def release_flow(profile: str | None = None) -> dict[str, Any]:
 def release_evaluated(settings: Settings, stages: list[dict[str, Any]]) -> dict[str, Any]:
     """The release flow after the evaluate stage: judge → register → (approve) → promote, with artifacts.
     Call it inside a flow run (it runs Prefect tasks and may pause for approval)."""
-    name = settings.registry.model_name
     table = file_text(f"{settings.evaluate.out_dir}/eval.md", "(no report)")
     publish_markdown("evaluation-report", table, "Candidate beside the baselines, per dataset and level")
     result: dict[str, Any] = {"stages": stages, "table_md": table, "promoted": False, "profile": settings.profile}
@@ -258,11 +289,19 @@ def release_evaluated(settings: Settings, stages: list[dict[str, Any]]) -> dict[
                       verdict_md="(not re-gated: nothing new to release)")
         print(result["reason"])
         return result
+    return register_and_promote(settings, decided, result)
+
+
+def register_and_promote(settings: Settings, decided: Judgement, result: dict[str, Any],
+                         kept: KeptAdapter | None = None) -> dict[str, Any]:
+    """A judged candidate: the verdict artifact → register → (approve) → promote when the gate passed; `result`
+    updated and returned. Call it inside a flow run."""
+    name = settings.registry.model_name
     verdict = decided.verdict
     if verdict is None:  # judge() leaves it None only for a known version
         raise RuntimeError("the candidate was neither judged nor found registered")
     publish_markdown("gate-verdict", verdict.to_markdown(), "Every gate rule: threshold, measured, pass/fail")
-    version = register(decided.metrics, decided.items, verdict, decided.digest, settings, decided.judgement)
+    version = register(decided.metrics, decided.items, verdict, decided.digest, settings, decided.judgement, kept)
     result.update(version=version, verdict=verdict.to_dict(), verdict_md=verdict.to_markdown())
     if not verdict.passed:
         result["reason"] = "gate failed: " + ", ".join(rule.name for rule in verdict.failed)
@@ -280,6 +319,108 @@ def release_evaluated(settings: Settings, stages: list[dict[str, Any]]) -> dict[
     aliases = promote(version, approver, why, name)
     result.update(promoted=True, aliases=aliases, approver=approver)
     print(f"version {version} promoted to @champion (previous: {aliases.get('previous')})")
+    return result
+
+
+# ---- the index-only release (issue 20) ---------------------------------------------------------------------------
+
+
+@task(name="champion-adapter", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
+def champion_adapter(settings: Settings) -> KeptAdapter:
+    """The @champion's adapter, downloaded into INDEX_RELEASE_DIR/v<version>/ (replacing an earlier download;
+    its calibration.json removed: the old index's threshold), with the manifest md5 of its registration
+    (retried: the registry may be remote). Raises RegistryError when there is no @champion."""
+    name = settings.registry.model_name
+    version = registry.aliases(name).get(registry.CHAMPION)
+    if version is None:
+        raise registry.RegistryError(f"model {name!r} has no @champion")
+    dest = repo_root() / INDEX_RELEASE_DIR / f"v{version}"
+    shutil.rmtree(dest, ignore_errors=True)
+    adapter = registry.download_adapter(f"{name}/{version}", dest)
+    (adapter / CALIBRATION_FILE).unlink(missing_ok=True)  # the threshold is refitted with the new index
+    md5 = registry.version_tags(version, name=name).get("artifact.adapter.md5", "")
+    return KeptAdapter(str(version), adapter, md5)
+
+
+def index_digest(settings: Settings) -> str:
+    """The manifest md5 of the retrieval index as registering it would record it (tasks.common.integrity)."""
+    from tasks.common.integrity import manifest
+
+    return str(manifest(repo_root() / settings.index.out_dir)["md5"])
+
+
+@task(name="evaluate-kept-adapter")
+def evaluate_kept(kept: KeptAdapter, settings: Settings) -> Path:
+    """tasks.evaluate.evaluate_kept_adapter into INDEX_RELEASE_DIR/eval; returns that folder."""
+    out_dir = repo_root() / INDEX_RELEASE_DIR / "eval"
+    evaluate_kept_adapter(kept.adapter_dir, settings.evaluate, settings.detect, settings.index, out_dir)
+    return out_dir
+
+
+def judge_kept(settings: Settings, kept: KeptAdapter, eval_dir: Path) -> Judgement:
+    """The gate's verdict on an index-only candidate evaluated into `eval_dir` (metrics.json,
+    candidate_predictions.json, calibration.json), against the @champion measured on the same test data (its
+    adapter re-evaluated with the current index when its stored results do not compare), as `judge` does for a
+    retrained one. The candidate is the kept adapter with the current index (CANDIDATE_TAG
+    `index-only:<adapter md5>+<index md5>`). `kept.calibration` is set from the file."""
+    metrics = _read_json(eval_dir / "metrics.json")
+    items_file = eval_dir / CANDIDATE_PREDICTIONS
+    items = _read_json(items_file) if items_file.is_file() else {}
+    calibration_file = eval_dir / CALIBRATION_FILE
+    kept.calibration = (_read_json(calibration_file) or None) if calibration_file.is_file() else None
+    digest = f"{INDEX_ONLY}:{kept.adapter_md5}+{index_digest(settings)}"
+    decided = Judgement(metrics, items, digest, judgement_digest(settings, eval_dir / "metrics.json"), None)
+    comparable = _step(champion_on_current_data, metrics, _step(current_champion, settings.registry.model_name),
+                       settings)
+    decided.verdict = _step(gate, metrics, items, comparable, settings)
+    return decided
+
+
+def release_kept_adapter(settings: Settings, kept: KeptAdapter, eval_dir: Path,
+                         stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """An evaluated index-only candidate: judge → register (the kept adapter, the new index and threshold, tags
+    release.kind and release.adapter_from) → (approve) → promote. Call it inside a flow run."""
+    result: dict[str, Any] = {"stages": stages, "promoted": False, "profile": settings.profile, "kind": INDEX_ONLY,
+                              "adapter_from": kept.version}
+    return register_and_promote(settings, judge_kept(settings, kept, eval_dir), result, kept)
+
+
+def release_index_only(settings: Settings, stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """After the index stage: keep the @champion's adapter, stop when a version with that adapter and this index
+    exists (the champion itself included: nothing new to serve), else evaluate it with the new index and release
+    it like any candidate. Call it inside a flow run. Raises RegistryError without a @champion."""
+    name = settings.registry.model_name
+    if registry.CHAMPION not in registry.aliases(name):
+        raise registry.RegistryError(f"model {name!r} has no @champion to keep the adapter of: an index-only release "
+                                     "reuses the served adapter (run `rationanomaly retrain` first)")
+    kept = champion_adapter(settings)
+    index_md5 = index_digest(settings)
+    digest = f"{INDEX_ONLY}:{kept.adapter_md5}+{index_md5}"
+    champion_tags = registry.version_tags(kept.version, name=name)
+    known = registry.versions_with_tags({CANDIDATE_TAG: digest}, name=name)
+    if champion_tags.get("artifact.index.md5") == index_md5:
+        known = [kept.version]
+    if known:
+        reason = f"index unchanged: version {known[-1]} already serves this adapter with this index"
+        print(reason)
+        return {"stages": stages, "promoted": False, "profile": settings.profile, "kind": INDEX_ONLY,
+                "adapter_from": kept.version, "version": known[-1], "reason": reason}
+    return release_kept_adapter(settings, kept, evaluate_kept(kept, settings), stages)
+
+
+@flow(name="release-index-only", log_prints=True)
+def release_index_only_flow(profile: str | None = None) -> dict[str, Any]:
+    """correct → index (DVC; split only when the template lists' labels changed) → the @champion's adapter kept,
+    re-evaluated with the new index → gate → register → (approve) → promote. No retraining: a retrain picks the
+    labels up when it runs distill again. Returns the release result with `seconds` (wall time)."""
+    started = time.perf_counter()
+    with pipeline_lock():
+        settings = start_run(profile)
+        result = release_index_only(settings, run_stages(["index"]))
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    print(f"index-only release in {result['seconds']} s: "
+          + (f"version {result.get('version')}" if result.get("version") else "nothing registered")
+          + (", promoted" if result.get("promoted") else f" ({result.get('reason', 'not promoted')})"))
     return result
 
 

@@ -95,9 +95,21 @@ def train(profile: ProfileOption = None) -> None:
 
 
 @command()
-def release(profile: ProfileOption = None) -> None:
+def release(profile: ProfileOption = None, index_only: Annotated[bool, typer.Option(
+        "--index-only", help="Keep @champion's adapter; rebuild the index and threshold from the review files "
+        "(no retraining), then gate → register → promote")] = False) -> None:
     """Run the release flow: evaluate → gate → register → (approve) → promote."""
     check_params(profile)
+    if index_only:
+        from flows.release import release_index_only_flow
+        from tasks.release.registry import RegistryError
+
+        try:
+            release_index_only_flow(profile=profile)
+        except RegistryError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        return
     from flows.release import release_flow
 
     release_flow(profile=profile)

@@ -8,6 +8,12 @@ one correction never changes two templates. Resolved multi-annotator reviews (ta
 applied after the patch, as later expert decisions. Templates that are near-twins of a corrected
 template (same text once placeholders, punctuation, whitespace and case are ignored) but carry a
 different label go to a review queue for an expert: listed, never changed.
+
+A review record whose `system` names a system the template lists do not hold (e.g. `thunderbird`; compared
+case-insensitively with the `template_files` names) labels a template of a new system (issue 20): it is
+resolved like any other (majority, kappa) and kept in the resolution file, marked `new_system`, but applied
+to no template list: it never reaches the split (so never a BGL/Spirit test item, nor SFT data); the index
+stage adds it to the retrieval index, its review files and annotators with it.
 """
 
 from __future__ import annotations
@@ -278,9 +284,18 @@ def correct_templates(patch_file: Path, template_files: dict[str, Path], review_
     if review_dir is not None:
         originals = {t.strip(): int(x) for t, x in zip(frame["template"], frame["label_original"], strict=True)}
         review = review_folder(review_dir, senior, originals)
+    new_systems: dict[str, dict[str, int]] = {}
     if review is not None:
-        records = [(record, None) for record in review.records]
+        listed = {name.strip().lower() for name in template_files}
+        for record in review.records:
+            if record.get("system") and record["system"] not in listed:
+                record["new_system"] = True  # index-only knowledge: never a template-list correction
+                counts = new_systems.setdefault(record["system"], {"templates": 0, "abnormal": 0})
+                counts["templates"] += 1
+                counts["abnormal"] += int(parse_label(record["rectified"]))
+        records = [(record, None) for record in review.records if not record.get("new_system")]
         review_stats = matcher.apply(parse_corrections(records, review_dir, "review"), review_dir, override=True)
+        review_stats["new_systems"] = dict(sorted(new_systems.items()))
 
     queue = build_review_queue(frame)
     by_dataset = {}
@@ -346,6 +361,10 @@ def report_markdown(report: dict[str, Any], queue: pd.DataFrame) -> str:
                   f"labelled by all. Resolved {review['resolved']}, unresolved {len(review['unresolved'])}."]
         if review["unresolved"]:
             lines += ["", *_table(review["unresolved"], ["template", "votes", "reason"])]
+        if review.get("new_systems"):
+            shown = ", ".join(f"{name} {c['templates']} ({c['abnormal']} abnormal)"
+                              for name, c in review["new_systems"].items())
+            lines += ["", f"Templates of systems the template lists do not hold (index only, never split): {shown}."]
     lines += ["", f"## Review queue ({len(queue)})", "",
               "Near-twins of a corrected template (equal once placeholders, punctuation, whitespace and case are "
               "ignored) with a different label. Listed for an expert; never changed automatically.", ""]

@@ -29,8 +29,8 @@ import numpy as np
 import pandas as pd
 
 from tasks.common.config import repo_root
-from tasks.common.contracts import CANDIDATE, LLM_BASELINES, RULE_METHODS, Metrics
-from tasks.common.files import read_labelled_templates, write_json_atomic
+from tasks.common.contracts import CALIBRATION_FILE, CANDIDATE, LLM_BASELINES, RULE_METHODS, Metrics
+from tasks.common.files import atomic_dir, read_labelled_templates, write_json_atomic
 from tasks.common.prompt import ABNORMAL, NORMAL, scored_verdict
 from tasks.common.retrieval import INDEX_FILE, TemplateIndex
 from tasks.common.settings import DetectSettings, EvaluateSettings, IndexSettings, load_settings
@@ -325,8 +325,10 @@ def rule_baselines(settings: EvaluateSettings, methods: Sequence[str], data: Eva
 
 def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path | None = None,
                  engine_factory: Callable[..., Any] | None = None, retrieval: IndexSettings | None = None,
-                 ) -> Evaluation:
-    """Run every method on the same test data and score it; see the module docstring.
+                 ablations: bool = True) -> Evaluation:
+    """Run every method on the same test data and score it; see the module docstring. `ablations` False leaves
+    out the candidate's no-retrieval and no-first-stage ablations (no gate rule reads them; the index-only
+    release, issue 20, measures only what the verdict and the gate need).
 
     Raises InputError for missing or malformed test data or model folders, before any model loads.
     """
@@ -391,16 +393,17 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
         results[CANDIDATE] = candidate
         if calibration:
             calibrations[CANDIDATE] = calibration.to_dict()
-        if index is not None and k:
+        if index is not None and k and ablations:
             bare, bare_calibration = scored_method(NO_RETRIEVAL, engine, paths[CANDIDATE], keys, data, lambda b: None)
             results[NO_RETRIEVAL] = bare
             if bare_calibration:
                 calibrations[NO_RETRIEVAL] = bare_calibration.to_dict()
-        every, every_calibration = scored_method(NO_FIRST_STAGE, engine, paths[CANDIDATE], keys, data, with_neighbours,
-                                                 first_stage=False)
-        results[NO_FIRST_STAGE] = every
-        if every_calibration:
-            calibrations[NO_FIRST_STAGE] = every_calibration.to_dict()
+        if ablations:
+            every, every_calibration = scored_method(NO_FIRST_STAGE, engine, paths[CANDIDATE], keys, data,
+                                                     with_neighbours, first_stage=False)
+            results[NO_FIRST_STAGE] = every
+            if every_calibration:
+                calibrations[NO_FIRST_STAGE] = every_calibration.to_dict()
         if "sft_only" in methods:
             sft, sft_calibration = scored_method("sft_only", engine, paths["sft_only"], keys, data, with_neighbours)
             results["sft_only"] = sft
@@ -475,6 +478,31 @@ def evaluate_adapter(adapter_dir: str | Path, settings: EvaluateSettings, detect
     alone = settings.model_copy(update={"baselines": [], "candidate_dir": str(Path(adapter_dir).resolve())})
     evaluation = evaluate_all(alone, detect, root, retrieval=retrieval)
     return evaluation.metrics, item_predictions(evaluation.results[CANDIDATE], evaluation.sets)
+
+
+def evaluate_kept_adapter(adapter_dir: str | Path, settings: EvaluateSettings, detect: DetectSettings,
+                          retrieval: IndexSettings, out_dir: Path, root: Path | None = None) -> Metrics:
+    """The index-only release's evaluation (issue 20): a registered adapter kept as it is, judged with the current
+    retrieval index on the current test data, measuring what its verdict and the gate need and nothing else: the
+    threshold refitted on the validation fold (the index changes the scores), every gated set (template test
+    splits, the served BGL_2k and Thunderbird_2k paths) and the rationales the gate's faithfulness rules read; no
+    baselines, no ablations. Writes `metrics.json`, `candidate_predictions.json` and `calibration.json` (with the
+    neighbours its prompts carried) into `out_dir` (replaced as a whole); returns the metrics.
+
+    Raises InputError for missing test data, adapter or base model."""
+    from tasks.evaluation.report import CANDIDATE_PREDICTIONS
+
+    alone = settings.model_copy(update={"baselines": [], "candidate_dir": str(Path(adapter_dir).resolve())})
+    evaluation = evaluate_all(alone, detect, root, retrieval=retrieval, ablations=False)
+    metrics = evaluation.metrics
+    calibration = (metrics.get("calibration") or {}).get(CANDIDATE)
+    calibration = {**calibration, "neighbours": metrics["params"].get("neighbours_k", 0)} if calibration else {}
+    with atomic_dir(out_dir) as staging:
+        write_json_atomic(staging / "metrics.json", metrics)
+        write_json_atomic(staging / CANDIDATE_PREDICTIONS,
+                          item_predictions(evaluation.results[CANDIDATE], evaluation.sets))
+        write_json_atomic(staging / CALIBRATION_FILE, calibration)
+    return metrics
 
 
 def adapter_meta(path: Path | None) -> dict[str, Any]:

@@ -1,7 +1,11 @@
 """Multi-annotator review: one CSV per annotator, resolved by majority, agreement measured as kappa.
 
-A review folder holds `<annotator>.csv` files with columns `template,label[,category][,note]`
-(label `normal`/`abnormal` or 0/1; category one of the paper's Table 1 categories). Each template
+A review folder holds `<annotator>.csv` files with columns `template,label[,category][,note][,system]`
+(label `normal`/`abnormal` or 0/1; category one of the paper's Table 1 categories). The file name names the
+annotator; the optional `system` column (alias `dataset`) names the system a template was logged by, so a file
+may label templates of a system the LogPrompt lists do not hold (e.g. `thunderbird`, issue 20): empty or
+absent means a template of those lists, as in files written before the column existed. A template is a
+(system, template) pair: the same text of two systems is two templates. Each template
 gets the majority label of the annotators who labelled it; on a tie the senior reviewer's label
 wins, and a tie the senior did not vote on stays unresolved (listed, never applied). Agreement is
 Cohen's kappa for two annotators and Fleiss' kappa for three or more, computed over the templates
@@ -27,6 +31,7 @@ from tasks.common.prompt import CATEGORIES, LABELS, label_name
 # The instruction string of every record in the paper's anomaly_patch.json.
 INSTRUCTION = "Classify the given log entries into normal and abnormal categories."
 REQUIRED_COLUMNS = ("template", "label")
+SYSTEM_COLUMNS = ("system", "dataset")  # the optional column naming a template's system (first found wins)
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,8 @@ class Annotation:
     category: str | None
     note: str
     line: int
+    system: str | None = None  # the template's system (lowercase); None: the LogPrompt lists (BGL, Spirit)
+    file: str = ""  # the review file's name, e.g. `erin.csv`
 
 
 @dataclass
@@ -97,9 +104,10 @@ def load_review_file(path: Path) -> list[Annotation]:
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise InputError(path, f"missing column(s) {missing}; found {columns}", line=1, field=missing[0],
-                         hint="columns: template,label[,category][,note]")
+                         hint="columns: template,label[,category][,note][,system]")
     reader.fieldnames = columns
-    seen: dict[str, Annotation] = {}
+    system_column = next((c for c in SYSTEM_COLUMNS if c in columns), None)
+    seen: dict[tuple[str | None, str], Annotation] = {}
     for row in reader:
         line = reader.line_num
         template = (row.get("template") or "").strip()
@@ -115,10 +123,12 @@ def load_review_file(path: Path) -> list[Annotation]:
         except ValueError as exc:
             raise InputError(path, str(exc), line=line, field="category") from None
         note = (row.get("note") or "").strip()
-        if template in seen and seen[template].label != label:
-            raise InputError(path, f"template labelled twice with different labels (lines {seen[template].line} "
+        system = (" ".join((row.get(system_column) or "").split()).lower() or None) if system_column else None
+        key = (system, template)
+        if key in seen and seen[key].label != label:
+            raise InputError(path, f"template labelled twice with different labels (lines {seen[key].line} "
                              f"and {line})", line=line, field="label")
-        seen.setdefault(template, Annotation(annotator, template, label, category, note, line))
+        seen.setdefault(key, Annotation(annotator, template, label, category, note, line, system, path.name))
     if not seen:
         raise InputError(path, "no review rows", hint="remove the file or add rows: template,label,...")
     return list(seen.values())
@@ -180,29 +190,33 @@ def resolve_reviews(annotations: Mapping[str, list[Annotation]], senior: str,
     `original_labels` (template → 0/1) fills each record's `label` (the label before review) when known.
     """
     original_labels = original_labels or {}
-    by_template: dict[str, dict[str, Annotation]] = {}
+    by_template: dict[tuple[str | None, str], dict[str, Annotation]] = {}
     for annotator in sorted(annotations):
         for ann in annotations[annotator]:
-            by_template.setdefault(ann.template, {})[annotator] = ann
+            by_template.setdefault((ann.system, ann.template), {})[annotator] = ann
     records, unresolved = [], []
-    for template, votes in by_template.items():
+    for (system, template), votes in by_template.items():
+        named = {"system": system} if system else {}
         decided = _majority({a: v.label for a, v in votes.items()}, senior)
         tally = {name: sum(v.label == i for v in votes.values()) for i, name in enumerate(LABELS)}
         if decided is None:
-            unresolved.append({"template": template, "votes": tally, "annotators": sorted(votes),
+            unresolved.append({"template": template, **named, "votes": tally, "annotators": sorted(votes),
                                "reason": f"tie and the senior reviewer '{senior}' did not label it"})
             continue
         label, how = decided
         categories = {a: v.category for a, v in votes.items() if v.label == label and v.category}
         category = _majority(categories, senior) if categories else None
-        record: dict[str, Any] = {"instruction": INSTRUCTION, "input": template}
-        if template in original_labels:
+        record: dict[str, Any] = {"instruction": INSTRUCTION, "input": template, **named}
+        if not system and template in original_labels:
             record["label"] = label_name(int(original_labels[template]))
         record.update(rectified=label_name(label), category=category[0] if category else None,
                       votes=tally, resolved_by=how, annotators=sorted(votes),
-                      notes=[f"{a}: {v.note}" for a, v in sorted(votes.items()) if v.note])
+                      notes=[f"{a}: {v.note}" for a, v in sorted(votes.items()) if v.note],
+                      # where each vote came from: the review file and its line (lineage, issue 20)
+                      sources=[{"annotator": a, "file": v.file, "line": v.line} for a, v in sorted(votes.items())])
         records.append(record)
-    kappa, method, used = agreement({a: {x.template: x.label for x in anns} for a, anns in annotations.items()})
+    kappa, method, used = agreement({a: {f"{x.system or ''}\t{x.template}": x.label for x in anns}
+                                     for a, anns in annotations.items()})
     notes = []
     if senior not in annotations:
         notes.append(f"senior reviewer '{senior}' has no review file: ties stay unresolved")

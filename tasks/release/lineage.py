@@ -99,6 +99,31 @@ def correction_summary(root: Path, correct: dict[str, Any], lock: dict[str, dict
     }
 
 
+def review_summary(root: Path, correct: dict[str, Any]) -> dict[str, Any]:
+    """The expert review files behind the labels (issue 20): each file in `correct.review_dir` with its annotator
+    (the file name), sha256 and the labels it voted on, and the resolved labels by system (`new_systems`: the
+    templates of systems the template lists do not hold, which only the retrieval index carries). Read from the
+    resolution file `correct` wrote (correct.resolution_file) and the review folder; empty lists without them."""
+    review_dir = root / correct.get("review_dir", "corrections/reviews")
+    resolution_file = root / correct.get("resolution_file", "reports/review_resolution.json")
+    try:
+        records = json.loads(resolution_file.read_text(encoding="utf-8")) if resolution_file.is_file() else []
+    except json.JSONDecodeError:
+        records = []
+    votes: dict[str, int] = {}
+    new_systems: dict[str, int] = {}
+    for record in records if isinstance(records, list) else []:
+        for source in record.get("sources") or []:
+            votes[str(source.get("file"))] = votes.get(str(source.get("file")), 0) + 1
+        if record.get("new_system"):
+            new_systems[str(record.get("system"))] = new_systems.get(str(record.get("system")), 0) + 1
+    files = [{"file": str(path.relative_to(root)) if path.is_relative_to(root) else str(path),
+              "annotator": path.stem, "sha256": sha256_file(path), "votes": votes.get(path.name, 0)}
+             for path in sorted(review_dir.glob("*.csv"))] if review_dir.is_dir() else []
+    return {"files": files, "annotators": [f["annotator"] for f in files], "resolved": len(records or []),
+            "new_systems": dict(sorted(new_systems.items()))}
+
+
 def pipeline_outputs(root: Path) -> list[str]:
     """What a run writes into tracked places: dvc.lock and every out, metric and plot path of dvc.yaml (relative
     POSIX paths; a folder covers everything under it)."""
@@ -218,6 +243,7 @@ def collect_lineage(root: Path | None = None, *, adapter_dir: Path, base_model_d
     return {
         "data": data,
         "corrections": correction_summary(root, params.get("correct", {}), lock),
+        "reviews": review_summary(root, params.get("correct", {})),
         "params": {"sha256": sha256_json(params), "profile": params.get("profile"),
                    "values": {k: params.get(k) for k in ("split", "distill", "sft", "grpo", "evaluate", "gate")}},
         "base_model": {"dir": str(base_model_dir), "source": base_meta.get("source"),
@@ -240,6 +266,10 @@ def lineage_tags(record: dict[str, Any]) -> dict[str, str]:
     corrections = record.get("corrections", {})
     if corrections.get("file_sha256"):
         tags["data.corrections.sha256"] = corrections["file_sha256"]
+    reviews = record.get("reviews") or {}
+    if reviews.get("files"):  # `lineage --data <a review file's sha256>` finds the versions its labels reached
+        tags["data.reviews.sha256"] = ",".join(f"{Path(f['file']).name}={f['sha256']}" for f in reviews["files"])
+        tags["reviews.annotators"] = ",".join(reviews["annotators"])
     tags["params.sha256"] = record["params"]["sha256"]
     tags["base_model.sha256"] = str(record["base_model"].get("sha256"))
     tags["base_model.source"] = str(record["base_model"].get("source"))
@@ -406,6 +436,9 @@ def lineage(model_ref: str) -> dict[str, Any]:
         "data": record.get("data", [{"name": k.split(".")[1], "md5": v} for k, v in tags.items()
                                     if k.startswith("data.") and k.endswith(".md5")]),
         "corrections": record.get("corrections", {}),
+        "reviews": record.get("reviews", {}),
+        "release": record.get("release", {"kind": tags.get("release.kind", "retrain"),
+                                          "adapter_from": tags.get("release.adapter_from")}),
         "base_model": record.get("base_model", {"sha256": tags.get("base_model.sha256")}),
         "teacher": record.get("teacher", tags.get("teacher")),
         "code": record.get("code", {"commit": tags.get("git.commit"), "dirty": tags.get("git.dirty") == "true"}),
@@ -495,6 +528,17 @@ def render_lineage(chain: dict[str, Any]) -> Any:
     tree.add(f"[bold]corrections[/] applied {c.get('applied')} (exact {c.get('matched_exact')}, normalised "
              f"{c.get('matched_normalized')}, unmatched {c.get('unmatched')}); file {c.get('file')} sha256 "
              f"{c.get('file_sha256')}; review queue {c.get('review_queue_size')}")
+    reviews = chain.get("reviews") or {}
+    if reviews.get("files"):
+        node = tree.add(f"[bold]expert reviews[/] {reviews.get('resolved')} labels resolved"
+                        + (f"; new systems (index only): {escape(json.dumps(reviews['new_systems']))}"
+                           if reviews.get("new_systems") else ""))
+        for f in reviews["files"]:
+            node.add(f"{escape(f['file'])} by {escape(f['annotator'])}: {f['votes']} votes, sha256 {f['sha256']}")
+    release = chain.get("release") or {}
+    if release.get("kind") == "index-only":
+        tree.add(f"[bold]index-only release[/]: the adapter of {escape(str(release.get('adapter_from')))}, "
+                 "not retrained; index and threshold rebuilt")
     b = chain["base_model"]
     tree.add(f"[bold]base model[/] {escape(str(b.get('source')))} sha256 {b.get('sha256')}")
     tree.add(f"[bold]teacher[/] {escape(str(chain.get('teacher')))}")

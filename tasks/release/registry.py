@@ -451,6 +451,11 @@ def _versions_tagged(c: Any, name: str, wanted: dict[str, str]) -> list[str]:
     return sorted(found, key=int)
 
 
+def version_tags(version: str | int, *, name: str) -> dict[str, str]:
+    """A version's tags; RegistryError when the model has no such version."""
+    return _version_tags(client(check_registry()), name, str(version))
+
+
 def stored_verdict(version: str | int, *, name: str) -> GateVerdict | None:
     """The gate verdict a version was registered with (its `gate.verdict` tag), None when it has none."""
     text = _version_tags(client(check_registry()), name, str(version)).get("gate.verdict")
