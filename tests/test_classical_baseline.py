@@ -131,3 +131,13 @@ def test_the_llm_threshold_carries_its_bootstrap_spread_and_it_narrows_with_more
     assert few is not None and many is not None and few[0] <= few[1] and many[0] <= many[1]
     assert many[1] - many[0] < few[1] - few[0]
     assert threshold_interval([1, 0, 0], [0.9, 0.1, 0.2], resamples=100, confidence=0.95, seed=1) is None
+
+
+def test_a_threshold_never_flags_what_the_first_stage_called_normal() -> None:
+    """The first stage gives score 0.0 without a model call; a threshold of 0 (the best F1 of a model that scores
+    everything low, as a 4-step smoke model did) would flag those templates. Thresholds start above 0."""
+    from tasks.evaluation.calibration import apply_threshold, choose_threshold
+
+    labels, scores = [1, 1, 1, 0], [0.0, 0.0, 0.3, 0.0]  # F1 at 0: 0.857, at 0.3: 0.5
+    chosen = choose_threshold(labels, scores)
+    assert chosen.threshold == 0.3 and apply_threshold([0.0], chosen.threshold).tolist() == [0]

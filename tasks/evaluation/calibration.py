@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from tasks.common.prompt import ABNORMAL, scored_verdict
+from tasks.common.prompt import ABNORMAL, FIRST_STAGE_SCORE, scored_verdict
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,9 @@ def choose_threshold(labels: Sequence[int], scores: Sequence[float | None]) -> C
         raise ValueError("the validation fold holds no anomaly: no threshold can be chosen")
     precision, recall, thresholds = precision_recall_curve(truth, values)
     f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
-    f1[thresholds < 0] = -1.0  # a threshold must be a probability: a missing score is never flagged
+    # a threshold must be a probability above 0: a missing score (MISSING_SCORE) and a template the first stage
+    # called normal (FIRST_STAGE_SCORE 0.0) are never flagged; 0 was chosen once by a 4-step smoke model
+    f1[thresholds <= FIRST_STAGE_SCORE] = -1.0
     best = int(np.flatnonzero(f1 == f1.max())[-1])
     return Calibration(threshold=float(thresholds[best]), n=len(truth), abnormal=int(truth.sum()),
                        average_precision=float(average_precision_score(truth, values)), f1=float(f1[best]),
