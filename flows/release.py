@@ -342,6 +342,17 @@ def champion_adapter(settings: Settings) -> KeptAdapter:
     return KeptAdapter(str(version), adapter, md5)
 
 
+def require_champion(settings: Settings) -> str:
+    """The @champion's version; InputError naming `models:/<name>@champion` when there is none (an index-only
+    release keeps its adapter), as serving names a missing alias."""
+    name = settings.registry.model_name
+    version = registry.aliases(name).get(registry.CHAMPION)
+    if version is None:
+        raise InputError(f"models:/{name}@{registry.CHAMPION}", "no @champion to keep the adapter of",
+                         hint="an index-only release reuses the served adapter: run `rationanomaly retrain` first")
+    return version
+
+
 def index_digest(settings: Settings) -> str:
     """The manifest md5 of the retrieval index as registering it would record it (tasks.common.integrity)."""
     from tasks.common.integrity import manifest
@@ -388,11 +399,9 @@ def release_kept_adapter(settings: Settings, kept: KeptAdapter, eval_dir: Path,
 def release_index_only(settings: Settings, stages: list[dict[str, Any]]) -> dict[str, Any]:
     """After the index stage: keep the @champion's adapter, stop when a version with that adapter and this index
     exists (the champion itself included: nothing new to serve), else evaluate it with the new index and release
-    it like any candidate. Call it inside a flow run. Raises RegistryError without a @champion."""
+    it like any candidate. Call it inside a flow run. Raises InputError without a @champion."""
     name = settings.registry.model_name
-    if registry.CHAMPION not in registry.aliases(name):
-        raise registry.RegistryError(f"model {name!r} has no @champion to keep the adapter of: an index-only release "
-                                     "reuses the served adapter (run `rationanomaly retrain` first)")
+    require_champion(settings)
     kept = champion_adapter(settings)
     index_md5 = index_digest(settings)
     digest = f"{INDEX_ONLY}:{kept.adapter_md5}+{index_md5}"
@@ -416,6 +425,7 @@ def release_index_only_flow(profile: str | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     with pipeline_lock():
         settings = start_run(profile)
+        require_champion(settings)  # before any stage runs
         result = release_index_only(settings, run_stages(["index"]))
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(f"index-only release in {result['seconds']} s: "

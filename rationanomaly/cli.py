@@ -102,13 +102,8 @@ def release(profile: ProfileOption = None, index_only: Annotated[bool, typer.Opt
     check_params(profile)
     if index_only:
         from flows.release import release_index_only_flow
-        from tasks.release.registry import RegistryError
 
-        try:
-            release_index_only_flow(profile=profile)
-        except RegistryError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
+        release_index_only_flow(profile=profile)
         return
     from flows.release import release_flow
 

@@ -163,7 +163,7 @@ def test_an_index_only_release_is_gated_traced_and_served(world: World, chat_ser
     from tasks.common.prompt import NEIGHBOURS_HEADER
     from tasks.common.settings import load_settings
     from tasks.release import registry
-    from tasks.release.lineage import lineage
+    from tasks.release.lineage import lineage, render_lineage
 
     name = "rationanomaly"
     set_candidate(world, caught=80)
@@ -194,6 +194,12 @@ def test_an_index_only_release_is_gated_traced_and_served(world: World, chat_ser
     assert files["erin.csv"]["annotator"] == "erin" and files["erin.csv"]["file"] == "corrections/reviews/erin.csv"
     assert files["erin.csv"]["votes"] == 3 and chain["reviews"]["new_systems"] == {"thunderbird": 3}
     assert "erin" in chain["reviews"]["annotators"]
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(render_lineage(chain))
+    shown = console.export_text()
+    assert "corrections/reviews/erin.csv by erin: 3 votes" in shown and "index-only release" in shown
     new_tags = registry.version_tags(better["version"], name=name)
     assert f"erin.csv={files['erin.csv']['sha256']}" in new_tags["data.reviews.sha256"]
     assert new_tags["verdict.threshold"] == "0.4"
@@ -218,6 +224,26 @@ def test_an_index_only_release_is_gated_traced_and_served(world: World, chat_ser
         client.classify_one(THUNDERBIRD_QUERY, "thunderbird")
     assert server.prompts and server.prompts[0].startswith(NEIGHBOURS_HEADER)
     assert f"- abnormal: {THUNDERBIRD}" in server.prompts[0]
+
+
+def test_an_index_only_release_without_a_champion_stops_before_any_stage(tmp_path: Path) -> None:
+    """`rationanomaly release --index-only` with no @champion: one line, exit 1, no DVC stage run."""
+    import os
+
+    from registry_world import REPO, env_for
+
+    root = tmp_path / "project"
+    root.mkdir()
+    from workspace import copy_project
+
+    copy_project(REPO, root)
+    env = {**os.environ, **env_for(root)}
+    proc = subprocess.run([sys.executable, "-m", "rationanomaly.cli", "release", "--index-only"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "models:/rationanomaly@champion: no @champion to keep the adapter of" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (root / "models" / "index").exists() and not (root / "dvc.lock").exists()
 
 
 @pytest.mark.slow
