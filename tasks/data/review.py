@@ -16,7 +16,6 @@ format, so the `correct` stage applies it exactly like the shipped expert patch.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections import Counter
 from collections.abc import Mapping
@@ -25,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common.errors import InputError
-from tasks.common.files import write_text_atomic
 from tasks.common.prompt import CATEGORIES, LABELS, label_name
 
 # The instruction string of every record in the paper's anomaly_patch.json.
