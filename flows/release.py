@@ -24,7 +24,7 @@ from pydantic import Field
 
 from flows.common import file_text, pipeline_lock, publish_markdown, run_stages, start_run
 from tasks.common.config import repo_root
-from tasks.common.contracts import CALIBRATION_FILE
+from tasks.common.contracts import CALIBRATION_FILE, OPEN_QUESTION_FORMAT
 from tasks.common.dvc_ops import lock_hashes
 from tasks.common.errors import InputError
 from tasks.common.files import sha256_bytes, sha256_json
@@ -33,7 +33,7 @@ from tasks.evaluate import evaluate_adapter, evaluate_kept_adapter
 from tasks.evaluation.report import CANDIDATE_PREDICTIONS
 from tasks.release import registry
 from tasks.release.gate import GateVerdict, evaluate_gate, same_test_data
-from tasks.release.pyfunc import model_config
+from tasks.release.pyfunc import model_config, read_prompt_format
 
 CANDIDATE_TAG = "candidate.adapter_md5"
 # sha256 of the metrics the candidate was gated on and of the gate rules: a version is re-judged (registered
@@ -138,12 +138,14 @@ def _step(step: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
 @dataclass
 class KeptAdapter:
     """An index-only release's adapter: the @champion's (`version`), downloaded into `adapter_dir`, with the
-    manifest md5 it was registered with; `calibration` the threshold refitted with the new index."""
+    manifest md5 it was registered with; `calibration` the threshold refitted with the new index; `prompt_format`
+    the explain prompt the adapter was trained on (tasks.common.prompt), kept in the new version's calibration."""
 
     version: str
     adapter_dir: Path
     adapter_md5: str
     calibration: dict[str, Any] | None = None
+    prompt_format: int = OPEN_QUESTION_FORMAT
 
     def tags(self) -> dict[str, str]:
         """The version tags that say what this release kept."""
@@ -337,9 +339,10 @@ def champion_adapter(settings: Settings) -> KeptAdapter:
     dest = repo_root() / INDEX_RELEASE_DIR / f"v{version}"
     shutil.rmtree(dest, ignore_errors=True)
     adapter = registry.download_adapter(f"{name}/{version}", dest)
+    prompt_format = read_prompt_format(adapter)  # the kept adapter's, registered again with it
     (adapter / CALIBRATION_FILE).unlink(missing_ok=True)  # the threshold is refitted with the new index
     md5 = registry.version_tags(version, name=name).get("artifact.adapter.md5", "")
-    return KeptAdapter(str(version), adapter, md5)
+    return KeptAdapter(str(version), adapter, md5, prompt_format=prompt_format)
 
 
 def require_champion(settings: Settings) -> str:
@@ -379,6 +382,8 @@ def judge_kept(settings: Settings, kept: KeptAdapter, eval_dir: Path) -> Judgeme
     items = _read_json(items_file) if items_file.is_file() else {}
     calibration_file = eval_dir / CALIBRATION_FILE
     kept.calibration = (_read_json(calibration_file) or None) if calibration_file.is_file() else None
+    if kept.calibration is not None:  # the kept adapter answers the explain prompt it was trained on
+        kept.calibration["prompt_format"] = kept.prompt_format
     digest = f"{INDEX_ONLY}:{kept.adapter_md5}+{index_digest(settings)}"
     decided = Judgement(metrics, items, digest, judgement_digest(settings, eval_dir / "metrics.json"), None)
     comparable = _step(champion_on_current_data, metrics, _step(current_champion, settings.registry.model_name),

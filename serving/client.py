@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import httpx
 from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
+from tasks.common.contracts import OPEN_QUESTION_FORMAT, PROMPT_FORMAT, explain_verdict
 from tasks.common.prompt import (
     FIRST_STAGE_SCORE,
     NORMAL,
@@ -56,6 +57,8 @@ class Endpoint:
     version's retrieval index and how many labelled neighbours its prompts carry (0: none). `max_model_len`: the
     served context in tokens (prompt and answer); with it every prompt is fitted to it (tasks.common.prompt.
     fit_prompt), counted with the tokenizer in `tokenizer_dir` (None: UTF-8 bytes, an upper bound).
+    `prompt_format`: the explain prompt the version was trained on (tasks.common.prompt: 1 the open question,
+    2 given the verdict); its rationale request follows it.
     """
 
     base_url: str  # ".../v1"
@@ -68,6 +71,7 @@ class Endpoint:
     neighbours: int = 0
     max_model_len: int | None = None
     tokenizer_dir: str | None = None
+    prompt_format: int = PROMPT_FORMAT  # the explain prompt the version was trained on (tasks.common.prompt)
 
 
 @functools.lru_cache(maxsize=8)
@@ -94,7 +98,8 @@ def endpoint_from_state(state_file: str | Path, api_key_env: str | None = None) 
     return Endpoint(f"http://{state['host']}:{state['port']}/v1", state["served_model"], str(state["version"]),
                     os.environ.get(env_name) if env_name else None, tuple(special), state.get("threshold"),
                     state.get("index_dir"), int(state.get("neighbours") or 0),
-                    int(context) if context else None, str(folder) if folder else None)
+                    int(context) if context else None, str(folder) if folder else None,
+                    int(state.get("prompt_format") or OPEN_QUESTION_FORMAT))  # a state file before issue 19: 1
 
 
 @functools.lru_cache(maxsize=4)
@@ -461,9 +466,10 @@ class Client:
             return TemplateVerdict(template, dataset, verdict, score is not None, "", "", endpoint.version,
                                    time.monotonic() - started, score, neighbour_shown=own and not first,
                                    first_stage=first)
+        given = explain_verdict(verdict, endpoint.prompt_format)  # an older version is asked the open question
         text, endpoint = self._within_context(
             lambda squeeze: self.complete(self.explain_messages(template, dataset, endpoint, near, squeeze=squeeze,
-                                                                max_tokens=max_tokens, verdict=verdict),
+                                                                max_tokens=max_tokens, verdict=given),
                                           max_tokens=max_tokens, model=model))
         parsed = parse_completion(text)
         return TemplateVerdict(template, dataset, verdict if verdict is not None else parsed.answer,

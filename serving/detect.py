@@ -11,6 +11,7 @@ from typing import Any
 from serving.client import Endpoint, EndpointError, client_for, endpoint_from_state
 from serving.resolve import local_model_ref
 from tasks.common.config import resolve_path
+from tasks.common.contracts import PROMPT_FORMAT
 from tasks.common.files import sha256_file
 from tasks.common.retrieval import INDEX_FILE
 from tasks.common.settings import DetectSettings, ServeSettings
@@ -32,16 +33,17 @@ def default_endpoint(settings: DetectSettings, serve: ServeSettings, model_name:
     key_env = serve.api_key_env
     if settings.base_url:
         tokenizer_dir = settings.tokenizer_dir or base_model_dir
-        threshold, index_dir, neighbours = None, None, 0
+        threshold, index_dir, neighbours, prompt_format = None, None, 0, PROMPT_FORMAT
         if settings.version_dir:
             ref = local_model_ref(model_name, "remote", base_model_dir, resolve_path(settings.version_dir))
             threshold, index_dir, neighbours = ref.threshold, ref.index_dir, ref.neighbours
+            prompt_format = ref.prompt_format
         base_url, model = settings.base_url.rstrip("/"), settings.model or model_name
         api_key = os.environ.get(key_env) if key_env else None
         return Endpoint(base_url, model, settings.model_version or "unknown", api_key,
                         special_tokens_in(resolve_path(tokenizer_dir)), threshold, index_dir, neighbours,
                         served_context(base_url, model, api_key) or serve.max_model_len,
-                        str(resolve_path(tokenizer_dir)))
+                        str(resolve_path(tokenizer_dir)), prompt_format)
     state_file = resolve_path(serve.state_file)
     return lambda: endpoint_from_state(state_file, key_env)
 

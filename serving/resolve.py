@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common.config import repo_root
-from tasks.common.contracts import BASE_REF_FILE
+from tasks.common.contracts import BASE_REF_FILE, OPEN_QUESTION_FORMAT
 from tasks.common.errors import InputError
 from tasks.common.files import atomic_dir
 
@@ -33,6 +33,7 @@ class ModelRef:
     threshold: float | None = None  # the version's verdict threshold (calibration.json); None: the rationale decides
     index_dir: str | None = None  # the version's retrieval index (its `index` artifact)
     neighbours: int = 0  # labelled neighbours per prompt (0: the version's prompts carry none)
+    prompt_format: int = OPEN_QUESTION_FORMAT  # the explain prompt it was trained on (tasks.common.prompt)
 
     def to_dict(self) -> dict[str, Any]:
         """As plain data."""
@@ -74,13 +75,13 @@ def local_model_ref(name: str, version: str, base_model_dir: str | Path, folder:
     folder, the `index` folder beside it); an adapter without calibration.json gets none. Raises InputError when the
     folder holds no adapter or its calibration is unreadable.
     """
-    from tasks.release.pyfunc import read_calibration  # the registry convention owns the calibration file
+    from tasks.release.pyfunc import read_calibration, read_prompt_format  # the registry convention owns the file
 
     folder = Path(folder).resolve()
     adapter = find_adapter_dir(folder)
     threshold, index_dir, neighbours = read_calibration(adapter)
     return ModelRef(name, version, str(Path(base_model_dir).resolve()), str(adapter), threshold, index_dir,
-                    neighbours)
+                    neighbours, read_prompt_format(adapter))
 
 
 def resolve_champion(model_name: str, alias: str = "champion", dest_root: str | Path | None = None, *,
@@ -110,7 +111,8 @@ def resolve_champion(model_name: str, alias: str = "champion", dest_root: str | 
             (staging / ".complete").write_text(json.dumps({"source": version.source}) + "\n", encoding="utf-8")
     adapter = find_adapter_dir(dest)
     base = _base_dir(dict(version.tags or {}), adapter, dest, Path(fallback_base_dir))
-    from tasks.release.pyfunc import read_calibration  # the registry convention owns the calibration file
+    from tasks.release.pyfunc import read_calibration, read_prompt_format  # the registry convention owns the file
 
     threshold, index_dir, neighbours = read_calibration(adapter)
-    return ModelRef(model_name, str(version.version), base, str(adapter), threshold, index_dir, neighbours)
+    return ModelRef(model_name, str(version.version), base, str(adapter), threshold, index_dir, neighbours,
+                    read_prompt_format(adapter))

@@ -476,7 +476,7 @@ def _deploy_locked(ref: ModelRef, settings: ServeSettings, force: bool) -> dict[
         lora = ref.adapter_dir is not None and not settings.merged
         special = tuple(special_tokens_in(model_dir))
         endpoint = Endpoint(f"http://{settings.host}:{port}/v1", ref.name, str(ref.version), _api_key(settings),
-                            special, ref.threshold, ref.index_dir, ref.neighbours)
+                            special, ref.threshold, ref.index_dir, ref.neighbours, prompt_format=ref.prompt_format)
         budget = int(settings.smoke_max_tokens)  # type: ignore[arg-type]  # resolved by Settings (evaluate's budget)
         client = Client(endpoint, concurrency=4, max_retries=2, backoff_s=0.5, timeout_s=settings.smoke_timeout_s,
                         max_tokens=budget, max_log_chars=2000, rationales="all")
@@ -502,6 +502,7 @@ def _deploy_locked(ref: ModelRef, settings: ServeSettings, force: bool) -> dict[
         "model_dir": model_dir, "log": str(log), "api_key_env": settings.api_key_env,
         "special_tokens": list(special),  # defanged in log text by every client
         "threshold": ref.threshold, "index_dir": ref.index_dir, "neighbours": ref.neighbours, "launch": launch,
+        "prompt_format": ref.prompt_format,
         "smoke": asdict(report) | {"passed": report.passed},
     }
     write_json_atomic(state_path(settings), state)

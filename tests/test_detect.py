@@ -644,3 +644,27 @@ def test_a_verdict_cache_of_the_old_layout_is_rebuilt_not_misread(tmp_path: Path
         assert LAYOUT == 3 and cache.get("link down", "bgl") is None and len(cache) == 0
     finally:
         cache.close()
+
+
+def test_a_version_trained_on_the_open_question_is_asked_it_and_a_newer_one_is_given_the_verdict(
+        tmp_path: Path, chat_server: Any) -> None:
+    """Issue 19 changed the explain prompt; a version registered before it (calibration.json without
+    `prompt_format`, state file without it) writes an unrelated answer when told the verdict, so it is still asked
+    the open question (a served v1 failed its deploy smoke test on the new prompt)."""
+    from serving.client import endpoint_from_state
+    from tasks.release.pyfunc import read_prompt_format
+
+    data = lines_file([BGL[0].replace("instruction cache parity error corrected", "data TLB error interrupt")])
+    for prompt_format, expected in ((1, "Is this log normal or abnormal?"), (2, "The verdict is abnormal.")):
+        server = chat_server()
+        run_detect(tmp_path / str(prompt_format), server.url, data,
+                   endpoint={"threshold": 0.5, "prompt_format": prompt_format})
+        explain = [p for p in server.prompts if "Explain" in p or "Is this log" in p]
+        assert explain and all(expected in p for p in explain[-1:]), explain
+    (tmp_path / "old").mkdir()
+    assert read_prompt_format(tmp_path / "old") == 1
+    (tmp_path / "old" / "calibration.json").write_text('{"threshold": 0.3, "prompt_format": 2}')
+    assert read_prompt_format(tmp_path / "old") == 2
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"host": "127.0.0.1", "port": 1, "served_model": "m", "version": "1"}))
+    assert endpoint_from_state(state).prompt_format == 1

@@ -192,3 +192,17 @@ class GrpoReport(TrainingReport, total=False):
     final_window_mean: dict[str, float | None]
     sft_adapter_dir: str | None
     sft_adapter_sha256: str | None
+
+
+# Which explain prompt (tasks.common.prompt: `prompt_messages` with or without `verdict`) a registered version was
+# trained on, recorded with it (calibration.json `prompt_format`, written by the registry): 1, the open question
+# (versions registered before issue 19: told the verdict, they write an unrelated answer, so serving asks them the
+# open question); 2, given the verdict.
+OPEN_QUESTION_FORMAT, GIVEN_VERDICT_FORMAT = 1, 2
+PROMPT_FORMAT = GIVEN_VERDICT_FORMAT  # what this code trains (kept here, not in prompt.py: a training dependency)
+
+
+def explain_verdict(verdict: str | None, prompt_format: int) -> str | None:
+    """The verdict to put in the explain prompt of a version of `prompt_format`: `verdict` for one trained given
+    the verdict, None (the open question) for an older one."""
+    return verdict if prompt_format >= GIVEN_VERDICT_FORMAT else None

@@ -17,7 +17,13 @@ from typing import Any
 import mlflow.pyfunc
 
 from tasks.common.config import repo_root
-from tasks.common.contracts import BASE_REF_FILE, CALIBRATION_FILE, INDEX_ARTIFACT
+from tasks.common.contracts import (
+    BASE_REF_FILE,
+    CALIBRATION_FILE,
+    INDEX_ARTIFACT,
+    OPEN_QUESTION_FORMAT,
+    explain_verdict,
+)
 from tasks.common.errors import InputError
 from tasks.common.prompt import ABNORMAL, NORMAL, scored_verdict
 from tasks.common.retrieval import INDEX_FILE
@@ -62,6 +68,20 @@ def is_missing(value: Any) -> bool:
     if isinstance(value, str):
         return not value.strip()
     return bool(pd.api.types.is_scalar(value) and pd.isna(value))
+
+
+def read_prompt_format(adapter_dir: Path) -> int:
+    """The explain prompt format a version was trained on (`prompt_format` in its calibration.json, written by
+    the registry since issue 19); OPEN_QUESTION_FORMAT for a version registered before (or without the file).
+    Raises InputError when the file is unreadable."""
+    file = adapter_dir / CALIBRATION_FILE
+    if not file.is_file():
+        return OPEN_QUESTION_FORMAT
+    try:
+        return int(json.loads(file.read_text(encoding="utf-8")).get("prompt_format") or OPEN_QUESTION_FORMAT)
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+        raise InputError(file, f"unreadable prompt format ({type(exc).__name__}: {exc})", field="prompt_format",
+                         hint="re-register the version from a fresh `dvc repro evaluate`") from exc
 
 
 def read_calibration(adapter_dir: Path) -> tuple[float | None, str | None, int]:
@@ -116,6 +136,7 @@ class RationAnomalyModel(mlflow.pyfunc.PythonModel):
             raise InputError("MLmodel", f"model_config lacks {missing}", field="model_config",
                              hint="register the version with tasks.release.pyfunc.model_config(...)")
         self.threshold, index_dir, self.neighbours = read_calibration(self.adapter_dir)
+        self.prompt_format = read_prompt_format(self.adapter_dir)
         self.index = None
         if index_dir is not None:
             from tasks.common.retrieval import TemplateIndex
@@ -147,7 +168,8 @@ class RationAnomalyModel(mlflow.pyfunc.PythonModel):
                 scored = self.engine.score(logs, datasets, self.adapter_dir, shown).scores
                 answers = [(scored_verdict(s, self.threshold), s, s is not None) for s in scored]
                 run = self.engine.classify(logs, datasets, adapter_dir=self.adapter_dir, neighbours=shown,
-                                           verdicts=[verdict for verdict, _, _ in answers])
+                                           verdicts=[explain_verdict(verdict, self.prompt_format)
+                                                     for verdict, _, _ in answers])
             for i, (verdict, score, ok), prediction in zip(rows, answers, run.predictions, strict=True):
                 verdicts[i], scores[i], valid[i] = verdict, score, ok
                 rationales[i], completions[i] = prediction.rationale, prediction.completion

@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import mlflow.pyfunc
 
 from tasks.common.config import repo_root
-from tasks.common.contracts import BASE_REF_FILE, CALIBRATION_FILE, CANDIDATE, INDEX_ARTIFACT, Metrics
+from tasks.common.contracts import BASE_REF_FILE, CALIBRATION_FILE, CANDIDATE, INDEX_ARTIFACT, PROMPT_FORMAT, Metrics
 from tasks.common.errors import InputError
 from tasks.release.gate import GateVerdict
 from tasks.release.lineage import LINEAGE_FILE, collect_lineage, lineage_tags
@@ -170,6 +170,9 @@ def stage_artifacts(root: Path, staging: Path, adapter_dir: Path, base_model_dir
     verify_locked(root, base_model_dir)
     added = []
     if calibration:  # the threshold travels with the adapter: serving, detect and the pyfunc read it there
+        # with the explain prompt format the adapter was trained on: this code's, unless the caller knows it (an
+        # index-only release keeps an older champion's adapter and its format)
+        calibration = {**calibration, "prompt_format": int(calibration.get("prompt_format") or PROMPT_FORMAT)}
         (staging / "adapter" / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2), encoding="utf-8")
         added.append(CALIBRATION_FILE)
     return {name: {**manifest(staging / name), "source": str(source),
