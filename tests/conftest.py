@@ -18,6 +18,10 @@ for _key, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABL
 # The suite's own Prefect home (the temporary servers' database, result storage), not the user's ~/.prefect: a
 # database there migrated by another Prefect version stops every temporary server ("No such revision").
 os.environ["PREFECT_HOME"] = str(REPO / ".cache" / "prefect-home")
+# Created here: Prefect does not create its home's parents, and in a clean clone `.cache` does not exist yet when
+# the first in-process flow starts the temporary server ("sqlite3.OperationalError: unable to open database file";
+# it failed CI twice as a timeout of that server, never in a working copy).
+Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
 MIRROR = Path(os.environ.get("RATIONANOMALY_MIRROR", REPO.parent / "shared" / "data"))
 TEST_CACHE = REPO / ".cache" / "test-assets"
 
