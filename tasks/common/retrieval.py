@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from tasks.common.errors import InputError
+from tasks.common.prompt import LETTER_WORD
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class Neighbour:
 
 INDEX_FILE, INDEX_META = "index.pkl", "index.json"  # in the index stage's folder (models/index)
 # Words of letters only: the tokens of the TF-IDF baseline and of the retrieval index.
-TOKEN_PATTERN = r"(?u)\b[a-zA-Z][a-zA-Z_]+\b"
+TOKEN_PATTERN = LETTER_WORD  # one owner: the verdict rule's first stage uses the same letter words
 
 
 # The retriever's features (`index.features`): word 1-2 grams (letters only), character 3-5 grams within word
