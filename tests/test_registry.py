@@ -11,12 +11,12 @@ import pytest
 from registry_world import (
     RATIONALE_RULES_OFF,
     World,
-    build_world,
     candidate_metrics,
     env_for,
     make_adapter,
     register_kwargs,
     release,
+    world_in,
 )
 
 from tasks.common.settings import GateSettings
@@ -39,13 +39,8 @@ def adapters(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="module")
 def world(base_model_dir: Path, adapters: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    root = tmp_path_factory.mktemp("registry") / "project"
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env_for(root).items():
-            mp.setenv(key, value)
-        root.mkdir()
-        mp.chdir(root)
-        yield build_world(root, base_model_dir, adapters)
+    with world_in(tmp_path_factory.mktemp("registry") / "project", base_model_dir, adapters) as built:
+        yield built
 
 
 def versions(name: str) -> dict[str, dict[str, str]]:
