@@ -54,17 +54,6 @@ def quotes_grounded(rationale: str, sources: Iterable[str]) -> bool:
     return all(any(_plain(q) in text for text in texts) for q in quotes(rationale))
 
 
-def rationale_report(items: Sequence[tuple[str, str, str, Sequence[str]]]) -> dict[str, float | int]:
-    """Shares over (rationale, log, dataset, neighbour texts) items with a rationale: component match, quotes in
-    the log (or a shown neighbour), both."""
-    rows = [(component_matches(r, log, d), quotes_grounded(r, [log, *near])) for r, log, d, near in items if r]
-    n = len(rows)
-    return {"rationales": n,
-            "component_match": sum(c for c, _ in rows) / n if n else 0.0,
-            "quotes_in_log": sum(q for _, q in rows) / n if n else 0.0,
-            "both": sum(c and q for c, q in rows) / n if n else 0.0}
-
-
 Neighbour = str | tuple[str, int | str]
 CHECKS = ("agrees", "component_in_log", "quotes_grounded", "cited_neighbour_shown", "false_no_failure_word")
 
