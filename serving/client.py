@@ -39,6 +39,7 @@ from tasks.common.retrieval import INDEX_FILE, Neighbour, TemplateIndex, system_
 from tasks.common.settings import DetectSettings
 from tasks.common.tokenizers import chat_tokens, special_tokens_in, token_counter
 from tasks.detection.verdicts import ClassifierError, TemplateVerdict, shows_rationale
+from tasks.evaluation.rationales import grounded_rationale
 
 ANSWER_CLOSE = "</answer>"
 # Where a server started with a reasoning parser puts the text between <think> and </think> (vllm#13375):
@@ -444,7 +445,9 @@ class Client:
                      model: str | None = None) -> TemplateVerdict:
         """The verdict for one template: the scored answer word against the version's threshold, and a rationale
         when `rationales` asks for it (always when the version has no threshold), written for that verdict (the
-        explain task given the verdict, issue 19: one verdict, one reason). Only the model's output is parsed,
+        explain task given the verdict, issue 19: one verdict, one reason), and shown only when it passes the
+        rationale checks (else the evidence rationale for that verdict, `rationale_source` 'evidence'; the
+        neighbours the prompt was built with count as shown). Only the model's output is parsed,
         never the log text. The verdict says whether a labelled neighbour of the template's own system was shown
         (`neighbour_shown`, issue 20 item 4) and whether the first stage decided it (`first_stage`)."""
         started = time.monotonic()
@@ -472,10 +475,13 @@ class Client:
                                                                 max_tokens=max_tokens, verdict=given),
                                           max_tokens=max_tokens, model=model))
         parsed = parse_completion(text)
-        return TemplateVerdict(template, dataset, verdict if verdict is not None else parsed.answer,
-                               parsed.valid if verdict is None else score is not None, parsed.think, text,
-                               endpoint.version, time.monotonic() - started, score, parsed.answer,
-                               neighbour_shown=own, first_stage=first)
+        final = verdict if verdict is not None else parsed.answer
+        # the guard (issue 19): a rationale failing a check against its log, neighbours and verdict is not shown
+        shown = grounded_rationale(parsed.think, template, dataset, near, final) if final is not None else None
+        return TemplateVerdict(template, dataset, final, parsed.valid if verdict is None else score is not None,
+                               shown.text if shown else parsed.think, text, endpoint.version,
+                               time.monotonic() - started, score, parsed.answer, neighbour_shown=own,
+                               first_stage=first, rationale_source=shown.source if shown else None)
 
     @staticmethod
     def _within_context(ask: Callable[[float], _T]) -> _T:

@@ -31,14 +31,14 @@ import pandas as pd
 from tasks.common.config import repo_root
 from tasks.common.contracts import CALIBRATION_FILE, CANDIDATE, LLM_BASELINES, RULE_METHODS, Metrics
 from tasks.common.files import atomic_dir, read_labelled_templates, write_json_atomic
-from tasks.common.prompt import ABNORMAL, NORMAL, scored_verdict
+from tasks.common.prompt import ABNORMAL, NORMAL, parse_completion, scored_verdict
 from tasks.common.retrieval import INDEX_FILE, TemplateIndex
 from tasks.common.settings import DetectSettings, EvaluateSettings, IndexSettings, load_settings
 from tasks.detection.verdicts import TemplateVerdict, shows_rationale
 from tasks.evaluation.calibration import Calibration, choose_threshold, threshold_interval
 from tasks.evaluation.intervals import BootstrapSettings, paired_mean_f1_difference
 from tasks.evaluation.metrics import Evaluation, MethodResult, score
-from tasks.evaluation.rationales import CHECKS, check_rationale, faithfulness_report
+from tasks.evaluation.rationales import CHECKS, faithfulness_report, grounded_rationale
 from tasks.evaluation.report import flat_metrics, main_sets, markdown_table, write_outputs
 from tasks.evaluation.retrieval_quality import retrieval_quality
 from tasks.evaluation.served import InProcessClassifier, detect_log, read_labelled_log, served_sets
@@ -61,13 +61,16 @@ def rationale_summary(candidate: MethodResult, sets: Sequence[EvalSet],
                       neighbours: Callable[[Sequence[Key]], Any], policy: str, has_threshold: bool,
                       examples: int, seed: int) -> dict[str, Any]:
     """Faithfulness of the candidate's rationales (tasks.evaluation.rationales.faithfulness_report, issue 19 item
-    3) on every set, over two scopes: `all` (every rationale the evaluation had written, i.e. every explained
-    item) and `shown` (those `detect` would show under `policy`, params.yaml detect.rationales: what a user
-    reads). Each rationale is checked against its log, the neighbours its prompt showed (`neighbours(keys)`, the
-    same function the prompts were built with) and the verdict it comes with (the scored one). Also `pooled`
-    over every key once, and `examples`: up to `examples` rationales per verdict (seeded) from the served BGL_2k
-    and Thunderbird_2k logs, each with the checks it failed. Sets named `*_sample` (the zero-shot samples) are
-    left out: they repeat template-set keys."""
+    3) on every set, over three scopes: `shown` (what a user reads: for the items `detect` shows a rationale
+    under `policy`, params.yaml detect.rationales, the rationale after the served paths' guard,
+    tasks.evaluation.rationales.grounded_rationale; its `replaced` count and share say how many the guard
+    replaced by the evidence rationale), `shown_model` (the model's own rationales on those items, before the
+    guard) and `all` (every rationale the model wrote, i.e. every explained item). Each rationale is checked
+    against its log, the neighbours its prompt showed (`neighbours(keys)`, the same function the prompts were
+    built with) and the verdict it comes with (the scored one). Also `pooled` over every key once, and
+    `examples`: up to `examples` rationales per verdict (seeded) from the served BGL_2k and Thunderbird_2k logs,
+    each with the checks the model's own rationale failed and the one shown. Sets named `*_sample` (the
+    zero-shot samples) are left out: they repeat template-set keys."""
     import random
 
     written = [key for key, v in candidate.verdicts.items() if v.get("rationale")]
@@ -78,12 +81,21 @@ def rationale_summary(candidate: MethodResult, sets: Sequence[EvalSet],
         v = candidate.verdicts[key]
         return v["rationale"], key[1], key[0], near[key], int(v["label"])
 
+    guarded = {key: grounded_rationale(*item(key)) for key in written}
+
+    def shown_item(key: Key) -> tuple[str, str, str, list[Any], int]:
+        return (guarded[key].text, *item(key)[1:])
+
     def shown(key: Key) -> bool:
         return shows_rationale(policy, ABNORMAL if candidate.verdicts[key]["label"] else NORMAL, has_threshold)
 
     def scopes(keys: Sequence[Key]) -> dict[str, Any]:
         keys = [key for key in keys if key in near]
-        return {"shown": faithfulness_report(item(key) for key in keys if shown(key)),
+        seen = [key for key in keys if shown(key)]
+        replaced = sum(guarded[key].source != "model" for key in seen)
+        return {"shown": {**faithfulness_report(shown_item(key) for key in seen), "replaced_count": replaced,
+                          "replaced": round(replaced / len(seen), 4) if seen else 0.0},
+                "shown_model": faithfulness_report(item(key) for key in seen),
                 "all": faithfulness_report(item(key) for key in keys)}
 
     def sample(prefix: str) -> dict[str, list[dict[str, Any]]]:
@@ -95,7 +107,8 @@ def rationale_summary(candidate: MethodResult, sets: Sequence[EvalSet],
             picked = random.Random(seed).sample(group, min(examples, len(group)))
             out[verdict] = [{"dataset": key[0], "log": key[1], "score": candidate.verdicts[key].get("score"),
                              "rationale": candidate.verdicts[key]["rationale"], "shown": shown(key),
-                             "failed": check_rationale(*item(key)).failed()} for key in picked]
+                             "failed": list(guarded[key].failed), "shown_rationale": guarded[key].text,
+                             "source": guarded[key].source} for key in picked]
         return out
 
     return {"policy": policy, "threshold": has_threshold, "checks": list(CHECKS), "pooled": scopes(written),
@@ -142,9 +155,11 @@ def _llm_verdict(p: Any) -> dict[str, Any]:
 
 def _served_verdict(v: TemplateVerdict) -> dict[str, Any]:
     """A verdict dict from what the detector was told (tasks.detection.verdicts.TemplateVerdict); `valid` is the
-    rationale's format when one was written (its answer word was readable), None when none was written."""
+    rationale's format when one was written (its answer word was readable), None when none was written. The
+    rationale is the model's own (read from the completion): rationale_summary applies the served guard itself."""
+    model_rationale = parse_completion(v.raw).think if v.raw else ""  # the model's own, before the served guard
     return {"label": int(v.verdict == ABNORMAL), "score": v.score, "valid": (v.answer is not None) if v.raw else None,
-            "verdict": v.verdict, "rationale_words": len(v.rationale.split()), "rationale": v.rationale,
+            "verdict": v.verdict, "rationale_words": len(model_rationale.split()), "rationale": model_rationale,
             "completion": v.raw}
 
 

@@ -28,6 +28,18 @@ DETECT = load_settings(REPO / "params.yaml").detect  # the shipped detect knobs
 QUESTION = re.compile(r"Log \([^)]*\):\n(?P<log>.*)\n\n(?:Is this log|The verdict is)", re.DOTALL)
 ABNORMAL_WORDS = re.compile(r"\berror\b|fail|fatal|\bexception\b|abort|severed", re.IGNORECASE)
 
+
+def fake_rationale(log: str, mode: str = "") -> str:
+    """The fake endpoint's rationale: it names the log's first word as the component, quotes the failure word and
+    concludes, so it passes the served guard's checks (tasks.evaluation.rationales); mode 'unfaithful' gives one
+    that concludes nothing and names no component, which the guard replaces."""
+    hit = ABNORMAL_WORDS.search(log)
+    if mode == "unfaithful":
+        return f"The log {'mentions ' + hit.group(0) if hit else 'reports routine work'}."
+    first = log.split()[0] if log.split() else "log"
+    return (f'`{first}` reports "{hit.group(0)}", so the log is abnormal.' if hit
+            else f"`{first}` reports routine work, so the log is normal.")
+
 BGL = [
     "- 1117838570 2005.06.03 R02-M1-N0-C:J12-U11 2005-06-03-15.42.50.675872 R02-M1-N0-C:J12-U11 RAS KERNEL INFO "
     "instruction cache parity error corrected",
@@ -195,7 +207,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if reasoning:  # vLLM with --reasoning-parser: the think text in its own field, the stop string cut
             hit = ABNORMAL_WORDS.search(log)
-            think = f"The log {'mentions ' + hit.group(0) if hit else 'reports routine work'}."
+            think = fake_rationale(log)
             message = {"role": "assistant", reasoning: think, "content": f"<answer>{'abnormal' if hit else 'normal'}"}
             self._send(200, {"id": "x", "object": "chat.completion", "model": body["model"], "choices": [
                 {"index": 0, "message": message, "finish_reason": "stop", "stop_reason": "</answer>"}]})
@@ -205,8 +217,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             hit = ABNORMAL_WORDS.search(log)
             verdict = "abnormal" if hit else "normal"
-            text = f"<think>The log {'mentions ' + hit.group(0) if hit else 'reports routine work'}.</think>" \
-                   f"<answer>{verdict}</answer>"
+            text = f"<think>{fake_rationale(log, mode)}</think><answer>{verdict}</answer>"
         self._send(200, {"id": "x", "object": "chat.completion", "model": body["model"],
                          "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                       "finish_reason": "stop"}]})
@@ -375,7 +386,7 @@ def test_windows_of_100_lines_are_abnormal_when_any_of_their_lines_is(tmp_path: 
     assert line_150["verdict"] == "abnormal"
     assert summary["abnormal_windows"] == 1 and summary["windows"] == 3
     assert summary["top_anomalous"][0]["template"] == "disk sda failed"
-    assert summary["top_anomalous"][0]["rationale"] == "The log mentions fail."
+    assert summary["top_anomalous"][0]["rationale"] == fake_rationale("disk sda failed")
 
 
 def test_template_records_carry_the_rationale_once(tmp_path: Path, chat_server: Any) -> None:
@@ -384,8 +395,8 @@ def test_template_records_carry_the_rationale_once(tmp_path: Path, chat_server: 
     templates = [r for r in records if r["kind"] == "template"]
     assert len(templates) == 3
     tlb = next(r for r in templates if r["template"] == "data TLB error interrupt")
-    assert tlb["verdict"] == "abnormal" and tlb["rationale"] == "The log mentions error."
-    assert tlb["model_version"] == "1"
+    assert tlb["verdict"] == "abnormal" and tlb["rationale"] == fake_rationale("data TLB error interrupt")
+    assert tlb["model_version"] == "1" and tlb["rationale_source"] == "model"
 
 
 def test_a_versions_threshold_decides_and_only_abnormal_templates_get_a_rationale(tmp_path: Path,
@@ -405,6 +416,31 @@ def test_a_versions_threshold_decides_and_only_abnormal_templates_get_a_rational
     _, records = run_detect(tmp_path, server.url, lines_file(BGL), version="2", endpoint={"threshold": 0.95})
     assert {r["verdict"] for r in records if r["kind"] == "template"} == {"normal"}
     assert server.kinds == ["score"] * 3
+
+
+def test_a_rationale_failing_a_check_is_never_shown_the_evidence_rationale_replaces_it(tmp_path: Path,
+                                                                                       chat_server: Any) -> None:
+    """Issue 19: a model rationale that concludes nothing and names no component of the log is replaced by the
+    evidence rationale for the scored verdict, marked and counted; the model's own text stays in the cache's raw
+    answer. A faithful one is shown as written."""
+    from tasks.evaluation.rationales import check_rationale
+
+    server = chat_server(mode="unfaithful")
+    summary, records = run_detect(tmp_path, server.url, lines_file(BGL), endpoint={"threshold": 0.5})
+    alerts = [r for r in records if r["kind"] == "template" and r["verdict"] == "abnormal"]
+    assert len(alerts) == 2
+    for alert in alerts:
+        assert alert["rationale_source"] == "evidence" and alert["rationale"] != fake_rationale(alert["template"],
+                                                                                               "unfaithful")
+        assert check_rationale(alert["rationale"], alert["template"], "BGL", [], "abnormal").passed
+        assert alert["rationale"].endswith("So the log is abnormal.")
+    assert summary["rationales_shown"] == 2 and summary["rationales_replaced"] == 2
+    assert summary["top_anomalous"][0]["rationale_source"] == "evidence"
+    faithful = chat_server()
+    summary, records = run_detect(tmp_path / "faithful", faithful.url, lines_file(BGL), endpoint={"threshold": 0.5})
+    assert {r["rationale_source"] for r in records if r["kind"] == "template" and r["verdict"] == "abnormal"} == {
+        "model"}
+    assert summary["rationales_shown"] == 2 and summary["rationales_replaced"] == 0
 
 
 def test_the_versions_index_puts_labelled_neighbours_into_every_prompt(tmp_path: Path, chat_server: Any) -> None:
@@ -626,7 +662,8 @@ def test_template_records_say_whether_a_labelled_neighbour_of_their_system_was_s
 
 
 def test_a_verdict_cache_of_the_old_layout_is_rebuilt_not_misread(tmp_path: Path) -> None:
-    """LAYOUT 3 added neighbour_shown and first_stage: a layout-2 cache is emptied, never read with them missing."""
+    """LAYOUT 4 added rationale_source (issue 19's guard): a layout-3 cache is emptied, never read with it missing
+    (its rationales were shown unchecked)."""
     import sqlite3
 
     from tasks.detection.cache import LAYOUT, VerdictCache, cache_scope
@@ -635,13 +672,13 @@ def test_a_verdict_cache_of_the_old_layout_is_rebuilt_not_misread(tmp_path: Path
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE verdicts (model_version TEXT NOT NULL, scope TEXT NOT NULL, template TEXT NOT NULL, "
                    "dataset TEXT, verdict TEXT, valid INTEGER, score REAL, rationale TEXT, raw TEXT, created_at REAL, "
-                   "PRIMARY KEY (scope, dataset, template))")
-        db.execute("INSERT INTO verdicts VALUES ('1', ?, 'link down', 'bgl', 'abnormal', 1, 0.9, 'r', '', 0)",
+                   "neighbour_shown INTEGER, first_stage INTEGER, PRIMARY KEY (scope, dataset, template))")
+        db.execute("INSERT INTO verdicts VALUES ('1', ?, 'link down', 'bgl', 'abnormal', 1, 0.9, 'r', '', 0, 1, 0)",
                    (cache_scope("1", {}),))
-        db.execute("PRAGMA user_version = 2")
+        db.execute("PRAGMA user_version = 3")
     cache = VerdictCache(path, "1", {})
     try:
-        assert LAYOUT == 3 and cache.get("link down", "bgl") is None and len(cache) == 0
+        assert LAYOUT == 4 and cache.get("link down", "bgl") is None and len(cache) == 0
     finally:
         cache.close()
 

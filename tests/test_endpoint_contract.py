@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_detect import BGL, DETECT, lines_file, run_detect
+from test_detect import BGL, DETECT, fake_rationale, lines_file, run_detect
 
 from serving.client import Endpoint, EndpointError, client_for
 
@@ -98,7 +98,7 @@ def test_a_reasoning_parser_endpoint_gives_the_same_verdicts_and_rationales(tmp_
     summary, records = run_detect(tmp_path / "scored", server.url, lines_file(BGL), endpoint=SCORED)
     templates = {r["template"]: r for r in records if r["kind"] == "template"}
     tlb = templates["data TLB error interrupt"]
-    assert tlb["verdict"] == "abnormal" and tlb["rationale"] == "The log mentions error."
+    assert tlb["verdict"] == "abnormal" and tlb["rationale"] == fake_rationale("data TLB error interrupt")
     assert summary["abnormal_lines"] == 3
 
 

@@ -51,16 +51,22 @@ def load(base_model_dir: Path, adapter: Path, folder: Path, threshold: float | N
 
 def check_labelled(out: Any, reference: Any) -> None:
     """Missing rows: flagged, no verdict or label, no model output; the others as if the missing were absent."""
-    assert list(out.columns) == ["verdict", "label", "score", "valid", "rationale", "completion", "missing"]
+    assert list(out.columns) == ["verdict", "label", "score", "valid", "rationale", "rationale_source", "completion",
+                                 "missing"]
     assert out["missing"].tolist() == MISSING
     gaps = out[out["missing"]]
     assert gaps["verdict"].isna().all() and gaps["label"].isna().all() and gaps["score"].isna().all()
     assert not gaps["valid"].any() and (gaps["rationale"] == "").all() and (gaps["completion"] == "").all()
+    assert gaps["rationale_source"].isna().all()
     present = out[~out["missing"]].reset_index(drop=True)
     for column in ("verdict", "label", "valid", "completion"):
         assert present[column].tolist() == reference[column].tolist(), column
     assert present["score"].fillna(-1).tolist() == pytest.approx(reference["score"].fillna(-1).tolist(), abs=1e-6)
     assert present["verdict"].isin(["normal", "abnormal"]).all()
+    # the served guard (issue 19): every row's rationale is the model's own or the evidence one for its verdict
+    assert present["rationale_source"].isin(["model", "evidence"]).all()
+    for text, verdict in zip(present["rationale"], present["verdict"], strict=True):
+        assert text.rstrip().endswith(f"the log is {verdict}.") or text.rstrip().endswith(f"log is {verdict}.")
 
 
 @pytest.mark.parametrize("threshold", [None, 0.5], ids=["rationale-word", "calibrated"])

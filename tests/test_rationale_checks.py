@@ -9,11 +9,15 @@ from tasks.data.teachers import FAILURE_WORDS, keyword_hits, keyword_words, lexi
 from tasks.evaluation import baselines
 from tasks.evaluation.rationales import (
     CHECKS,
+    NORMAL_BASIS,
+    ShownRationale,
     check_rationale,
     cited_neighbours,
     claims_no_failure_word,
     conclusion,
+    evidence_rationale,
     faithfulness_report,
+    grounded_rationale,
     named_component,
     quotes,
 )
@@ -143,3 +147,40 @@ def test_a_benign_reason_is_given_only_where_its_source_applies():
     assert "refused the credentials" in lexicon_rationale("Failed password for root from <*> port <*>", 0, "spirit")
     chown = lexicon_rationale("chown: `nobody.nobody': invalid user", 0, "spirit")  # no login: chown's argument
     assert "refused the credentials" not in chown and "the experts label this message normal" in chown
+
+
+# ---------------------------------------------------------------- the served guard (issue 19 item 1)
+
+
+@pytest.mark.parametrize("log, dataset, rationale", ISSUE_EXAMPLES)
+def test_the_guard_never_shows_the_issue_examples_and_its_evidence_rationale_passes(log, dataset, rationale):
+    shown = grounded_rationale(rationale, log, dataset, [NEAR], "abnormal")
+    assert shown.source == "evidence" and "agrees" in shown.failed
+    assert check_rationale(shown.text, log, dataset, [NEAR], "abnormal").passed
+    assert conclusion(shown.text) == "abnormal"
+
+
+def test_the_guard_shows_a_rationale_that_passes_every_check_as_written():
+    shown = grounded_rationale(GOOD, MIDPLANE, "bgl", [NEAR], 1)
+    assert shown == ShownRationale(GOOD, "model")
+
+
+def test_an_empty_rationale_is_replaced_too():
+    shown = grounded_rationale("", MIDPLANE, "bgl", [], "abnormal")
+    assert shown.source == "evidence" and shown.text.endswith("So the log is abnormal.")
+
+
+def test_a_served_normal_verdict_on_an_error_worded_log_gives_the_score_not_an_expert_label():
+    """No expert saw a served log: without a documented benign reason the evidence rationale says the version
+    scored it below its threshold; the teacher (training, expert labels) keeps the experts' label."""
+    text = evidence_rationale(TEMPERATURE, "bgl", [], "normal")
+    assert NORMAL_BASIS in text and "experts label" not in text and conclusion(text) == "normal"
+    assert "experts label this message normal" in lexicon_rationale(TEMPERATURE, 0, "bgl")
+
+
+def test_the_evidence_rationale_cites_only_labelled_shown_neighbours_with_their_label():
+    text = evidence_rationale(MIDPLANE, "bgl", [NEAR, "unlabelled neighbour text"], 1)
+    assert cited_neighbours(text) and all(label == "abnormal" for _, label in cited_neighbours(text))
+    assert check_rationale(text, MIDPLANE, "bgl", [NEAR], 1).cited_neighbour_shown
+    bare = evidence_rationale(MIDPLANE, "bgl", ["unlabelled neighbour text"], 1)
+    assert not cited_neighbours(bare), "a neighbour without a label is not cited"

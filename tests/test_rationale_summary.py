@@ -1,5 +1,6 @@
 """The evaluate stage's rationale faithfulness (issue 19 item 3): every explained item of every set, for the
-rationales `detect` shows and for all written, in metrics.json, eval.md and MLflow's flat metrics."""
+rationales `detect` shows (after the served guard), the model's own on those items and all written, in
+metrics.json, eval.md and MLflow's flat metrics."""
 
 from __future__ import annotations
 
@@ -59,7 +60,9 @@ def test_every_set_reports_the_shown_rationales_and_all_written():
     r = summary()
     bgl = r["sets"]["template_bgl"]
     assert bgl["all"]["rationales"] == 3 and bgl["shown"]["rationales"] == 2, "the normal-verdict one is not shown"
-    assert bgl["shown"]["agrees"] == 0.5, "the alert whose rationale argues normal"
+    assert bgl["shown_model"]["agrees"] == 0.5, "the alert whose rationale argues normal"
+    assert bgl["shown"]["replaced_count"] == 1 and bgl["shown"]["replaced"] == 0.5, "the guard replaced that one"
+    assert bgl["shown"]["all_pass"] == 1.0, "what a user reads passes every check"
     assert bgl["all"]["false_no_failure_word_count"] == 1 and bgl["shown"]["false_no_failure_word_count"] == 0
     assert r["sets"]["served_thunderbird_templates"]["shown"]["agrees"] == 1.0
     assert r["pooled"]["all"]["rationales"] == 4, "each written rationale once"
@@ -72,13 +75,14 @@ def test_citations_are_checked_against_the_neighbours_the_prompt_showed():
     assert summary()["sets"]["served_bgl2k_lines"]["shown"]["cited_neighbour_shown"] == 1.0
     assert asked and set(asked[0]) == {k for k, v in VERDICTS.items() if v.get("rationale")}
     bare = summary(neighbours=lambda keys: None)  # prompts without neighbours: the citation was never shown
-    assert bare["sets"]["served_bgl2k_lines"]["shown"]["cited_neighbour_shown"] == 0.0
+    assert bare["sets"]["served_bgl2k_lines"]["shown_model"]["cited_neighbour_shown"] == 0.0
+    assert bare["sets"]["served_bgl2k_lines"]["shown"]["replaced_count"] == 1, "so the user is not shown it"
 
 
 def test_what_is_shown_follows_detects_policy():
     for policy, threshold in (("all", True), ("abnormal", False)):  # no threshold: every template is explained
         r = summary(policy, threshold)
-        assert r["sets"]["template_bgl"]["shown"] == r["sets"]["template_bgl"]["all"]
+        assert r["sets"]["template_bgl"]["shown_model"] == r["sets"]["template_bgl"]["all"]
     assert summary("none")["sets"]["template_bgl"]["shown"]["rationales"] == 0
 
 
@@ -87,17 +91,22 @@ def test_a_sample_per_verdict_from_bgl2k_and_thunderbird2k_with_the_checks_each_
     assert [e["log"] for e in examples["served_bgl2k"]["abnormal"]] == [CAUGHT]
     normal = examples["served_bgl2k"]["normal"]
     assert [e["log"] for e in normal] == [QUIET] and not normal[0]["shown"]
-    assert normal[0]["failed"] == ["false_no_failure_word"]
+    assert normal[0]["failed"] == ["false_no_failure_word"] and normal[0]["source"] == "evidence"
+    assert "without any failure word" not in normal[0]["shown_rationale"]
     assert examples["served_thunderbird"]["abnormal"][0]["failed"] == []
+    assert examples["served_thunderbird"]["abnormal"][0]["source"] == "model"
 
 
 def test_the_report_and_mlflow_carry_the_figures():
     metrics = {"methods": {}, "rationales": summary()}
     text = "\n".join(rationale_lines(metrics))
-    assert "| BGL templates | shown | 2 | 0.500 |" in text
+    assert "| BGL templates | shown | 2 | 1.000 |" in text and "| BGL templates | shown_model | 2 | 0.500 |" in text
+    assert "| 1 (0.500) |" in text, "how many the guard replaced"
     assert "fails false_no_failure_word" in text and "detect.rationales: abnormal" in text
+    assert "shown instead (evidence)" in text
     flat = flat_metrics(metrics)
-    assert flat["rationales.template_bgl.shown.agrees"] == 0.5
+    assert flat["rationales.template_bgl.shown_model.agrees"] == 0.5
+    assert flat["rationales.template_bgl.shown.replaced"] == 0.5
     assert flat["rationales.pooled.all.false_no_failure_word_count"] == 1.0
 
 
@@ -106,5 +115,6 @@ def test_the_model_card_states_the_faithfulness_users_get():
 
     metrics = {"methods": {}, "rationales": summary()}
     (line,) = faithfulness_lines(metrics, compact=True)
-    assert "Over the 3 rationales `detect` shows" in line and "argues for its verdict 0.667" in line
-    assert "| BGL templates | shown | 2 | 0.500 |" in "\n".join(faithfulness_lines(metrics, compact=False))
+    assert "Over the 3 rationales `detect` shows" in line and "argues for its verdict 1.000" in line
+    assert "replaced by the evidence rationale for 1 of them (33.3%)" in line
+    assert "| BGL templates | shown_model | 2 | 0.500 |" in "\n".join(faithfulness_lines(metrics, compact=False))

@@ -190,6 +190,8 @@ def test_the_rationale_shown_with_an_alert_is_written_for_the_scored_verdict() -
         [("bgl", "generating <*>")])
     assert answers[0].verdict == "abnormal" and answers[0].answer == "abnormal"
     assert "The verdict is abnormal. Explain why." in engine.prompts[-1]
+    # the endpoint client's guard: what is shown concludes the verdict, whoever wrote it
+    assert answers[0].rationale_source in ("model", "evidence") and "log is abnormal" in answers[0].rationale
 
 
 def test_a_mined_template_takes_the_experts_label_by_the_correct_stages_matching() -> None:

@@ -330,14 +330,17 @@ class GateSettings(Section):
     max_regression_per_dataset: float | None
     require_approval: bool
     # Rationale faithfulness (issue 19 item 3; tasks.evaluation.rationales), on every set, over the rationales of
-    # `rationale_scope` (shown: those detect gives a user; all: every one the evaluation wrote). Shares in [0, 1]
-    # of the worst set; the count of false "no failure word" claims. None: the rule is off.
-    rationale_scope: Literal["shown", "all"]
+    # `rationale_scope` (shown: those detect gives a user, after the served guard; shown_model: the model's own on
+    # those items, before it; all: every one the model wrote). Shares in [0, 1] of the worst set; the count of false
+    # "no failure word" claims; max_rationale_replaced: the share of shown rationales the guard replaced (worst
+    # set). None: the rule is off.
+    rationale_scope: Literal["shown", "shown_model", "all"]
     min_rationale_agreement: float | None = Field(ge=0, le=1)
     min_component_in_log: float | None = Field(ge=0, le=1)
     min_quotes_grounded: float | None = Field(ge=0, le=1)
     min_cited_neighbour_shown: float | None = Field(ge=0, le=1)
     max_false_no_failure_word: int | None = Field(ge=0)
+    max_rationale_replaced: float | None = Field(ge=0, le=1)
 
 
 class RegistrySettings(Section):

@@ -352,12 +352,14 @@ def _cite(neighbours: Sequence[tuple[str, int]], label: int) -> str:
 
 
 def lexicon_rationale(log: str, label: int, dataset: str, neighbours: Sequence[tuple[str, int]] = (),
-                      note: str | None = None) -> str:
+                      note: str | None = None, normal_basis: str = "the experts label this message normal") -> str:
     """Domain knowledge, core information and deduction for one log, ending in its label (issue 19): the
     component named as written in the log (`backquoted`), the lexicon's knowledge attributed to its entry, the
     log's deciding words quoted, for an error-worded normal log the benign reason with its source (`note`: an
     expert correction or review note, else BENIGN, else the experts' label itself), and a shown neighbour with
-    the same label cited with it. Never claims the log holds no failure word."""
+    the same label cited with it. Never claims the log holds no failure word. `normal_basis` is the reason given for
+    an error-worded normal log with no note, benign entry or recovery word: the experts' label when teaching, the
+    version's score when serving (tasks.evaluation.rationales.grounded_rationale), where no expert saw the log."""
     component = find_component(log, dataset)
     token = component_token(log, component)
     category = find_category(log, component)
@@ -390,7 +392,7 @@ def lexicon_rationale(log: str, label: int, dataset: str, neighbours: Sequence[t
         elif recovered:
             why = f"it says {_quote(recovered)}, so the condition was handled"
         else:
-            why = "the experts label this message normal"
+            why = normal_basis
         deduction = f"although it says {_quote(failures[:1])}, {why}"
     elif successes:
         deduction = f"it records a routine, successful step of {where}, with no sign of a {category}"

@@ -399,6 +399,7 @@ class Detector:
                 first = example[cid]
                 write(json.dumps({"kind": "template", "template_id": cid, "template": template,
                                   "verdict": verdict_of[cid][0], "score": score, "rationale": cached.rationale,
+                                  "rationale_source": cached.rationale_source,
                                   "dataset": dataset, "model_version": self.model_version,
                                   "threshold": self.threshold, "neighbour_shown": cached.neighbour_shown,
                                   "first_stage": cached.first_stage, "example_line": first.first,
@@ -455,14 +456,19 @@ class Detector:
         the templates judged with no labelled neighbour of their own system in the prompt (and their lines);
         `templates_first_stage` / `lines_first_stage` those the verdict rule's first stage decided (no word of
         letters: normal without a model call), which are known without a neighbour. A template whose classifier
-        does not report neighbours (`neighbour_shown` None) is in neither count.
+        does not report neighbours (`neighbour_shown` None) is in neither count. `rationales_shown` /
+        `rationales_replaced`: the templates given a rationale, and those whose model rationale failed a check
+        and was replaced by the evidence rationale (issue 19; tasks.evaluation.rationales.grounded_rationale).
         """
         top = []
         unknown = {"templates_without_neighbour": 0, "lines_without_neighbour": 0, "templates_first_stage": 0,
-                   "lines_first_stage": 0}
+                   "lines_first_stage": 0, "rationales_shown": 0, "rationales_replaced": 0}
         for cid, count in stats.line_counts.items():
             template, dataset = self._emitted.get(cid, (None, ""))
             cached = self.cache.get(template, dataset) if template is not None else None
+            if cached is not None and cached.rationale_source is not None:
+                unknown["rationales_shown"] += 1
+                unknown["rationales_replaced"] += cached.rationale_source != "model"
             kind = None if cached is None else "first_stage" if cached.first_stage else \
                 "without_neighbour" if cached.neighbour_shown is False else None
             if kind is not None:
@@ -473,7 +479,7 @@ class Detector:
             cached = self.cache.get(template, dataset) if template is not None else None
             if cached and cached.verdict == ABNORMAL:
                 top.append({"template_id": cid, "template": template, "lines": count, "score": cached.score,
-                            "rationale": cached.rationale})
+                            "rationale": cached.rationale, "rationale_source": cached.rationale_source})
             if len(top) >= self.settings.top_k:
                 break
         counts = {k: v for k, v in vars(stats).items() if k != "line_counts"}
@@ -513,12 +519,18 @@ def print_summary(summary: dict[str, Any], console: Any = None, output: str | No
             f"{summary['templates_first_stage']} templates ({summary['lines_first_stage']} lines) hold no word of "
             "letters and are normal by the verdict rule's first stage, which needs no neighbour.\n"
             f"label what is worth it: {EXPORT_COMMAND} {where} --out corrections/reviews/<your name>.csv"))
+    if summary.get("rationales_shown"):
+        console.print(Text(
+            f"rationales: {summary['rationales_shown']} shown; {summary['rationales_replaced']} of them are the "
+            "evidence rationale for the verdict, because the model's own failed a check (it must agree with the "
+            "verdict, name a component and quote only words of the log or a shown neighbour)"))
     if summary.get("drain_state_reset"):
         console.print(Text(f"note: {summary['drain_state_reset']}"))
     if summary["top_anomalous"]:
         top = Table(title="top anomalous templates")
-        for column in ("lines", "template", "rationale"):
+        for column in ("lines", "template", "rationale", "by"):
             top.add_column(column, overflow="fold")
         for row in summary["top_anomalous"]:
-            top.add_row(str(row["lines"]), Text(row["template"]), Text(row["rationale"] or ""))
+            top.add_row(str(row["lines"]), Text(row["template"]), Text(row["rationale"] or ""),
+                        Text(row.get("rationale_source") or ""))
         console.print(top)

@@ -31,6 +31,10 @@ class TemplateVerdict:
     item 4); None when the classifier does not say. `first_stage`: decided by the verdict rule's first stage
     (tasks.common.prompt.first_stage_normal: no word of letters, normal without a model call), which needs no
     neighbour.
+
+    `rationale_source`: who wrote `rationale` ('model', or 'evidence' when the model's rationale failed a check
+    and the teacher's evidence rationale for the verdict replaced it: tasks.evaluation.rationales.
+    grounded_rationale, issue 19); None when there is no rationale. The model's own text stays in `raw`.
     """
 
     template: str
@@ -45,6 +49,7 @@ class TemplateVerdict:
     answer: str | None = None
     neighbour_shown: bool | None = None
     first_stage: bool = False
+    rationale_source: str | None = None
 
 
 RATIONALE_POLICIES = ("abnormal", "all", "none")  # params.yaml detect.rationales

@@ -20,6 +20,12 @@ path in bench/served_quality.py, the distill stage's guard on teacher answers, G
 - false_no_failure_word: the rationale claims the log has no failure or error word while the log holds a word of
   the keyword list (tasks.data.teachers.FAILURE_WORDS, the keyword baseline's list). The issue-19 served run:
   "routine status output ... without any failure word" under `... bll_clear_port failed`.
+
+`grounded_rationale` is the guard every served path applies (the endpoint's client, detect, the evaluation's
+served path, the pyfunc): a rationale failing any check is never shown; the offline teacher's evidence rationale
+for the same verdict, log and shown neighbours replaces it, marked `evidence` (issue 19 item 1: one verdict, one
+reason). Measured on the default candidate before the guard (2026-12-06, 410 shown rationales): 99.3% agreed,
+92.9% named a component of the log, 71.2% quoted only grounded words.
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from tasks.common.prompt import label_name
-from tasks.data.teachers import find_component, keyword_hits
+from tasks.common.prompt import label_id, label_name
+from tasks.data.teachers import find_component, keyword_hits, lexicon_rationale
 
 
 def _plain(text: str) -> str:
@@ -146,6 +152,42 @@ def check_rationale(rationale: str, log: str, dataset: str, shown_neighbours: Se
         quotes_grounded=quotes_grounded(rationale, [log, *(text for text, _ in near)]),
         cited_neighbour_shown=cited,
         false_no_failure_word=claims_no_failure_word(rationale) and bool(keyword_hits(log)))
+
+
+RATIONALE_SOURCES = ("model", "evidence")  # who wrote the rationale a user is shown
+NORMAL_BASIS = "the version scores it below its threshold, learned from expert-labelled logs"
+
+
+@dataclass(frozen=True)
+class ShownRationale:
+    """The rationale a user is shown: `text`; `source` 'model' (the model's own, passing every check) or
+    'evidence' (the teacher's evidence rationale, replacing one that failed); `failed`: the checks the model's
+    rationale failed (empty for 'model')."""
+
+    text: str
+    source: str
+    failed: tuple[str, ...] = ()
+
+
+def evidence_rationale(log: str, dataset: str, shown_neighbours: Sequence[Neighbour], verdict: int | str) -> str:
+    """The offline teacher's rationale for `verdict` (tasks.data.teachers.lexicon_rationale): the log's component
+    and deciding words, a shown neighbour with the same label cited; for an error-worded normal log a documented
+    benign reason, else the version's score (`NORMAL_BASIS`: no expert saw a served log). Neighbours without a
+    label are not cited. Raises ValueError for a verdict other than 0/1 or 'normal'/'abnormal'."""
+    labelled = [(text, label_id(known)) for text, known in map(_neighbour, shown_neighbours) if known is not None]
+    return lexicon_rationale(log, label_id(verdict), dataset, labelled, normal_basis=NORMAL_BASIS)
+
+
+def grounded_rationale(rationale: str, log: str, dataset: str, shown_neighbours: Sequence[Neighbour],
+                       verdict: int | str) -> ShownRationale:
+    """The guard of the served paths (module docstring): the model's `rationale` when it passes every check
+    against its log, shown neighbours and verdict, else the evidence rationale for that verdict (an empty or
+    unreadable rationale is replaced too: it concludes nothing). Raises ValueError for a verdict other than 0/1
+    or 'normal'/'abnormal'."""
+    failed = check_rationale(rationale, log, dataset, shown_neighbours, verdict).failed() if rationale else ["agrees"]
+    if not failed:
+        return ShownRationale(rationale, "model")
+    return ShownRationale(evidence_rationale(log, dataset, shown_neighbours, verdict), "evidence", tuple(failed))
 
 
 def faithfulness_report(items: Iterable[tuple[str, str, str, Sequence[Neighbour], int | str]]

@@ -207,26 +207,33 @@ def rationale_lines(metrics: Metrics | dict[str, Any]) -> list[str]:
     if not (r.get("pooled") or {}).get("all", {}).get("rationales"):
         return []
     lines = [f"Shown: the rationales `detect` gives a user (detect.rationales: {r.get('policy')}"
-             + ("" if r.get("threshold") else "; no threshold, so every template") + "). All: every rationale the "
-             "evaluation wrote, each for its scored verdict. Checks: tasks/evaluation/rationales.py.", "",
+             + ("" if r.get("threshold") else "; no threshold, so every template") + "), after the served guard: "
+             "a rationale failing a check is replaced by the evidence rationale for its verdict (replaced: how "
+             "many). Shown_model: the model's own rationales on those items, before the guard. All: every "
+             "rationale the model wrote, each for its scored verdict. Checks: tasks/evaluation/rationales.py.", "",
              "| set | scope | rationales | " + " | ".join(title for _, title in FAITHFULNESS_COLUMNS)
-             + " | false \"no failure word\" | all checks pass |",
-             "|---|---|---|" + "---|" * len(FAITHFULNESS_COLUMNS) + "---|---|"]
+             + " | false \"no failure word\" | all checks pass | replaced |",
+             "|---|---|---|" + "---|" * len(FAITHFULNESS_COLUMNS) + "---|---|---|"]
     for name, scopes in [("all sets (each template once)", r["pooled"]), *(r.get("sets") or {}).items()]:
-        for scope in ("shown", "all"):
+        for scope in ("shown", "shown_model", "all"):
             row = scopes.get(scope) or {}
             if not row.get("rationales"):
                 continue
+            replaced = (f"{row['replaced_count']} ({row['replaced']:.3f})" if "replaced_count" in row else "-")
             lines.append(f"| {SET_TITLES.get(name, name)} | {scope} | {row['rationales']} | "
                          + " | ".join(f"{row[key]:.3f}" for key, _ in FAITHFULNESS_COLUMNS)
-                         + f" | {row['false_no_failure_word_count']} | {row['all_pass']:.3f} |")
+                         + f" | {row['false_no_failure_word_count']} | {row['all_pass']:.3f} | {replaced} |")
     for log_name, by_verdict in (r.get("examples") or {}).items():
         for verdict, examples in by_verdict.items():
             lines += ["", f"{log_name}, judged {verdict}:"]
             lines += [f"- `{e['log'][:160]}` (score {fmt_number(e.get('score'))}"
                       f"{', shown' if e.get('shown') else ', not shown'}"
-                      f"{'; fails ' + ', '.join(e['failed']) if e.get('failed') else '; passes every check'})"
-                      f" → {e['rationale'][:400]}" for e in examples] or ["- (no rationale written)"]
+                      + (f"; the model's fails {', '.join(e['failed'])})" if e.get("failed")
+                         else "; passes every check)")
+                      + f" → {e['rationale'][:400]}"
+                      + (f"<br>shown instead (evidence): {e['shown_rationale'][:400]}"
+                         if e.get("source") == "evidence" else "")
+                      for e in examples] or ["- (no rationale written)"]
     return lines
 
 

@@ -47,6 +47,7 @@ from tasks.detection.formats import FORMATS
 from tasks.detection.framing import LineFramer
 from tasks.detection.records import record_content
 from tasks.detection.verdicts import TemplateVerdict, shows_rationale
+from tasks.evaluation.rationales import grounded_rationale
 from tasks.evaluation.testdata import EvalSet, Key
 
 NORMAL_TAG = "-"  # LogHub's first field of a normal line
@@ -129,9 +130,14 @@ class InProcessClassifier:
         for i, ((dataset, template), score) in enumerate(zip(items, scored.scores, strict=True)):
             p = written.get(i)
             valid = p.valid if threshold is None and p else score is not None
-            out.append(TemplateVerdict(template, dataset, ABNORMAL if flagged[i] else NORMAL, valid,
-                                       p.rationale if p else "", p.completion if p else "", self.version, each, score,
-                                       p.verdict if p else None))
+            verdict = ABNORMAL if flagged[i] else NORMAL
+            # the endpoint client's guard (issue 19): a rationale failing a check is replaced, marked 'evidence'
+            guarded = grounded_rationale(p.rationale, template, dataset, shown[i] if shown is not None else [],
+                                         verdict) if p else None
+            out.append(TemplateVerdict(template, dataset, verdict, valid, guarded.text if guarded else "",
+                                       p.completion if p else "", self.version, each, score,
+                                       p.verdict if p else None,
+                                       rationale_source=guarded.source if guarded else None))
         for verdict in out:
             self.answers[(verdict.dataset, verdict.template)] = verdict
             if on_result is not None:

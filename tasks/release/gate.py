@@ -14,10 +14,14 @@ Rules (params.yaml `gate`):
 - max_regression.<set>: no test set's F1 falls more than this below the champion's (point values);
 - min_rationale_agreement, min_component_in_log, min_quotes_grounded, min_cited_neighbour_shown: the share of
   rationales passing that check (tasks.evaluation.rationales, issue 19 item 3) on the worst set, over the
-  rationales of `rationale_scope` (shown: those `detect` gives a user; all: every one written), at least this;
+  rationales of `rationale_scope` (shown: those `detect` gives a user, after the served guard; shown_model: the
+  model's own on those items; all: every one written), at least this;
 - max_false_no_failure_word: false "no failure word" claims over every rationale in scope (each template once)
-  at most this. Read from metrics.json's `rationales` block (tasks.evaluate.rationale_summary); a rule set on
-  metrics without that block fails and says so.
+  at most this;
+- max_rationale_replaced: the share of shown rationales the served guard replaced by the evidence rationale
+  (tasks.evaluation.rationales.grounded_rationale: the model's own failed a check), worst set, at most this.
+Read from metrics.json's `rationales` block (tasks.evaluate.rationale_summary); a rule set on metrics without
+that block fails and says so.
 """
 
 from __future__ import annotations
@@ -175,7 +179,8 @@ RATIONALE_SHARE_RULES = {"min_rationale_agreement": "agrees", "min_component_in_
 
 def rationale_rules(metrics: dict[str, Any] | None, settings: GateSettings) -> list[Rule]:
     """The faithfulness rules set in `settings` (module docstring), from metrics.json's `rationales` block."""
-    wanted = {name: getattr(settings, name) for name in (*RATIONALE_SHARE_RULES, "max_false_no_failure_word")
+    wanted = {name: getattr(settings, name)
+              for name in (*RATIONALE_SHARE_RULES, "max_false_no_failure_word", "max_rationale_replaced")
               if getattr(settings, name) is not None}
     if not wanted:
         return []
@@ -194,6 +199,16 @@ def rationale_rules(metrics: dict[str, Any] | None, settings: GateSettings) -> l
             offenders = [s for s, row in measured.items() if row.get("false_no_failure_word_count")]
             rules.append(Rule(name, threshold, count, count <= threshold,
                               f"{where}, each template once" + (f"; in {', '.join(offenders)}" if offenders else "")))
+            continue
+        if name == "max_rationale_replaced":
+            shown = {s: scopes.get("shown") or {} for s, scopes in block["sets"].items()}
+            shown = {s: row for s, row in shown.items() if row.get("rationales") and "replaced" in row}
+            worst = max(shown, key=lambda s: shown[s]["replaced"], default=None)
+            value = shown[worst]["replaced"] if worst else None
+            rules.append(Rule(name, threshold, value, value is not None and value <= threshold,
+                              f"shown rationales replaced by the evidence rationale; worst set {worst}" if worst else
+                              "no replacement count in the candidate's metrics (re-evaluate with the current "
+                              "evaluate stage)"))
             continue
         check = RATIONALE_SHARE_RULES[name]
         if not measured:

@@ -26,8 +26,11 @@ def faithfulness_lines(metrics: dict[str, Any], *, compact: bool) -> list[str]:
     if not row.get("rationales"):
         return [f"No rationale shown (detect.rationales: {r.get('policy')})."]
     shares = "; ".join(f"{title} {row[key]:.3f}" for key, title in FAITHFULNESS_COLUMNS)
+    replaced = (f" The model's own rationale failed a check and was replaced by the evidence rationale for "
+                f"{row['replaced_count']} of them ({row['replaced']:.1%})." if "replaced_count" in row else "")
     return [f"Over the {row['rationales']} rationales `detect` shows (detect.rationales: {r.get('policy')}): "
-            f"{shares}; false \"no failure word\" claims {row['false_no_failure_word_count']}. Per set: the full card."]
+            f"{shares}; false \"no failure word\" claims {row['false_no_failure_word_count']}.{replaced} "
+            "Per set: the full card."]
 
 
 def model_card(name: str, metrics: dict[str, Any], verdict: GateVerdict, record: dict[str, Any],

@@ -28,6 +28,7 @@ from tasks.common.errors import InputError
 from tasks.common.prompt import ABNORMAL, NORMAL, scored_verdict
 from tasks.common.retrieval import INDEX_FILE
 from tasks.common.settings import EvaluateSettings
+from tasks.evaluation.rationales import grounded_rationale
 
 
 def model_config(settings: EvaluateSettings) -> dict[str, Any]:
@@ -158,6 +159,7 @@ class RationAnomalyModel(mlflow.pyfunc.PythonModel):
         verdicts: list[str | None] = [None] * len(cells)
         scores: list[float | None] = [None] * len(cells)
         valid, rationales, completions = [False] * len(cells), [""] * len(cells), [""] * len(cells)
+        sources: list[str | None] = [None] * len(cells)
         if rows:
             shown = (self.index.prompt_neighbours(logs, datasets, self.neighbours)  # the index's floor, same system
                      if self.index is not None else None)
@@ -170,27 +172,33 @@ class RationAnomalyModel(mlflow.pyfunc.PythonModel):
                 run = self.engine.classify(logs, datasets, adapter_dir=self.adapter_dir, neighbours=shown,
                                            verdicts=[explain_verdict(verdict, self.prompt_format)
                                                      for verdict, _, _ in answers])
-            for i, (verdict, score, ok), prediction in zip(rows, answers, run.predictions, strict=True):
+            for j, (i, (verdict, score, ok), prediction) in enumerate(zip(rows, answers, run.predictions,
+                                                                            strict=True)):
                 verdicts[i], scores[i], valid[i] = verdict, score, ok
-                rationales[i], completions[i] = prediction.rationale, prediction.completion
+                # the served guard (issue 19): a rationale failing a check is replaced by the evidence rationale
+                guarded = grounded_rationale(prediction.rationale, logs[j], datasets[j],
+                                             shown[j] if shown is not None else [], verdict)
+                rationales[i], sources[i], completions[i] = guarded.text, guarded.source, prediction.completion
         return pd.DataFrame({
             "verdict": pd.Series(verdicts, dtype=object),  # None (JSON null) for a missing row
             "label": pd.array([None if v is None else int(v == ABNORMAL) for v in verdicts], dtype="Int64"),
             "score": [float("nan") if s is None else s for s in scores], "valid": valid,
-            "rationale": rationales, "completion": completions,
+            "rationale": rationales, "rationale_source": pd.Series(sources, dtype=object), "completion": completions,
             "missing": [verdict is None for verdict in verdicts]})
 
 
 def pyfunc_signature() -> Any:
     """Input columns `log` (+ optional `dataset`); output verdict, label, score (NaN: none), valid, rationale,
-    completion, missing (a row without a log: verdict and label null)."""
+    rationale_source (model | evidence: the served guard replaced the model's), completion (the model's own
+    answer), missing (a row without a log: verdict and label null)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
     inputs = Schema([ColSpec("string", "log"), ColSpec("string", "dataset", required=False)])
     outputs = Schema([ColSpec("string", "verdict"), ColSpec("long", "label"), ColSpec("double", "score"),
-                      ColSpec("boolean", "valid"),
-                      ColSpec("string", "rationale"), ColSpec("string", "completion"), ColSpec("boolean", "missing")])
+                      ColSpec("boolean", "valid"), ColSpec("string", "rationale"),
+                      ColSpec("string", "rationale_source", required=False), ColSpec("string", "completion"),
+                      ColSpec("boolean", "missing")])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
