@@ -23,6 +23,7 @@ from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attemp
 
 from tasks.common.contracts import OPEN_QUESTION_FORMAT, PROMPT_FORMAT, explain_verdict
 from tasks.common.prompt import (
+    ABNORMAL,
     FIRST_STAGE_SCORE,
     NORMAL,
     TOP_LOGPROBS,
@@ -38,7 +39,13 @@ from tasks.common.prompt import (
 from tasks.common.retrieval import INDEX_FILE, Neighbour, TemplateIndex, system_key
 from tasks.common.settings import DetectSettings
 from tasks.common.tokenizers import chat_tokens, special_tokens_in, token_counter
-from tasks.detection.verdicts import ClassifierError, TemplateVerdict, shows_rationale
+from tasks.detection.verdicts import (
+    ClassifierError,
+    TemplateVerdict,
+    labelled_systems,
+    shows_rationale,
+    unlabelled_system_normal,
+)
 from tasks.evaluation.rationales import grounded_rationale
 
 ANSWER_CLOSE = "</answer>"
@@ -464,11 +471,15 @@ class Client:
                 lambda squeeze: self.score(self.scoring_messages(template, dataset, endpoint, near, squeeze=squeeze),
                                            model=model))
             verdict = scored_verdict(score, endpoint.threshold)
+        systems = labelled_systems(load_index(endpoint.index_dir)) if endpoint.index_dir else None
+        gated = verdict == ABNORMAL and unlabelled_system_normal(template, dataset, systems)
+        if gated:  # a system nobody labelled yet: no failure word, no alert (tasks.detection.verdicts)
+            verdict = NORMAL
         explain = shows_rationale(self.rationales, verdict, endpoint.threshold is not None)
         if not explain:
             return TemplateVerdict(template, dataset, verdict, score is not None, "", "", endpoint.version,
                                    time.monotonic() - started, score, neighbour_shown=own and not first,
-                                   first_stage=first)
+                                   first_stage=first, unlabelled_system_rule=gated)
         given = explain_verdict(verdict, endpoint.prompt_format)  # an older version is asked the open question
         text, endpoint = self._within_context(
             lambda squeeze: self.complete(self.explain_messages(template, dataset, endpoint, near, squeeze=squeeze,
@@ -481,7 +492,8 @@ class Client:
         return TemplateVerdict(template, dataset, final, parsed.valid if verdict is None else score is not None,
                                shown.text if shown else parsed.think, text, endpoint.version,
                                time.monotonic() - started, score, parsed.answer, neighbour_shown=own,
-                               first_stage=first, rationale_source=shown.source if shown else None)
+                               first_stage=first, rationale_source=shown.source if shown else None,
+                               unlabelled_system_rule=gated)
 
     @staticmethod
     def _within_context(ask: Callable[[float], _T]) -> _T:

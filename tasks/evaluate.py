@@ -34,7 +34,7 @@ from tasks.common.files import atomic_dir, read_labelled_templates, write_json_a
 from tasks.common.prompt import ABNORMAL, NORMAL, parse_completion, scored_verdict
 from tasks.common.retrieval import INDEX_FILE, TemplateIndex
 from tasks.common.settings import DetectSettings, EvaluateSettings, IndexSettings, load_settings
-from tasks.detection.verdicts import TemplateVerdict, shows_rationale
+from tasks.detection.verdicts import TemplateVerdict, labelled_systems, shows_rationale
 from tasks.evaluation.calibration import Calibration, choose_threshold, threshold_interval
 from tasks.evaluation.intervals import BootstrapSettings, paired_mean_f1_difference
 from tasks.evaluation.metrics import Evaluation, MethodResult, score
@@ -400,7 +400,8 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
                                             [answer_note])
         classifier = InProcessClassifier(engine, paths[CANDIDATE], version="candidate",
                                          threshold=calibration.threshold if calibration else None,
-                                         neighbours=with_neighbours, rationales=detect.rationales)
+                                         neighbours=with_neighbours, rationales=detect.rationales,
+                                         systems=labelled_systems(index))
         served, served_info = _served(settings, detect, root, classifier, data)
         candidate.verdicts.update({key: _served_verdict(v) for key, v in classifier.answers.items()
                                    if key not in candidate.verdicts})

@@ -194,6 +194,25 @@ def test_the_rationale_shown_with_an_alert_is_written_for_the_scored_verdict() -
     assert answers[0].rationale_source in ("model", "evidence") and "log is abnormal" in answers[0].rationale
 
 
+def test_the_evaluations_served_path_applies_the_rule_for_a_system_without_labelled_templates() -> None:
+    """The same rule as the endpoint client (tasks.detection.verdicts.unlabelled_system_normal): everything is
+    scored abnormal; on Thunderbird, which the index does not hold, only the template with a failure word stays an
+    alert; BGL, which it holds, keeps both; without an index (systems None) the rule is off."""
+
+    class ScoresEverythingAbnormal(TableEngine):
+        def score(self, templates, datasets, adapter_dir=None, neighbours=None):
+            return ScoreRun([0.99] * len(templates), self.name, 0.01)
+
+    items = [("thunderbird", "kernel: Linux version <*>"), ("thunderbird", "disk <*> failed"),
+             ("bgl", "kernel: Linux version <*>")]
+    for systems, expected in (({"bgl", "spirit"}, ["normal", "abnormal", "abnormal"]),
+                              (None, ["abnormal", "abnormal", "abnormal"])):
+        answers = InProcessClassifier(ScoresEverythingAbnormal(), None, "candidate", threshold=0.5,
+                                      rationales="none", systems=systems).classify(items)
+        assert [a.verdict for a in answers] == expected, systems
+        assert [a.unlabelled_system_rule for a in answers] == [e == "normal" for e in expected]
+
+
 def test_a_mined_template_takes_the_experts_label_by_the_correct_stages_matching() -> None:
     mined = ["data_thread() got not answer from any <*> datasource", "Connection From <*>",
              "session closed for user root", "disk <*> failed", "kernel: <*> <*> ready"]

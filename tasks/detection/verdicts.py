@@ -6,9 +6,12 @@ in-process candidate (tasks.evaluation.served), so the served path is measured w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from tasks.common.retrieval import system_key
+from tasks.data.teachers import keyword_hits
 
 
 class ClassifierError(RuntimeError):
@@ -30,7 +33,8 @@ class TemplateVerdict:
     of a system the index does not hold gets False even when neighbours of other systems were shown; issue 20
     item 4); None when the classifier does not say. `first_stage`: decided by the verdict rule's first stage
     (tasks.common.prompt.first_stage_normal: no word of letters, normal without a model call), which needs no
-    neighbour.
+    neighbour. `unlabelled_system_rule`: the score flagged it, but its system holds no labelled template in the
+    version's index and it holds no failure word, so it is normal (`unlabelled_system_normal`).
 
     `rationale_source`: who wrote `rationale` ('model', or 'evidence' when the model's rationale failed a check
     and the teacher's evidence rationale for the verdict replaced it: tasks.evaluation.rationales.
@@ -50,9 +54,29 @@ class TemplateVerdict:
     neighbour_shown: bool | None = None
     first_stage: bool = False
     rationale_source: str | None = None
+    unlabelled_system_rule: bool = False
 
 
 RATIONALE_POLICIES = ("abnormal", "all", "none")  # params.yaml detect.rationales
+
+
+def labelled_systems(index: object | None) -> frozenset[str] | None:
+    """The systems (system_key) a version's retrieval index holds labelled templates of; None without an index."""
+    datasets = getattr(index, "datasets", None)
+    return None if datasets is None else frozenset(system_key(d) for d in datasets)
+
+
+def unlabelled_system_normal(template: str, dataset: str | None, systems: Collection[str] | None) -> bool:
+    """The verdict rule for a system the version's index holds no labelled template of (issue 18 item 5, the
+    stated default for such a system; issue 20: its operator has not labelled it yet): a template without a word
+    of the keyword list (tasks.data.teachers.FAILURE_WORDS) is normal whatever its score. False when the system
+    is labelled, or the version has no index (`systems` None: nothing to compare with).
+
+    Why (measured 2026-12-06, Thunderbird_2k, never trained on, no label in the index): the default candidate's
+    score flagged 48% of the mined templates the experts do not call abnormal, the keyword list 20%. Labelling
+    the system's templates (`rationanomaly review export`, then `release --index-only`) lifts the rule for it.
+    """
+    return systems is not None and system_key(dataset) not in systems and not keyword_hits(template)
 
 
 def shows_rationale(policy: str, verdict: str | None, has_threshold: bool) -> bool:

@@ -28,6 +28,7 @@ from tasks.common.errors import InputError
 from tasks.common.prompt import ABNORMAL, NORMAL, scored_verdict
 from tasks.common.retrieval import INDEX_FILE
 from tasks.common.settings import EvaluateSettings
+from tasks.detection.verdicts import labelled_systems, unlabelled_system_normal
 from tasks.evaluation.rationales import grounded_rationale
 
 
@@ -168,7 +169,10 @@ class RationAnomalyModel(mlflow.pyfunc.PythonModel):
                 answers = [(p.verdict or NORMAL, None, p.valid) for p in run.predictions]
             else:  # the score decides; the rationale is written for that verdict (issue 19)
                 scored = self.engine.score(logs, datasets, self.adapter_dir, shown).scores
-                answers = [(scored_verdict(s, self.threshold), s, s is not None) for s in scored]
+                systems = labelled_systems(self.index)  # a system nobody labelled: no failure word, no alert
+                answers = [(NORMAL if unlabelled_system_normal(log, dataset, systems)
+                            else scored_verdict(s, self.threshold), s, s is not None)
+                           for s, log, dataset in zip(scored, logs, datasets, strict=True)]
                 run = self.engine.classify(logs, datasets, adapter_dir=self.adapter_dir, neighbours=shown,
                                            verdicts=[explain_verdict(verdict, self.prompt_format)
                                                      for verdict, _, _ in answers])
