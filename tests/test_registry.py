@@ -248,8 +248,10 @@ def test_champion_loads_back_through_the_models_uri_and_classifies(world: World,
     model = mlflow.pyfunc.load_model("models:/loadback@champion", model_config={"max_new_tokens": 6})
     logs = pd.DataFrame({"log": ["ciod: failed to read message prefix", ""], "dataset": ["bgl"] * 2})
     out = model.predict(logs)
-    assert list(out.columns) == ["verdict", "label", "score", "valid", "rationale", "completion", "missing"]
+    assert list(out.columns) == ["verdict", "label", "score", "valid", "rationale", "rationale_source", "completion",
+                                 "missing"]
     assert len(out) == 2 and out["score"].isna().all()
+    assert out["rationale_source"][0] in {"model", "evidence"} and out["rationale_source"][1] is None  # the guard
     assert out["verdict"][0] in {"normal", "abnormal"} and out["missing"].tolist() == [False, True]  # "": no log
     assert os.path.isdir(model._model_impl.python_model.adapter_dir)
     assert registry.aliases("loadback")["champion"] == version
