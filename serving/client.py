@@ -36,15 +36,15 @@ from tasks.common.prompt import (
     token_logprobs,
     verdict_score,
 )
-from tasks.common.retrieval import INDEX_FILE, Neighbour, TemplateIndex, system_key
+from tasks.common.retrieval import INDEX_FILE, Neighbour, TemplateIndex
 from tasks.common.settings import DetectSettings
 from tasks.common.tokenizers import chat_tokens, special_tokens_in, token_counter
 from tasks.detection.verdicts import (
     ClassifierError,
     TemplateVerdict,
-    labelled_systems,
+    no_neighbour_normal,
+    own_system_shown,
     shows_rationale,
-    unlabelled_system_normal,
 )
 from tasks.evaluation.rationales import grounded_rationale
 
@@ -461,7 +461,7 @@ class Client:
         endpoint = self.endpoint()
         found = self.shown_neighbours(template, endpoint, dataset)
         near = [(n.template, n.label) for n in found]
-        own = any(system_key(n.dataset) == system_key(dataset) for n in found)
+        own = own_system_shown(found, dataset)
         score, verdict = None, None
         first = endpoint.threshold is not None and first_stage_normal(template)
         if first:  # normal without a model call
@@ -471,15 +471,15 @@ class Client:
                 lambda squeeze: self.score(self.scoring_messages(template, dataset, endpoint, near, squeeze=squeeze),
                                            model=model))
             verdict = scored_verdict(score, endpoint.threshold)
-        systems = labelled_systems(load_index(endpoint.index_dir)) if endpoint.index_dir else None
-        gated = verdict == ABNORMAL and unlabelled_system_normal(template, dataset, systems)
-        if gated:  # a system nobody labelled yet: no failure word, no alert (tasks.detection.verdicts)
+        with_index = bool(endpoint.index_dir) and endpoint.neighbours > 0
+        gated = verdict == ABNORMAL and no_neighbour_normal(template, own if with_index else None)
+        if gated:  # no labelled neighbour of its system and no failure word: no alert (tasks.detection.verdicts)
             verdict = NORMAL
         explain = shows_rationale(self.rationales, verdict, endpoint.threshold is not None)
         if not explain:
             return TemplateVerdict(template, dataset, verdict, score is not None, "", "", endpoint.version,
                                    time.monotonic() - started, score, neighbour_shown=own and not first,
-                                   first_stage=first, unlabelled_system_rule=gated)
+                                   first_stage=first, no_neighbour_rule=gated)
         given = explain_verdict(verdict, endpoint.prompt_format)  # an older version is asked the open question
         text, endpoint = self._within_context(
             lambda squeeze: self.complete(self.explain_messages(template, dataset, endpoint, near, squeeze=squeeze,
@@ -493,7 +493,7 @@ class Client:
                                shown.text if shown else parsed.think, text, endpoint.version,
                                time.monotonic() - started, score, parsed.answer, neighbour_shown=own,
                                first_stage=first, rationale_source=shown.source if shown else None,
-                               unlabelled_system_rule=gated)
+                               no_neighbour_rule=gated)
 
     @staticmethod
     def _within_context(ask: Callable[[float], _T]) -> _T:

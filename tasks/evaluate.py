@@ -34,7 +34,7 @@ from tasks.common.files import atomic_dir, read_labelled_templates, write_json_a
 from tasks.common.prompt import ABNORMAL, NORMAL, parse_completion, scored_verdict
 from tasks.common.retrieval import INDEX_FILE, TemplateIndex
 from tasks.common.settings import DetectSettings, EvaluateSettings, IndexSettings, load_settings
-from tasks.detection.verdicts import TemplateVerdict, labelled_systems, shows_rationale
+from tasks.detection.verdicts import TemplateVerdict, own_system_shown, shows_rationale
 from tasks.evaluation.calibration import Calibration, choose_threshold, threshold_interval
 from tasks.evaluation.intervals import BootstrapSettings, paired_mean_f1_difference
 from tasks.evaluation.metrics import Evaluation, MethodResult, score
@@ -367,6 +367,13 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
             return None
         return index.prompt_neighbours([t for _, t in batch], [d for d, _ in batch], k)
 
+    def own_neighbour(batch: Sequence[Key]) -> list[bool] | None:
+        """Per key: was a labelled neighbour of its own system shown (the no-neighbour rule; None: no index)."""
+        if index is None or k == 0:
+            return None
+        found = index.shown([t for _, t in batch], [d for d, _ in batch], k)
+        return [own_system_shown(near, d) for near, (d, _) in zip(found, batch, strict=True)]
+
     factory = engine_factory or open_engine
     engine = factory(root / settings.base_model_dir, settings.engine, batch_size=settings.batch_size,
                      max_new_tokens=settings.max_new_tokens, dtype=settings.dtype,
@@ -401,7 +408,7 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
         classifier = InProcessClassifier(engine, paths[CANDIDATE], version="candidate",
                                          threshold=calibration.threshold if calibration else None,
                                          neighbours=with_neighbours, rationales=detect.rationales,
-                                         systems=labelled_systems(index))
+                                         own_neighbour=own_neighbour)
         served, served_info = _served(settings, detect, root, classifier, data)
         candidate.verdicts.update({key: _served_verdict(v) for key, v in classifier.answers.items()
                                    if key not in candidate.verdicts})

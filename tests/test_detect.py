@@ -459,34 +459,37 @@ def test_the_versions_index_puts_labelled_neighbours_into_every_prompt(tmp_path:
         assert prompt.count("\n- ") == 2
 
 
-def test_a_system_without_labelled_templates_needs_a_failure_word_for_an_alert(tmp_path: Path,
-                                                                               chat_server: Any) -> None:
-    """Issue 18 item 5 / issue 20: the index holds only another system's labels, and the threshold is so low that
-    the score flags every template; those without a word of the keyword list are normal (flagged by the rule,
-    counted in the summary), the one saying `failed` stays an alert. The same log judged as BGL, a labelled
-    system, keeps every alert."""
+def test_a_template_shown_no_neighbour_of_its_system_needs_a_failure_word_for_an_alert(tmp_path: Path,
+                                                                                        chat_server: Any) -> None:
+    """Issue 18 item 5 / issue 20: the threshold is so low that the score flags every template. With an index of
+    another system's labels only, the templates without a word of the keyword list are normal (flagged by the rule,
+    counted in the summary); the one saying `failed` stays an alert. Once the index holds a labelled neighbour of
+    the log's system for a template, that template keeps its alert; one still without such a neighbour does not
+    (per template, not per system: labelling a few templates must not lift the rule for the rest)."""
+    from serving.client import load_index
     from tasks.common.retrieval import INDEX_FILE, TemplateIndex
 
-    (tmp_path / "index").mkdir()
-    TemplateIndex(["kernel panic on node", "session opened for user"], [1, 0], ["spirit", "spirit"]).save(
-        tmp_path / "index" / INDEX_FILE)
     lines = ["session opened for user root", "link card temperature reading 40", "disk sda failed"]
     endpoint = {"threshold": 0.05, "index_dir": str(tmp_path / "index"), "neighbours": 2}
+    (tmp_path / "index").mkdir()
+    policy = {"features": "word+char", "k": 2, "floor": 0.1, "same_system": True, "contrastive": True}  # params.yaml
+    TemplateIndex(["kernel panic on node", "session opened for user"], [1, 0], ["spirit", "spirit"], **policy).save(
+        tmp_path / "index" / INDEX_FILE)
+    load_index.cache_clear()
     summary, records = run_detect(tmp_path / "new", chat_server().url, lines_file(lines), endpoint=endpoint)
     templates = {r["template"]: r for r in records if r["kind"] == "template"}
     assert all(t["score"] > 0.05 for t in templates.values()), "the score flags every template"
-    alerts = {t for t, r in templates.items() if r["verdict"] == "abnormal"}
-    assert alerts == {"disk sda failed"}
-    assert sum(r["unlabelled_system_rule"] for r in templates.values()) == 2
-    assert summary["templates_unlabelled_system_rule"] == 2 and summary["lines_unlabelled_system_rule"] == 2
-    TemplateIndex(["kernel panic on node", "session opened for user"], [1, 0], ["system log", "system log"]).save(
-        tmp_path / "index" / INDEX_FILE)  # now the index holds labelled templates of the log's system
-    from serving.client import load_index
-
+    assert {t for t, r in templates.items() if r["verdict"] == "abnormal"} == {"disk sda failed"}
+    assert sum(r["no_neighbour_rule"] for r in templates.values()) == 2
+    assert summary["templates_no_neighbour_rule"] == 2 and summary["lines_no_neighbour_rule"] == 2
+    TemplateIndex(["kernel panic on node", "session opened for user"], [1, 0], ["spirit", "system log"],
+                  **policy).save(tmp_path / "index" / INDEX_FILE)  # one labelled template of the log's own system
     load_index.cache_clear()
     _, records = run_detect(tmp_path / "labelled", chat_server().url, lines_file(lines), version="2",
                             endpoint=endpoint)
-    assert {r["verdict"] for r in records if r["kind"] == "template"} == {"abnormal"}
+    templates = {r["template"]: r for r in records if r["kind"] == "template"}
+    assert templates["session opened for user root"]["verdict"] == "abnormal", "shown a neighbour of its system"
+    assert templates["link card temperature reading <*>"]["no_neighbour_rule"], "still none: the rule holds"
     load_index.cache_clear()
 
 

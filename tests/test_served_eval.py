@@ -194,10 +194,10 @@ def test_the_rationale_shown_with_an_alert_is_written_for_the_scored_verdict() -
     assert answers[0].rationale_source in ("model", "evidence") and "log is abnormal" in answers[0].rationale
 
 
-def test_the_evaluations_served_path_applies_the_rule_for_a_system_without_labelled_templates() -> None:
-    """The same rule as the endpoint client (tasks.detection.verdicts.unlabelled_system_normal): everything is
-    scored abnormal; on Thunderbird, which the index does not hold, only the template with a failure word stays an
-    alert; BGL, which it holds, keeps both; without an index (systems None) the rule is off."""
+def test_the_evaluations_served_path_applies_the_no_neighbour_rule() -> None:
+    """The same rule as the endpoint client (tasks.detection.verdicts.no_neighbour_normal): everything is scored
+    abnormal; a template shown no labelled neighbour of its own system stays an alert only with a failure word;
+    one shown such a neighbour keeps its alert; without an index (None) the rule is off."""
 
     class ScoresEverythingAbnormal(TableEngine):
         def score(self, templates, datasets, adapter_dir=None, neighbours=None):
@@ -205,12 +205,12 @@ def test_the_evaluations_served_path_applies_the_rule_for_a_system_without_label
 
     items = [("thunderbird", "kernel: Linux version <*>"), ("thunderbird", "disk <*> failed"),
              ("bgl", "kernel: Linux version <*>")]
-    for systems, expected in (({"bgl", "spirit"}, ["normal", "abnormal", "abnormal"]),
-                              (None, ["abnormal", "abnormal", "abnormal"])):
+    for own, expected in (([False, False, True], ["normal", "abnormal", "abnormal"]),
+                          (None, ["abnormal", "abnormal", "abnormal"])):
         answers = InProcessClassifier(ScoresEverythingAbnormal(), None, "candidate", threshold=0.5,
-                                      rationales="none", systems=systems).classify(items)
-        assert [a.verdict for a in answers] == expected, systems
-        assert [a.unlabelled_system_rule for a in answers] == [e == "normal" for e in expected]
+                                      rationales="none", own_neighbour=lambda batch, own=own: own).classify(items)
+        assert [a.verdict for a in answers] == expected, own
+        assert [a.no_neighbour_rule for a in answers] == [e == "normal" for e in expected]
 
 
 def test_a_mined_template_takes_the_experts_label_by_the_correct_stages_matching() -> None:

@@ -6,7 +6,7 @@ in-process candidate (tasks.evaluation.served), so the served path is measured w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,8 +33,8 @@ class TemplateVerdict:
     of a system the index does not hold gets False even when neighbours of other systems were shown; issue 20
     item 4); None when the classifier does not say. `first_stage`: decided by the verdict rule's first stage
     (tasks.common.prompt.first_stage_normal: no word of letters, normal without a model call), which needs no
-    neighbour. `unlabelled_system_rule`: the score flagged it, but its system holds no labelled template in the
-    version's index and it holds no failure word, so it is normal (`unlabelled_system_normal`).
+    neighbour. `no_neighbour_rule`: the score flagged it, but its prompt showed no labelled neighbour of its own
+    system and it holds no failure word, so it is normal (`no_neighbour_normal`).
 
     `rationale_source`: who wrote `rationale` ('model', or 'evidence' when the model's rationale failed a check
     and the teacher's evidence rationale for the verdict replaced it: tasks.evaluation.rationales.
@@ -54,29 +54,33 @@ class TemplateVerdict:
     neighbour_shown: bool | None = None
     first_stage: bool = False
     rationale_source: str | None = None
-    unlabelled_system_rule: bool = False
+    no_neighbour_rule: bool = False
 
 
 RATIONALE_POLICIES = ("abnormal", "all", "none")  # params.yaml detect.rationales
 
 
-def labelled_systems(index: object | None) -> frozenset[str] | None:
-    """The systems (system_key) a version's retrieval index holds labelled templates of; None without an index."""
-    datasets = getattr(index, "datasets", None)
-    return None if datasets is None else frozenset(system_key(d) for d in datasets)
+def own_system_shown(found: Sequence[object], dataset: str | None) -> bool:
+    """Whether any of the neighbours a prompt showed (tasks.common.retrieval.Neighbour: `.dataset`) is of the
+    template's own system (`system_key`)."""
+    return any(system_key(getattr(n, "dataset", None)) == system_key(dataset) for n in found)
 
 
-def unlabelled_system_normal(template: str, dataset: str | None, systems: Collection[str] | None) -> bool:
-    """The verdict rule for a system the version's index holds no labelled template of (issue 18 item 5, the
-    stated default for such a system; issue 20: its operator has not labelled it yet): a template without a word
-    of the keyword list (tasks.data.teachers.FAILURE_WORDS) is normal whatever its score. False when the system
-    is labelled, or the version has no index (`systems` None: nothing to compare with).
+def no_neighbour_normal(template: str, own_neighbour_shown: bool | None) -> bool:
+    """The verdict rule for a template judged without evidence of its own system (issue 18 item 5, the stated
+    default for a system with no labelled templates; issue 20): when its prompt showed no labelled neighbour of its
+    own system (`own_neighbour_shown` False, detect's `neighbour_shown`) and it holds no word of the keyword list
+    (tasks.data.teachers.FAILURE_WORDS), it is normal whatever its score. None (a version without an index, or a
+    classifier that does not say) turns the rule off.
 
-    Why (measured 2026-12-06, Thunderbird_2k, never trained on, no label in the index): the default candidate's
-    score flagged 48% of the mined templates the experts do not call abnormal, the keyword list 20%. Labelling
-    the system's templates (`rationanomaly review export`, then `release --index-only`) lifts the rule for it.
+    Why (measured 2026-12-06 with the default candidate): on Thunderbird_2k, never trained on and with no label in
+    the index, the score flagged 48% of the mined templates the experts do not call abnormal, the keyword list 20%,
+    the two together 19%. Per template, not per system: after 10 labelled Thunderbird templates the index shows a
+    Thunderbird prompt only Thunderbird neighbours, and the held-out templates with none above the floor were
+    flagged 134 of 150 times (bench/thunderbird_loop.py). On the BGL and Spirit test templates the rule turns 1 and
+    2 flagged templates normal (one of them an anomaly).
     """
-    return systems is not None and system_key(dataset) not in systems and not keyword_hits(template)
+    return own_neighbour_shown is False and not keyword_hits(template)
 
 
 def shows_rationale(policy: str, verdict: str | None, has_threshold: bool) -> bool:

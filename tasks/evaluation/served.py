@@ -30,7 +30,7 @@ import re
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from tasks.detection.detector import Detector
 from tasks.detection.formats import FORMATS
 from tasks.detection.framing import LineFramer
 from tasks.detection.records import record_content
-from tasks.detection.verdicts import TemplateVerdict, shows_rationale, unlabelled_system_normal
+from tasks.detection.verdicts import TemplateVerdict, no_neighbour_normal, shows_rationale
 from tasks.evaluation.rationales import grounded_rationale
 from tasks.evaluation.testdata import EvalSet, Key
 
@@ -96,10 +96,12 @@ class InProcessClassifier:
 
     def __init__(self, engine: Any, adapter_dir: Path | None, version: str, *, threshold: float | None = 0.5,
                  neighbours: Callable[[Sequence[Key]], Any] = lambda items: None,
-                 rationales: str = "abnormal", systems: Collection[str] | None = None) -> None:
+                 rationales: str = "abnormal",
+                 own_neighbour: Callable[[Sequence[Key]], Sequence[bool] | None] = lambda items: None) -> None:
         self.engine, self.adapter_dir, self.version = engine, adapter_dir, version
         self.threshold, self.neighbours, self.rationales = threshold, neighbours, rationales
-        self.systems = systems  # labelled systems of the version's index (tasks.detection.verdicts.labelled_systems)
+        # per item: was a labelled neighbour of its own system shown (None: no index, the no-neighbour rule is off)
+        self.own_neighbour = own_neighbour
         self.answers: dict[Key, TemplateVerdict] = {}
         self.seconds = 0.0
 
@@ -112,9 +114,10 @@ class InProcessClassifier:
         scored = self.engine.score([t for _, t in items], [d for d, _ in items], self.adapter_dir, shown)
         threshold = self.threshold
         flagged = [threshold is not None and scored_verdict(s, threshold) == ABNORMAL for s in scored.scores]
-        # the endpoint client's rule for a system nobody labelled yet: no failure word, no alert
-        gated = [flag and unlabelled_system_normal(template, dataset, self.systems)
-                 for flag, (dataset, template) in zip(flagged, items, strict=True)]
+        # the endpoint client's rule: no labelled neighbour of its own system and no failure word, no alert
+        own = self.own_neighbour(items)
+        gated = [flag and no_neighbour_normal(template, None if own is None else bool(own[i]))
+                 for i, (flag, (_, template)) in enumerate(zip(flagged, items, strict=True))]
         flagged = [flag and not gate for flag, gate in zip(flagged, gated, strict=True)]
         explain = [i for i, abnormal in enumerate(flagged)
                    if shows_rationale(self.rationales, ABNORMAL if abnormal else NORMAL, threshold is not None)]
@@ -143,7 +146,7 @@ class InProcessClassifier:
                                        p.completion if p else "", self.version, each, score,
                                        p.verdict if p else None,
                                        rationale_source=guarded.source if guarded else None,
-                                       unlabelled_system_rule=gated[i]))
+                                       no_neighbour_rule=gated[i]))
         for verdict in out:
             self.answers[(verdict.dataset, verdict.template)] = verdict
             if on_result is not None:

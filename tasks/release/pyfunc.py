@@ -28,7 +28,7 @@ from tasks.common.errors import InputError
 from tasks.common.prompt import ABNORMAL, NORMAL, scored_verdict
 from tasks.common.retrieval import INDEX_FILE
 from tasks.common.settings import EvaluateSettings
-from tasks.detection.verdicts import labelled_systems, unlabelled_system_normal
+from tasks.detection.verdicts import no_neighbour_normal, own_system_shown
 from tasks.evaluation.rationales import grounded_rationale
 
 
@@ -169,10 +169,12 @@ class RationAnomalyModel(mlflow.pyfunc.PythonModel):
                 answers = [(p.verdict or NORMAL, None, p.valid) for p in run.predictions]
             else:  # the score decides; the rationale is written for that verdict (issue 19)
                 scored = self.engine.score(logs, datasets, self.adapter_dir, shown).scores
-                systems = labelled_systems(self.index)  # a system nobody labelled: no failure word, no alert
-                answers = [(NORMAL if unlabelled_system_normal(log, dataset, systems)
-                            else scored_verdict(s, self.threshold), s, s is not None)
-                           for s, log, dataset in zip(scored, logs, datasets, strict=True)]
+                # no labelled neighbour of its own system and no failure word: no alert (as the endpoint's client)
+                own = ([own_system_shown(found, dataset) for found, dataset in
+                        zip(self.index.shown(logs, datasets, self.neighbours), datasets, strict=True)]
+                       if self.index is not None and self.neighbours else [None] * len(logs))
+                answers = [(NORMAL if no_neighbour_normal(log, mine) else scored_verdict(s, self.threshold),
+                            s, s is not None) for s, log, mine in zip(scored, logs, own, strict=True)]
                 run = self.engine.classify(logs, datasets, adapter_dir=self.adapter_dir, neighbours=shown,
                                            verdicts=[explain_verdict(verdict, self.prompt_format)
                                                      for verdict, _, _ in answers])
