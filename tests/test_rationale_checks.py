@@ -68,9 +68,9 @@ def test_each_check_fails_on_a_crafted_bad_rationale(rationale, neighbours, verd
 
 def test_the_issue_examples_are_caught():
     caught = [check_rationale(r, log, dataset, [], 1).failed() for log, dataset, r in ISSUE_EXAMPLES]
-    assert caught[0] == ["agrees", "false_no_failure_word"]
-    assert caught[1] == ["agrees"]
-    assert caught[2] == ["agrees", "false_no_failure_word"]
+    assert caught[0] == ["agrees", "false_no_failure_word", "consistent"]  # "routine status output" under an alert
+    assert caught[1] == ["agrees", "consistent"]
+    assert caught[2] == ["agrees", "false_no_failure_word", "consistent"]
     # Under the verdict it concludes, a "no failure word" claim on a log that says `fatal` still fails.
     assert check_rationale(ISSUE_EXAMPLES[2][2], POSTQUEUE, "spirit", [], 0).failed() == ["false_no_failure_word"]
 
@@ -184,3 +184,21 @@ def test_the_evidence_rationale_cites_only_labelled_shown_neighbours_with_their_
     assert check_rationale(text, MIDPLANE, "bgl", [NEAR], 1).cited_neighbour_shown
     bare = evidence_rationale(MIDPLANE, "bgl", ["unlabelled neighbour text"], 1)
     assert not cited_neighbours(bare), "a neighbour without a label is not cited"
+
+
+def test_a_rationale_that_argues_the_other_verdict_is_inconsistent():
+    """The default candidate's alerts (2026-12-06): "routine status output ... So the log is abnormal." concludes
+    the verdict yet argues the other one; the check catches both directions, and the teacher never does it."""
+    both_ways = ("Domain knowledge: the log names `ciod`. Core information: the log reads 'ciod: Error loading'. "
+                 "Deduction: it is routine status output of `ciod`, with no sign of a system error. So the log is "
+                 "abnormal.")
+    checks = check_rationale(both_ways, "ciod: Error loading <*>", "bgl", [], "abnormal")
+    assert checks.agrees and not checks.consistent and checks.failed() == ["consistent"]
+    assert not check_rationale('`ciod` "Error" signals a software exception. So the log is normal.',
+                               "ciod: Error loading <*>", "bgl", [], "normal").consistent
+    assert check_rationale('`ciod` says "signals abnormally". So the log is normal.', "ciod signals abnormally", "bgl",
+                           [], "normal").consistent, "a word boundary: 'signals abnormally' argues nothing"
+    for label in (0, 1):
+        assert check_rationale(lexicon_rationale(MIDPLANE, label, "bgl", [NEAR]), MIDPLANE, "bgl", [NEAR],
+                               label).consistent
+    assert grounded_rationale(both_ways, "ciod: Error loading <*>", "bgl", [], "abnormal").source == "evidence"

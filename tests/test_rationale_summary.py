@@ -115,6 +115,6 @@ def test_the_model_card_states_the_faithfulness_users_get():
 
     metrics = {"methods": {}, "rationales": summary()}
     (line,) = faithfulness_lines(metrics, compact=True)
-    assert "Over the 3 rationales `detect` shows" in line and "argues for its verdict 1.000" in line
+    assert "Over the 3 rationales `detect` shows" in line and "concludes its verdict 1.000" in line
     assert "replaced by the evidence rationale for 1 of them (33.3%)" in line
     assert "| BGL templates | shown_model | 2 | 0.500 |" in "\n".join(faithfulness_lines(metrics, compact=False))

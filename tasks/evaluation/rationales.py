@@ -1,6 +1,6 @@
 """Do the rationales explain the log they are about, and argue for the verdict they come with? (issues 14, 19)
 
-`check_rationale` runs five checks on one rationale; `faithfulness_report` aggregates them (evaluation, the served
+`check_rationale` runs six checks on one rationale; `faithfulness_report` aggregates them (evaluation, the served
 path in bench/served_quality.py, the distill stage's guard on teacher answers, GRPO's think reward):
 
 - agrees: the rationale's conclusion equals the verdict it comes with. The conclusion is the last
@@ -19,7 +19,11 @@ path in bench/served_quality.py, the distill stage's guard on teacher answers, G
   and the neighbour's label is known, is the shown one. True when none is cited;
 - false_no_failure_word: the rationale claims the log has no failure or error word while the log holds a word of
   the keyword list (tasks.data.teachers.FAILURE_WORDS, the keyword baseline's list). The issue-19 served run:
-  "routine status output ... without any failure word" under `... bll_clear_port failed`.
+  "routine status output ... without any failure word" under `... bll_clear_port failed`;
+- consistent: the rationale holds no deduction arguing for the other verdict (the teacher's deduction phrases,
+  tasks.data.teachers.lexicon_rationale: "routine status output", "with no sign of a" ... for normal, "signals
+  a", "this event marks a" for abnormal). The default candidate's served rationales (2026-12-06): "it is routine
+  status output of `ciod`, with no sign of a system error ... So the log is abnormal." under an alert.
 
 `grounded_rationale` is the guard every served path applies (the endpoint's client, detect, the evaluation's
 served path, the pyfunc): a rationale failing any check is never shown; the offline teacher's evidence rationale
@@ -61,7 +65,15 @@ def quotes_grounded(rationale: str, sources: Iterable[str]) -> bool:
 
 
 Neighbour = str | tuple[str, int | str]
-CHECKS = ("agrees", "component_in_log", "quotes_grounded", "cited_neighbour_shown", "false_no_failure_word")
+CHECKS = ("agrees", "component_in_log", "quotes_grounded", "cited_neighbour_shown", "false_no_failure_word",
+          "consistent")
+# The teacher's deduction phrases for each verdict (tasks.data.teachers.lexicon_rationale); a rationale using one
+# for the other verdict argues both ways (the `consistent` check).
+ARGUES_FOR = {
+    "normal": ("routine status output", "with no sign of a", "routine, successful step", "not a failure by itself",
+               "so the condition was handled"),
+    "abnormal": ("signals a", "signal a", "this event marks a"),
+}
 
 _CONCLUSION = re.compile(r"\blog (?:is|was|looks|seems)\s+(not\s+)?(abnormal|normal|anomalous)\b", re.IGNORECASE)
 _VERDICT_WORD = re.compile(r"\b(not\s+)?(abnormal|normal|anomalous|anomaly)\b", re.IGNORECASE)
@@ -82,13 +94,14 @@ _CITE = re.compile(
 
 @dataclass(frozen=True)
 class RationaleChecks:
-    """The five checks on one rationale (see the module docstring); `passed` when all hold."""
+    """The six checks on one rationale (see the module docstring); `passed` when all hold."""
 
     agrees: bool
     component_in_log: bool
     quotes_grounded: bool
     cited_neighbour_shown: bool
     false_no_failure_word: bool
+    consistent: bool = True
 
     @property
     def passed(self) -> bool:
@@ -127,6 +140,14 @@ def claims_no_failure_word(rationale: str) -> bool:
     return bool(_NO_FAILURE_WORD.search(rationale))
 
 
+def argues_against(rationale: str, verdict: int | str) -> bool:
+    """The rationale uses a deduction phrase of the other verdict (`ARGUES_FOR`), e.g. "routine status output"
+    under an abnormal verdict. Raises ValueError for a verdict other than 0/1 or 'normal'/'abnormal'."""
+    other = "normal" if label_name(verdict) == "abnormal" else "abnormal"
+    text = _plain(rationale)
+    return any(re.search(rf"\b{re.escape(phrase)}\b", text) for phrase in ARGUES_FOR[other])
+
+
 def _neighbour(item: Neighbour) -> tuple[str, str | None]:
     if isinstance(item, str):
         return item, None
@@ -136,7 +157,7 @@ def _neighbour(item: Neighbour) -> tuple[str, str | None]:
 
 def check_rationale(rationale: str, log: str, dataset: str, shown_neighbours: Sequence[Neighbour],
                     verdict: int | str) -> RationaleChecks:
-    """The five checks of one rationale against its log, the neighbours shown with it (templates, or (template,
+    """The six checks of one rationale against its log, the neighbours shown with it (templates, or (template,
     0/1 or label word) pairs) and the verdict it comes with (0/1 or 'normal'/'abnormal'; ValueError otherwise)."""
     near = [_neighbour(n) for n in shown_neighbours]
     named = named_component(rationale)
@@ -151,7 +172,8 @@ def check_rationale(rationale: str, log: str, dataset: str, shown_neighbours: Se
         component_in_log=component,
         quotes_grounded=quotes_grounded(rationale, [log, *(text for text, _ in near)]),
         cited_neighbour_shown=cited,
-        false_no_failure_word=claims_no_failure_word(rationale) and bool(keyword_hits(log)))
+        false_no_failure_word=claims_no_failure_word(rationale) and bool(keyword_hits(log)),
+        consistent=not argues_against(rationale, verdict))
 
 
 RATIONALE_SOURCES = ("model", "evidence")  # who wrote the rationale a user is shown

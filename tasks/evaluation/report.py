@@ -195,9 +195,10 @@ def classical_lines(metrics: Metrics | dict[str, Any]) -> list[str]:
     return lines
 
 
-FAITHFULNESS_COLUMNS = (("agrees", "argues for its verdict"), ("component_in_log", "names a component in the log"),
+FAITHFULNESS_COLUMNS = (("agrees", "concludes its verdict"), ("component_in_log", "names a component in the log"),
                         ("quotes_grounded", "quotes only the log or a shown neighbour"),
-                        ("cited_neighbour_shown", "cites only shown neighbours"))
+                        ("cited_neighbour_shown", "cites only shown neighbours"),
+                        ("consistent", "never argues the other verdict"))
 
 
 def rationale_lines(metrics: Metrics | dict[str, Any]) -> list[str]:
