@@ -44,8 +44,8 @@ Simulates a new system with Spirit held out of training:
    rescoring of the Spirit test templates (model already loaded: a served version keeps it). Not measured here:
    registering and deploying the version (the index-only release flow's own cost).
 
-Thunderbird_2k (the issue's optional second loop) is not run: its templates hold no expert labels beside the line
-tags, and the served-path code that maps them lives in the evaluate stage. Prints one row per (strategy, k),
+Thunderbird_2k (the issue's optional second loop) is measured by bench/thunderbird_loop.py (detect's code on the
+log, the review export's ranking, false alarms before and after), not here. Prints one row per (strategy, k),
 writes `--json` and a plot of F1 against k beside it (same name, .png). Needs the split (`dvc repro split`) and
 the base model under `--root`. Wall seconds are as measured on this machine (2 shared cores).
 """
