@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from tasks.common.retrieval import system_key
+from tasks.common.retrieval import Neighbour, system_key
 from tasks.data.teachers import keyword_hits
 
 
@@ -60,10 +60,9 @@ class TemplateVerdict:
 RATIONALE_POLICIES = ("abnormal", "all", "none")  # params.yaml detect.rationales
 
 
-def own_system_shown(found: Sequence[object], dataset: str | None) -> bool:
-    """Whether any of the neighbours a prompt showed (tasks.common.retrieval.Neighbour: `.dataset`) is of the
-    template's own system (`system_key`)."""
-    return any(system_key(getattr(n, "dataset", None)) == system_key(dataset) for n in found)
+def own_system_shown(found: Sequence[Neighbour], dataset: str | None) -> bool:
+    """Whether any of the neighbours a prompt showed is of the template's own system (`system_key`)."""
+    return any(system_key(n.dataset) == system_key(dataset) for n in found)
 
 
 def no_neighbour_normal(template: str, own_neighbour_shown: bool | None) -> bool:

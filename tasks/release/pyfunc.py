@@ -162,17 +162,17 @@ class RationAnomalyModel(mlflow.pyfunc.PythonModel):
         valid, rationales, completions = [False] * len(cells), [""] * len(cells), [""] * len(cells)
         sources: list[str | None] = [None] * len(cells)
         if rows:
-            shown = (self.index.prompt_neighbours(logs, datasets, self.neighbours)  # the index's floor, same system
+            found = (self.index.shown(logs, datasets, self.neighbours)  # the index's floor, same system
                      if self.index is not None else None)
+            shown = [[(n.template, n.label) for n in near] for near in found] if found is not None else None
             if self.threshold is None:
                 run = self.engine.classify(logs, datasets, adapter_dir=self.adapter_dir, neighbours=shown)
                 answers = [(p.verdict or NORMAL, None, p.valid) for p in run.predictions]
             else:  # the score decides; the rationale is written for that verdict (issue 19)
                 scored = self.engine.score(logs, datasets, self.adapter_dir, shown).scores
                 # no labelled neighbour of its own system and no failure word: no alert (as the endpoint's client)
-                own = ([own_system_shown(found, dataset) for found, dataset in
-                        zip(self.index.shown(logs, datasets, self.neighbours), datasets, strict=True)]
-                       if self.index is not None and self.neighbours else [None] * len(logs))
+                own = ([own_system_shown(near, dataset) for near, dataset in zip(found, datasets, strict=True)]
+                       if found is not None and self.neighbours else [None] * len(logs))
                 answers = [(NORMAL if no_neighbour_normal(log, mine) else scored_verdict(s, self.threshold),
                             s, s is not None) for s, log, mine in zip(scored, logs, own, strict=True)]
                 run = self.engine.classify(logs, datasets, adapter_dir=self.adapter_dir, neighbours=shown,
