@@ -11,14 +11,15 @@ Thunderbird is a system the model never saw and whose 2,000 lines carry no alert
    with the project's masks, the first stage, the prompt with the index's neighbours, a private verdict cache),
    with the trained candidate under `--root` (`--adapter`, default <root>/<evaluate.candidate_dir>; base model
    <root>/<evaluate.base_model_dir>; index <root>/<index.out_dir>/index.pkl) and its threshold
-   (<root>/<evaluate.out_dir>/calibration.json), and the no-neighbour rule as users get it
-   (tasks.detection.verdicts.no_neighbour_normal: a flagged template whose prompt showed no labelled neighbour of
-   its own system and holds no word of the keyword list is normal), `own_neighbour` built from the same index
-   the prompts use, as the evaluate stage builds it (`index.shown`, `own_system_shown`); `--no-rule` turns it
-   off (the measurement before the rule existed). Engine: `--engine` (default transformers: the verdict is one
-   forward pass and it needs no vLLM process on a shared machine; on the default candidate, rule off, it flagged
-   106 of the 225 templates the evaluate stage's vLLM run flagged 108 of), opened as the evaluate stage opens it
-   (tasks.evaluation.inference.open_engine with params.yaml `evaluate:`). Rationales are not written
+   (<root>/<evaluate.out_dir>/calibration.json), and the verdict rules as users get them
+   (tasks.detection.verdicts.apply_verdict_rules: a labelled template takes its label; a flagged template whose
+   prompt showed no labelled abnormal neighbour of its own system and holds no word of the keyword list is
+   normal), `found` from the same index the prompts use, as the evaluate stage builds it (`index.shown`);
+   `--no-rule` turns them off (the measurement before the rules existed). Engine: `--engine` (default
+   transformers: the verdict is one forward pass and it needs no vLLM process on a shared machine; on the default
+   candidate, rule off, it flagged 106 of the 225 templates the evaluate stage's vLLM run flagged 108 of), opened
+   as the evaluate stage opens it (tasks.evaluation.inference.open_engine with params.yaml `evaluate:`).
+   Rationales are not written
    (`detect.rationales` none here): the score against the threshold decides the verdict, a rationale only
    explains it, so the false-alarm figures are the same at a fraction of the cost.
 2. **Export.** The mined templates ranked by the review export's own code and formula
@@ -60,7 +61,7 @@ The first is the issue's loop as stated; the second is the honest forecast for l
 reach k = 50 (the first half of Thunderbird_2k holds 26 templates). Each row also says how the measured
 templates' prompts changed (`held_out_prompts`: with a labelled neighbour of Thunderbird shown, an abnormal one
 among them, or none above the floor) and how many of each are flagged, and how many of the labelled ones the
-model still flags; and how many templates the score flagged that the no-neighbour rule turned normal
+model still flags; and how many templates the score flagged that the no-evidence rule turned normal
 (`rule_turned_normal`: among all not expert-abnormal, the measured set, and the expert-abnormal; 0 with
 `--no-rule`).
 
@@ -72,7 +73,7 @@ are not independent draws and a per-line Wilson interval would be far too narrow
 
 Target (issue 20): Thunderbird_2k false alarms after one export-label-release round <= 2% of the templates the
 experts do not call abnormal. Prints one row per k, writes `--json` and a plot of the false-alarm rate against k
-beside it (same name, .png); both say whether the rule was on (JSON `no_neighbour_rule`). Wall seconds are as
+beside it (same name, .png); both say whether the rule was on (JSON `no_evidence_rule`). Wall seconds are as
 measured on this machine (2 shared cores).
 """
 
@@ -224,7 +225,6 @@ def main() -> None:
     from tasks.common.retrieval import INDEX_FILE, TemplateIndex, system_key
     from tasks.common.settings import load_settings
     from tasks.detection.formats import FORMATS
-    from tasks.detection.verdicts import own_system_shown
     from tasks.evaluate import bootstrap_settings
     from tasks.evaluation.inference import open_engine
     from tasks.evaluation.served import InProcessClassifier, detect_log, expert_labels, read_labelled_log
@@ -245,8 +245,8 @@ def main() -> None:
     parser.add_argument("--engine", default="transformers", help="auto | vllm | transformers (default transformers)")
     parser.add_argument("--max-lines", type=int, default=None, help="the log's first N lines only (a quick look)")
     parser.add_argument("--no-rule", action="store_true",
-                        help="turn the no-neighbour rule off (tasks.detection.verdicts.no_neighbour_normal): the "
-                             "score alone decides, as measured before the rule existed")
+                        help="turn the verdict rules off (tasks.detection.verdicts.apply_verdict_rules): the "
+                             "score alone decides, as measured before the rules existed")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here, the plot beside it")
     args = parser.parse_args()
     settings = load_settings(ROOT / "params.yaml", profile=args.profile)
@@ -278,7 +278,7 @@ def main() -> None:
     detect = settings.detect.model_copy(update={"rationales": "none"})
     rule = not args.no_rule
     print(f"candidate {adapter} (threshold {threshold:.4f} from {threshold_from}); index {len(trained)} templates, "
-          f"policy {trained.policy()}; {len(log.lines)} lines of {log.path}; no-neighbour rule "
+          f"policy {trained.policy()}; {len(log.lines)} lines of {log.path}; verdict rules "
           f"{'on' if rule else 'off (--no-rule)'}", flush=True)
 
     started = time.monotonic()
@@ -290,18 +290,17 @@ def main() -> None:
     labelled_lists: dict[str, list[dict[str, Any]]] = {}
     try:
         def run(index: Any, k: int, lines: Any = log) -> tuple[Any, dict[Any, Any], float]:
-            def own_neighbour(items: Any) -> list[bool] | None:
-                """Per key: was a labelled neighbour of its own system shown, from the index the prompts use
-                (tasks/evaluate.py's `own_neighbour`); None turns the no-neighbour rule off (`--no-rule`)."""
+            def found(items: Any) -> list[Any] | None:
+                """Per key: the neighbours shown, with system and label, from the index the prompts use
+                (tasks/evaluate.py's `found`); None turns the verdict rules off (`--no-rule`)."""
                 if not rule:
                     return None
-                found = index.shown([t for _, t in items], [d for d, _ in items])
-                return [own_system_shown(near, d) for near, (d, _) in zip(found, items, strict=True)]
+                return index.shown([t for _, t in items], [d for d, _ in items])
 
             classifier = InProcessClassifier(
                 engine, adapter, version=f"candidate+{k}-labels", threshold=threshold, rationales="none",
                 neighbours=lambda items: index.prompt_neighbours([t for _, t in items], [d for d, _ in items]),
-                own_neighbour=own_neighbour)
+                found=found)
             began = time.monotonic()
             detected = detect_log(lines, detect, classifier)
             return detected, classifier.answers, time.monotonic() - began
@@ -356,7 +355,7 @@ def main() -> None:
                     print(f"  k {k}: drain mined other templates than before ({len(detected.templates)}): "
                           "figures keyed by the before-run's templates", flush=True)
                 flagged = flagged_of(answers)
-                ruled = {key for key, v in answers.items() if v.no_neighbour_rule}
+                ruled = {key for key, v in answers.items() if v.no_evidence_rule}
                 measured = [key for key in (normal if mode == "held_out" else late) if key not in labelled]
                 row = {"mode": mode, "k": k, "labels": len(chosen),
                        "labelled_abnormal": sum(c["label"] for c in chosen),
@@ -373,10 +372,12 @@ def main() -> None:
                            "recall": round(sum(key in flagged for key in abnormal) / len(abnormal), 3)
                            if abnormal else None, "lines": sum(lines_of[key] for key in abnormal),
                            "flagged_lines": sum(lines_of[key] for key in abnormal if key in flagged)},
-                       # flagged by the score, turned normal by the no-neighbour rule (0 with --no-rule)
+                       # flagged by the score, turned normal by the no-evidence rule (0 with --no-rule)
                        "rule_turned_normal": {"all": sum(key in ruled for key in normal),
                                               "held_out": sum(key in ruled for key in measured),
                                               "expert_abnormal": sum(key in ruled for key in abnormal)},
+                       # judged by their own label in the index (the labelled-template rule)
+                       "labelled_template": sum(v.labelled_template for v in answers.values()),
                        "missing_verdicts": sum(key not in answers for key in keys)}
                 rows.append(row)
                 print(show(row), flush=True)
@@ -384,7 +385,7 @@ def main() -> None:
         engine.close()
 
     figures = {"profile": settings.profile, "adapter": str(adapter), "threshold": round(threshold, 4),
-               "threshold_from": threshold_from, "no_neighbour_rule": rule,
+               "threshold_from": threshold_from, "verdict_rules": rule,
                "index": {"templates": len(trained), "policy": trained.policy()},
                "log": {"path": str(log.path), "lines": len(log.lines), "alert_lines": int(sum(log.labels))},
                "templates": len(keys), "expert_abnormal": [{"template": t, "lines": lines_of[(d, t)],
@@ -397,7 +398,7 @@ def main() -> None:
                             f"templates ({boot.resamples} resamples, seed {boot.seed})",
                "labelled": labelled_lists, "rows": rows}
     for mode in exports:
-        print(f"no-neighbour rule {'on' if rule else 'off'}: {verdict([r for r in rows if r['mode'] == mode])}")
+        print(f"verdict rules {'on' if rule else 'off'}: {verdict([r for r in rows if r['mode'] == mode])}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2, default=str) + "\n", encoding="utf-8")
@@ -445,8 +446,8 @@ def verdict(rows: list[dict[str, Any]]) -> str:
 def plot(rows: list[dict[str, Any]], out: Path, rule: bool) -> None:
     """False-alarm rate per template against the labels added (k, or fewer when fewer were worth one), 95%
     intervals, with the 2% target: all templates, the held-out ones and the second half's, each with the
-    before-run's rate on the same set; per line for all templates. The title says whether the no-neighbour rule
-    was on."""
+    before-run's rate on the same set; per line for all templates. The title says whether the verdict rules
+    were on."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -474,7 +475,7 @@ def plot(rows: list[dict[str, Any]], out: Path, rule: bool) -> None:
     ax.axhline(TARGET, color="grey", linestyle=":", label="target: 2% of templates")
     ax.set_xlabel("exported Thunderbird templates labelled, added to the index only")
     ax.set_ylabel("false-alarm rate (not expert-abnormal)")
-    ax.set_title("Thunderbird_2k: one export-label-release round (95% CI), no-neighbour rule "
+    ax.set_title("Thunderbird_2k: one export-label-release round (95% CI), verdict rules "
                  f"{'on' if rule else 'off'}")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)

@@ -23,7 +23,6 @@ from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attemp
 
 from tasks.common.contracts import OPEN_QUESTION_FORMAT, PROMPT_FORMAT, explain_verdict
 from tasks.common.prompt import (
-    ABNORMAL,
     FIRST_STAGE_SCORE,
     NORMAL,
     TOP_LOGPROBS,
@@ -42,7 +41,7 @@ from tasks.common.tokenizers import chat_tokens, special_tokens_in, token_counte
 from tasks.detection.verdicts import (
     ClassifierError,
     TemplateVerdict,
-    no_neighbour_normal,
+    apply_verdict_rules,
     own_system_shown,
     shows_rationale,
 )
@@ -456,7 +455,9 @@ class Client:
         rationale checks (else the evidence rationale for that verdict, `rationale_source` 'evidence'; the
         neighbours the prompt was built with count as shown). Only the model's output is parsed,
         never the log text. The verdict says whether a labelled neighbour of the template's own system was shown
-        (`neighbour_shown`, issue 20 item 4) and whether the first stage decided it (`first_stage`)."""
+        (`neighbour_shown`, issue 20 item 4), whether the first stage decided it (`first_stage`) and whether a rule
+        on the shown neighbours did (`labelled_template`, `no_evidence_rule`: tasks.detection.verdicts.
+        apply_verdict_rules, for a version with a threshold and an index)."""
         started = time.monotonic()
         endpoint = self.endpoint()
         found = self.shown_neighbours(template, endpoint, dataset)
@@ -471,15 +472,16 @@ class Client:
                 lambda squeeze: self.score(self.scoring_messages(template, dataset, endpoint, near, squeeze=squeeze),
                                            model=model))
             verdict = scored_verdict(score, endpoint.threshold)
-        with_index = bool(endpoint.index_dir) and endpoint.neighbours > 0
-        gated = verdict == ABNORMAL and no_neighbour_normal(template, own if with_index else None)
-        if gated:  # no labelled neighbour of its system and no failure word: no alert (tasks.detection.verdicts)
-            verdict = NORMAL
+        ruled_by_index = bool(endpoint.index_dir) and endpoint.neighbours > 0 and endpoint.threshold is not None
+        # a labelled template takes its label; an alert without evidence is none (tasks.detection.verdicts)
+        ruled = apply_verdict_rules(template, dataset, found if ruled_by_index else None, verdict)
+        verdict = ruled.verdict
         explain = shows_rationale(self.rationales, verdict, endpoint.threshold is not None)
         if not explain:
             return TemplateVerdict(template, dataset, verdict, score is not None, "", "", endpoint.version,
                                    time.monotonic() - started, score, neighbour_shown=own and not first,
-                                   first_stage=first, no_neighbour_rule=gated)
+                                   first_stage=first, no_evidence_rule=ruled.no_evidence,
+                                   labelled_template=ruled.labelled)
         given = explain_verdict(verdict, endpoint.prompt_format)  # an older version is asked the open question
         text, endpoint = self._within_context(
             lambda squeeze: self.complete(self.explain_messages(template, dataset, endpoint, near, squeeze=squeeze,
@@ -493,7 +495,7 @@ class Client:
                                shown.text if shown else parsed.think, text, endpoint.version,
                                time.monotonic() - started, score, parsed.answer, neighbour_shown=own,
                                first_stage=first, rationale_source=shown.source if shown else None,
-                               no_neighbour_rule=gated)
+                               no_evidence_rule=ruled.no_evidence, labelled_template=ruled.labelled)
 
     @staticmethod
     def _within_context(ask: Callable[[float], _T]) -> _T:

@@ -32,9 +32,9 @@ from tasks.common.config import repo_root
 from tasks.common.contracts import CALIBRATION_FILE, CANDIDATE, LLM_BASELINES, RULE_METHODS, Metrics
 from tasks.common.files import atomic_dir, read_labelled_templates, write_json_atomic
 from tasks.common.prompt import ABNORMAL, NORMAL, parse_completion, scored_verdict
-from tasks.common.retrieval import INDEX_FILE, TemplateIndex
+from tasks.common.retrieval import INDEX_FILE, Neighbour, TemplateIndex
 from tasks.common.settings import DetectSettings, EvaluateSettings, IndexSettings, load_settings
-from tasks.detection.verdicts import TemplateVerdict, own_system_shown, shows_rationale
+from tasks.detection.verdicts import TemplateVerdict, apply_verdict_rules, shows_rationale
 from tasks.evaluation.calibration import Calibration, choose_threshold, threshold_interval
 from tasks.evaluation.intervals import BootstrapSettings, paired_mean_f1_difference
 from tasks.evaluation.metrics import Evaluation, MethodResult, score
@@ -243,7 +243,9 @@ def item_predictions(result: MethodResult, sets: Sequence[EvalSet]) -> dict[str,
 
 def scored_method(name: str, engine: Any, adapter: Path | None, keys: Sequence[Key], data: EvalData,
                   neighbours: Callable[[Sequence[Key]], Any], bootstrap: BootstrapSettings | None = None,
-                  first_stage: bool = True) -> tuple[MethodResult, Calibration | None]:
+                  first_stage: bool = True,
+                  found: Callable[[Sequence[Key]], Sequence[Sequence[Neighbour]] | None] | None = None,
+                  ) -> tuple[MethodResult, Calibration | None]:
     """A method judged by its calibrated verdict score: the threshold fitted on the validation fold, then every
     key scored and thresholded. Without a validation fold (or one without anomalies) the threshold is 0.5 and
     no calibration is returned; evaluate_all then judges the candidate by its answer word, as it is served.
@@ -251,7 +253,10 @@ def scored_method(name: str, engine: Any, adapter: Path | None, keys: Sequence[K
     `neighbours(keys)` gives the labelled templates shown with each key (None: bare prompts). With `bootstrap`,
     the calibration carries the threshold's spread over stratified resamples of the validation fold
     (tasks.evaluation.calibration.threshold_interval; issue 18 item 5). `first_stage` False: the model scores
-    every template, none is called normal before it (the first-stage ablation).
+    every template, none is called normal before it (the first-stage ablation). `found(keys)` gives the same
+    neighbours with their system: the served verdict rules then apply on top of the threshold, as every served
+    path applies them (tasks.detection.verdicts.apply_verdict_rules: a labelled template takes its label, an
+    alert without evidence is normal); the threshold is fitted on the scores alone.
     """
     val_keys, val_labels = data.validation_keys()
     calibration = None
@@ -272,6 +277,15 @@ def scored_method(name: str, engine: Any, adapter: Path | None, keys: Sequence[K
     result = MethodResult(name, verdicts, run_.seconds + seconds, run_.engine, True)
     result.notes.append(f"verdict score ≥ {threshold:.4f}" + (" (fitted on the validation fold)" if calibration
                                                               else " (no validation fold)"))
+    shown = found(keys) if found is not None and calibration is not None else None
+    if shown is not None:
+        ruled = [apply_verdict_rules(t, d, near, ABNORMAL if verdicts[(d, t)]["label"] else NORMAL)
+                 for (d, t), near in zip(keys, shown, strict=True)]
+        for key, r in zip(keys, ruled, strict=True):
+            verdicts[key]["label"] = int(r.verdict == ABNORMAL)
+        result.notes.append(f"verdict rules: {sum(r.labelled for r in ruled)} labelled templates took their label, "
+                            f"{sum(r.no_evidence for r in ruled)} alerts without evidence (no failure word, no "
+                            "abnormal neighbour of their system shown) are normal")
     calls = len(keys) if run_.model_calls is None else run_.model_calls
     result.model_calls_per_template = calls / max(1, len(keys))
     if first_stage:
@@ -367,12 +381,11 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
             return None
         return index.prompt_neighbours([t for _, t in batch], [d for d, _ in batch], k)
 
-    def own_neighbour(batch: Sequence[Key]) -> list[bool] | None:
-        """Per key: was a labelled neighbour of its own system shown (the no-neighbour rule; None: no index)."""
+    def found(batch: Sequence[Key]) -> list[list[Neighbour]] | None:
+        """Per key: the neighbours its prompt shows, with system and label (the verdict rules; None: no index)."""
         if index is None or k == 0:
             return None
-        found = index.shown([t for _, t in batch], [d for d, _ in batch], k)
-        return [own_system_shown(near, d) for near, (d, _) in zip(found, batch, strict=True)]
+        return index.shown([t for _, t in batch], [d for d, _ in batch], k)
 
     factory = engine_factory or open_engine
     engine = factory(root / settings.base_model_dir, settings.engine, batch_size=settings.batch_size,
@@ -381,7 +394,7 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
                      threads=settings.torch_threads)
     try:
         candidate, calibration = scored_method(CANDIDATE, engine, paths[CANDIDATE], keys, data, with_neighbours,
-                                               bootstrap_settings(settings))
+                                               bootstrap_settings(settings), found=found)
         if calibration is None:  # no threshold to register: the version is served by its answer word, so judge that
             explained = llm_method("explain", engine, keys, paths[CANDIDATE], with_neighbours(keys))
             for key, answer in explained.verdicts.items():
@@ -408,7 +421,7 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
         classifier = InProcessClassifier(engine, paths[CANDIDATE], version="candidate",
                                          threshold=calibration.threshold if calibration else None,
                                          neighbours=with_neighbours, rationales=detect.rationales,
-                                         own_neighbour=own_neighbour)
+                                         found=found)
         served, served_info = _served(settings, detect, root, classifier, data)
         candidate.verdicts.update({key: _served_verdict(v) for key, v in classifier.answers.items()
                                    if key not in candidate.verdicts})
@@ -423,12 +436,13 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
                 calibrations[NO_RETRIEVAL] = bare_calibration.to_dict()
         if ablations:
             every, every_calibration = scored_method(NO_FIRST_STAGE, engine, paths[CANDIDATE], keys, data,
-                                                     with_neighbours, first_stage=False)
+                                                     with_neighbours, first_stage=False, found=found)
             results[NO_FIRST_STAGE] = every
             if every_calibration:
                 calibrations[NO_FIRST_STAGE] = every_calibration.to_dict()
         if "sft_only" in methods:
-            sft, sft_calibration = scored_method("sft_only", engine, paths["sft_only"], keys, data, with_neighbours)
+            sft, sft_calibration = scored_method("sft_only", engine, paths["sft_only"], keys, data, with_neighbours,
+                                                 found=found)
             results["sft_only"] = sft
             if sft_calibration:
                 calibrations["sft_only"] = sft_calibration.to_dict()

@@ -459,13 +459,13 @@ def test_the_versions_index_puts_labelled_neighbours_into_every_prompt(tmp_path:
         assert prompt.count("\n- ") == 2
 
 
-def test_a_template_shown_no_neighbour_of_its_system_needs_a_failure_word_for_an_alert(tmp_path: Path,
-                                                                                        chat_server: Any) -> None:
-    """Issue 18 item 5 / issue 20: the threshold is so low that the score flags every template. With an index of
-    another system's labels only, the templates without a word of the keyword list are normal (flagged by the rule,
-    counted in the summary); the one saying `failed` stays an alert. Once the index holds a labelled neighbour of
-    the log's system for a template, that template keeps its alert; one still without such a neighbour does not
-    (per template, not per system: labelling a few templates must not lift the rule for the rest)."""
+def test_an_alert_needs_a_failure_word_or_an_abnormal_neighbour_of_its_system(tmp_path: Path,
+                                                                              chat_server: Any) -> None:
+    """Issue 18 items 4-5 / issue 20: the threshold is so low that the score flags every template. With an index of
+    another system's labels only, the templates without a word of the keyword list are normal (flagged by the
+    no-evidence rule, counted in the summary); the one saying `failed` stays an alert. A labelled abnormal
+    neighbour of the log's own system keeps a template's alert; a labelled normal one does not (it is no evidence
+    of a failure), and per template: labelling one template must not lift the rule for the rest."""
     from serving.client import load_index
     from tasks.common.retrieval import INDEX_FILE, TemplateIndex
 
@@ -480,16 +480,45 @@ def test_a_template_shown_no_neighbour_of_its_system_needs_a_failure_word_for_an
     templates = {r["template"]: r for r in records if r["kind"] == "template"}
     assert all(t["score"] > 0.05 for t in templates.values()), "the score flags every template"
     assert {t for t, r in templates.items() if r["verdict"] == "abnormal"} == {"disk sda failed"}
-    assert sum(r["no_neighbour_rule"] for r in templates.values()) == 2
-    assert summary["templates_no_neighbour_rule"] == 2 and summary["lines_no_neighbour_rule"] == 2
-    TemplateIndex(["kernel panic on node", "session opened for user"], [1, 0], ["spirit", "system log"],
-                  **policy).save(tmp_path / "index" / INDEX_FILE)  # one labelled template of the log's own system
+    assert sum(r["no_evidence_rule"] for r in templates.values()) == 2
+    assert summary["templates_no_evidence_rule"] == 2 and summary["lines_no_evidence_rule"] == 2
+    TemplateIndex(["link card temperature reading high", "session opened for user"], [1, 0],
+                  ["system log", "system log"], **policy).save(tmp_path / "index" / INDEX_FILE)  # the log's system
     load_index.cache_clear()
     _, records = run_detect(tmp_path / "labelled", chat_server().url, lines_file(lines), version="2",
                             endpoint=endpoint)
     templates = {r["template"]: r for r in records if r["kind"] == "template"}
-    assert templates["session opened for user root"]["verdict"] == "abnormal", "shown a neighbour of its system"
-    assert templates["link card temperature reading <*>"]["no_neighbour_rule"], "still none: the rule holds"
+    assert templates["link card temperature reading <*>"]["verdict"] == "abnormal", "an abnormal neighbour shown"
+    assert not templates["link card temperature reading <*>"]["no_evidence_rule"]
+    assert templates["session opened for user root"]["verdict"] == "normal", "a normal neighbour is no evidence"
+    assert templates["session opened for user root"]["no_evidence_rule"]
+    load_index.cache_clear()
+
+
+def test_a_template_the_index_holds_labelled_takes_that_label_whatever_its_score(tmp_path: Path,
+                                                                                 chat_server: Any) -> None:
+    """Issue 20: an operator who labels a template expects the served version to follow the label. The index holds
+    two of the log's templates of its own system: the one labelled normal is normal though the score flags
+    everything; with a threshold nothing reaches, the one labelled abnormal is an alert. Both say so
+    (`labelled_template`), the summary counts them, and the same text of another system is not a match."""
+    from serving.client import load_index
+    from tasks.common.retrieval import INDEX_FILE, TemplateIndex
+
+    lines = ["session opened for user root", "disk sda failed", "link card temperature reading 40"]
+    (tmp_path / "index").mkdir()
+    policy = {"features": "word+char", "k": 2, "floor": 0.1, "same_system": True, "contrastive": True}
+    TemplateIndex(["session opened for user root", "disk sda failed", "link card temperature reading <*>"],
+                  [0, 1, 1], ["system log", "system log", "spirit"], **policy).save(tmp_path / "index" / INDEX_FILE)
+    for threshold, expected in ((0.05, {"disk sda failed"}), (1.01, {"disk sda failed"})):
+        load_index.cache_clear()
+        endpoint = {"threshold": threshold, "index_dir": str(tmp_path / "index"), "neighbours": 2}
+        summary, records = run_detect(tmp_path / f"t{threshold}", chat_server().url, lines_file(lines),
+                                      endpoint=endpoint)
+        templates = {r["template"]: r for r in records if r["kind"] == "template"}
+        assert {t for t, r in templates.items() if r["verdict"] == "abnormal"} == expected, threshold
+        assert {t for t, r in templates.items() if r["labelled_template"]} == {"session opened for user root",
+                                                                             "disk sda failed"}
+        assert summary["templates_labelled"] == 2 and summary["lines_labelled"] == 2
     load_index.cache_clear()
 
 
@@ -696,8 +725,8 @@ def test_template_records_say_whether_a_labelled_neighbour_of_their_system_was_s
 
 
 def test_a_verdict_cache_of_the_old_layout_is_rebuilt_not_misread(tmp_path: Path) -> None:
-    """LAYOUT 4 added rationale_source (issue 19's guard): a layout-3 cache is emptied, never read with it missing
-    (its rationales were shown unchecked)."""
+    """LAYOUT 5 widened the no-neighbour rule to the no-evidence rule and added labelled_template: a layout-4
+    cache is emptied, never read (its verdicts were decided by the old rule)."""
     import sqlite3
 
     from tasks.detection.cache import LAYOUT, VerdictCache, cache_scope
@@ -706,13 +735,14 @@ def test_a_verdict_cache_of_the_old_layout_is_rebuilt_not_misread(tmp_path: Path
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE verdicts (model_version TEXT NOT NULL, scope TEXT NOT NULL, template TEXT NOT NULL, "
                    "dataset TEXT, verdict TEXT, valid INTEGER, score REAL, rationale TEXT, raw TEXT, created_at REAL, "
-                   "neighbour_shown INTEGER, first_stage INTEGER, PRIMARY KEY (scope, dataset, template))")
-        db.execute("INSERT INTO verdicts VALUES ('1', ?, 'link down', 'bgl', 'abnormal', 1, 0.9, 'r', '', 0, 1, 0)",
-                   (cache_scope("1", {}),))
-        db.execute("PRAGMA user_version = 3")
+                   "neighbour_shown INTEGER, first_stage INTEGER, rationale_source TEXT, no_neighbour_rule INTEGER, "
+                   "PRIMARY KEY (scope, dataset, template))")
+        db.execute("INSERT INTO verdicts VALUES ('1', ?, 'link down', 'bgl', 'abnormal', 1, 0.9, 'r', '', 0, 1, 0, "
+                   "'model', 0)", (cache_scope("1", {}),))
+        db.execute("PRAGMA user_version = 4")
     cache = VerdictCache(path, "1", {})
     try:
-        assert LAYOUT == 4 and cache.get("link down", "bgl") is None and len(cache) == 0
+        assert LAYOUT == 5 and cache.get("link down", "bgl") is None and len(cache) == 0
     finally:
         cache.close()
 

@@ -194,23 +194,31 @@ def test_the_rationale_shown_with_an_alert_is_written_for_the_scored_verdict() -
     assert answers[0].rationale_source in ("model", "evidence") and "log is abnormal" in answers[0].rationale
 
 
-def test_the_evaluations_served_path_applies_the_no_neighbour_rule() -> None:
-    """The same rule as the endpoint client (tasks.detection.verdicts.no_neighbour_normal): everything is scored
-    abnormal; a template shown no labelled neighbour of its own system stays an alert only with a failure word;
-    one shown such a neighbour keeps its alert; without an index (None) the rule is off."""
+def test_the_evaluations_served_path_applies_the_verdict_rules() -> None:
+    """The same rules as the endpoint client (tasks.detection.verdicts.apply_verdict_rules): everything is scored
+    abnormal; a template shown no labelled abnormal neighbour of its own system stays an alert only with a failure
+    word; one shown such a neighbour keeps its alert; a template the index holds labelled normal is normal;
+    without an index (None) the rules are off."""
+    from tasks.common.retrieval import Neighbour
 
     class ScoresEverythingAbnormal(TableEngine):
         def score(self, templates, datasets, adapter_dir=None, neighbours=None):
             return ScoreRun([0.99] * len(templates), self.name, 0.01)
 
     items = [("thunderbird", "kernel: Linux version <*>"), ("thunderbird", "disk <*> failed"),
-             ("bgl", "kernel: Linux version <*>")]
-    for own, expected in (([False, False, True], ["normal", "abnormal", "abnormal"]),
-                          (None, ["abnormal", "abnormal", "abnormal"])):
+             ("bgl", "kernel: Linux version <*>"), ("bgl", "ciod: generated <*> core files"),
+             ("bgl", "ciod: LOGIN chdir failed")]
+    shown = [[Neighbour("kernel panic", "bgl", 1, 0.4)], [],
+             [Neighbour("kernel panic", "bgl", 1, 0.4)], [Neighbour("ciod: generated <*> core files", "bgl", 0, 1.0)],
+             [Neighbour("ciod: LOGIN chdir failed", "bgl", 0, 1.0)]]
+    for found, expected in ((shown, ["normal", "abnormal", "abnormal", "normal", "normal"]),
+                            (None, ["abnormal"] * 5)):
         answers = InProcessClassifier(ScoresEverythingAbnormal(), None, "candidate", threshold=0.5,
-                                      rationales="none", own_neighbour=lambda batch, own=own: own).classify(items)
-        assert [a.verdict for a in answers] == expected, own
-        assert [a.no_neighbour_rule for a in answers] == [e == "normal" for e in expected]
+                                      rationales="none", found=lambda batch, found=found: found).classify(items)
+        assert [a.verdict for a in answers] == expected, found
+        assert [a.no_evidence_rule for a in answers] == ([True, False, False, False, False] if found else [False] * 5)
+        assert [a.labelled_template for a in answers] == ([False, False, False, True, True] if found
+                                                          else [False] * 5)
 
 
 def test_a_mined_template_takes_the_experts_label_by_the_correct_stages_matching() -> None:

@@ -13,17 +13,20 @@ from tasks.common.files import sha256_json
 from tasks.detection.verdicts import TemplateVerdict
 
 # PRAGMA user_version of the table layout; 2: keyed by system too (issue 21, case 9); 3: neighbour_shown and
-# first_stage (issue 20 item 4); 4: rationale_source (issue 19, the served guard) and no_neighbour_rule
-LAYOUT = 4
+# first_stage (issue 20 item 4); 4: rationale_source (issue 19, the served guard) and the no-neighbour rule; 5: that
+# rule widened to no_evidence_rule, and labelled_template (tasks.detection.verdicts.apply_verdict_rules)
+LAYOUT = 5
 COLUMNS = ("model_version", "scope", "template", "dataset", "verdict", "valid", "score", "rationale", "raw",
-           "created_at", "neighbour_shown", "first_stage", "rationale_source", "no_neighbour_rule")
+           "created_at", "neighbour_shown", "first_stage", "rationale_source", "no_evidence_rule",
+           "labelled_template")
 
 
 class CachedVerdict(NamedTuple):
     """What detect writes for a template: the verdict, whether it could be read, its score and rationale, whether a
     labelled neighbour of its system was shown (None: not reported), whether the first stage decided it, and who
-    wrote the rationale (`rationale_source`: model | evidence, None without one) and whether the rule for a template
-    without a shown neighbour of its system made it normal (`no_neighbour_rule`; TemplateVerdict)."""
+    wrote the rationale (`rationale_source`: model | evidence, None without one) and whether a verdict rule decided
+    it (`no_evidence_rule`: an alert without evidence made normal; `labelled_template`: the template's own label;
+    TemplateVerdict)."""
 
     verdict: str | None
     valid: bool
@@ -32,7 +35,8 @@ class CachedVerdict(NamedTuple):
     neighbour_shown: bool | None = None
     first_stage: bool = False
     rationale_source: str | None = None
-    no_neighbour_rule: bool = False
+    no_evidence_rule: bool = False
+    labelled_template: bool = False
 
 
 def cache_scope(model_version: str, answer_settings: Mapping[str, Any]) -> str:
@@ -74,17 +78,19 @@ class VerdictCache:
             "CREATE TABLE IF NOT EXISTS verdicts (model_version TEXT NOT NULL, scope TEXT NOT NULL, "
             "template TEXT NOT NULL, dataset TEXT, verdict TEXT, valid INTEGER, score REAL, rationale TEXT, "
             "raw TEXT, created_at REAL, neighbour_shown INTEGER, first_stage INTEGER, rationale_source TEXT, "
-            "no_neighbour_rule INTEGER, "
+            "no_evidence_rule INTEGER, labelled_template INTEGER, "
             "PRIMARY KEY (scope, dataset, template))"
         )
         self.invalidated = self._db.execute("DELETE FROM verdicts WHERE model_version != ?",
                                             (self.model_version,)).rowcount
         self._db.commit()
         rows = self._db.execute("SELECT dataset, template, verdict, valid, score, rationale, neighbour_shown, "
-                                "first_stage, rationale_source, no_neighbour_rule FROM verdicts WHERE scope = ?",
+                                "first_stage, rationale_source, no_evidence_rule, labelled_template FROM verdicts "
+                                "WHERE scope = ?",
                                 (self.scope,))
-        self._memo = {(d, t): CachedVerdict(v, bool(ok), s, r, None if n is None else bool(n), bool(f), src, bool(u))
-                      for d, t, v, ok, s, r, n, f, src, u in rows}
+        self._memo = {(d, t): CachedVerdict(v, bool(ok), s, r, None if n is None else bool(n), bool(f), src, bool(u),
+                                            bool(lt))
+                      for d, t, v, ok, s, r, n, f, src, u, lt in rows}
 
     def get(self, template: str, dataset: str) -> CachedVerdict | None:
         """The cached verdict of a template of system `dataset` in this scope, None when not asked yet."""
@@ -93,16 +99,16 @@ class VerdictCache:
     def put(self, verdict: TemplateVerdict) -> None:
         """Stored and committed at once: this is what survives an endpoint failure."""
         self._db.execute(
-            "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (self.model_version, self.scope, verdict.template, verdict.dataset, verdict.verdict, int(verdict.valid),
              verdict.score, verdict.rationale, verdict.raw, time.time(),
              None if verdict.neighbour_shown is None else int(verdict.neighbour_shown), int(verdict.first_stage),
-             verdict.rationale_source, int(verdict.no_neighbour_rule)),
+             verdict.rationale_source, int(verdict.no_evidence_rule), int(verdict.labelled_template)),
         )
         self._db.commit()
         self._memo[(verdict.dataset, verdict.template)] = CachedVerdict(
             verdict.verdict, verdict.valid, verdict.score, verdict.rationale, verdict.neighbour_shown,
-            verdict.first_stage, verdict.rationale_source, verdict.no_neighbour_rule)
+            verdict.first_stage, verdict.rationale_source, verdict.no_evidence_rule, verdict.labelled_template)
 
     def __len__(self) -> int:
         return len(self._memo)

@@ -400,7 +400,8 @@ class Detector:
                 write(json.dumps({"kind": "template", "template_id": cid, "template": template,
                                   "verdict": verdict_of[cid][0], "score": score, "rationale": cached.rationale,
                                   "rationale_source": cached.rationale_source,
-                                  "no_neighbour_rule": cached.no_neighbour_rule,
+                                  "no_evidence_rule": cached.no_evidence_rule,
+                                  "labelled_template": cached.labelled_template,
                                   "dataset": dataset, "model_version": self.model_version,
                                   "threshold": self.threshold, "neighbour_shown": cached.neighbour_shown,
                                   "first_stage": cached.first_stage, "example_line": first.first,
@@ -460,19 +461,25 @@ class Detector:
         does not report neighbours (`neighbour_shown` None) is in neither count. `rationales_shown` /
         `rationales_replaced`: the templates given a rationale, and those whose model rationale failed a check
         and was replaced by the evidence rationale (issue 19; tasks.evaluation.rationales.grounded_rationale).
-        `templates_no_neighbour_rule` / `lines_...`: those the score flagged but the no-neighbour rule made normal
-        (no labelled neighbour of their system shown, no failure word; tasks.detection.verdicts.no_neighbour_normal).
+        `templates_no_evidence_rule` / `lines_...`: those the score flagged but the no-evidence rule made normal (no
+        labelled abnormal neighbour of their system shown, no failure word; tasks.detection.verdicts.
+        no_evidence_normal); `templates_labelled` / `lines_labelled`: those the index holds, labelled, whose verdict
+        is that label (tasks.detection.verdicts.labelled_template).
         """
         top = []
         unknown = {"templates_without_neighbour": 0, "lines_without_neighbour": 0, "templates_first_stage": 0,
                    "lines_first_stage": 0, "rationales_shown": 0, "rationales_replaced": 0,
-                   "templates_no_neighbour_rule": 0, "lines_no_neighbour_rule": 0}
+                   "templates_no_evidence_rule": 0, "lines_no_evidence_rule": 0, "templates_labelled": 0,
+                   "lines_labelled": 0}
         for cid, count in stats.line_counts.items():
             template, dataset = self._emitted.get(cid, (None, ""))
             cached = self.cache.get(template, dataset) if template is not None else None
-            if cached is not None and cached.no_neighbour_rule:
-                unknown["templates_no_neighbour_rule"] += 1
-                unknown["lines_no_neighbour_rule"] += count
+            if cached is not None and cached.no_evidence_rule:
+                unknown["templates_no_evidence_rule"] += 1
+                unknown["lines_no_evidence_rule"] += count
+            if cached is not None and cached.labelled_template:
+                unknown["templates_labelled"] += 1
+                unknown["lines_labelled"] += count
             if cached is not None and cached.rationale_source is not None:
                 unknown["rationales_shown"] += 1
                 unknown["rationales_replaced"] += cached.rationale_source != "model"
@@ -525,9 +532,11 @@ def print_summary(summary: dict[str, Any], console: Any = None, output: str | No
             "lines) were judged without a labelled neighbour of their system; "
             f"{summary['templates_first_stage']} templates ({summary['lines_first_stage']} lines) hold no word of "
             "letters and are normal by the verdict rule's first stage, which needs no neighbour.\n"
-            + (f"{summary['templates_no_neighbour_rule']} templates ({summary['lines_no_neighbour_rule']} "
-               "lines) scored above the threshold are normal: no labelled neighbour of their system was shown and "
-               "they hold no failure word.\n" if summary.get("templates_no_neighbour_rule") else "")
+            + (f"{summary['templates_no_evidence_rule']} templates ({summary['lines_no_evidence_rule']} "
+               "lines) scored above the threshold are normal: no labelled abnormal neighbour of their system was "
+               "shown and they hold no failure word.\n" if summary.get("templates_no_evidence_rule") else "")
+            + (f"{summary['templates_labelled']} templates ({summary['lines_labelled']} lines) are labelled in the "
+               "version's index and take that label.\n" if summary.get("templates_labelled") else "")
             + f"label what is worth it: {EXPORT_COMMAND} {where} --out corrections/reviews/<your name>.csv"))
     if summary.get("rationales_shown"):
         console.print(Text(

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from tasks.common.prompt import ABNORMAL, NORMAL
 from tasks.common.retrieval import Neighbour, system_key
 from tasks.data.teachers import keyword_hits
 
@@ -33,8 +34,9 @@ class TemplateVerdict:
     of a system the index does not hold gets False even when neighbours of other systems were shown; issue 20
     item 4); None when the classifier does not say. `first_stage`: decided by the verdict rule's first stage
     (tasks.common.prompt.first_stage_normal: no word of letters, normal without a model call), which needs no
-    neighbour. `no_neighbour_rule`: the score flagged it, but its prompt showed no labelled neighbour of its own
-    system and it holds no failure word, so it is normal (`no_neighbour_normal`).
+    neighbour. `no_evidence_rule`: the score flagged it, but its prompt showed no labelled abnormal neighbour of its
+    own system and it holds no failure word, so it is normal (`no_evidence_normal`). `labelled_template`: the index
+    holds this very template of its system, labelled, and the verdict is that label (`labelled_template`).
 
     `rationale_source`: who wrote `rationale` ('model', or 'evidence' when the model's rationale failed a check
     and the teacher's evidence rationale for the verdict replaced it: tasks.evaluation.rationales.
@@ -54,7 +56,8 @@ class TemplateVerdict:
     neighbour_shown: bool | None = None
     first_stage: bool = False
     rationale_source: str | None = None
-    no_neighbour_rule: bool = False
+    no_evidence_rule: bool = False
+    labelled_template: bool = False
 
 
 RATIONALE_POLICIES = ("abnormal", "all", "none")  # params.yaml detect.rationales
@@ -65,21 +68,65 @@ def own_system_shown(found: Sequence[Neighbour], dataset: str | None) -> bool:
     return any(system_key(n.dataset) == system_key(dataset) for n in found)
 
 
-def no_neighbour_normal(template: str, own_neighbour_shown: bool | None) -> bool:
-    """The verdict rule for a template judged without evidence of its own system (issue 18 item 5, the stated
-    default for a system with no labelled templates; issue 20): when its prompt showed no labelled neighbour of its
-    own system (`own_neighbour_shown` False, detect's `neighbour_shown`) and it holds no word of the keyword list
-    (tasks.data.teachers.FAILURE_WORDS), it is normal whatever its score. None (a version without an index, or a
-    classifier that does not say) turns the rule off.
+def own_abnormal_shown(found: Sequence[Neighbour], dataset: str | None) -> bool:
+    """Whether the prompt showed a neighbour of the template's own system labelled abnormal."""
+    return any(n.label == 1 and system_key(n.dataset) == system_key(dataset) for n in found)
 
-    Why (measured 2026-12-06 with the default candidate): on Thunderbird_2k, never trained on and with no label in
-    the index, the score flagged 48% of the mined templates the experts do not call abnormal, the keyword list 20%,
-    the two together 19%. Per template, not per system: after 10 labelled Thunderbird templates the index shows a
-    Thunderbird prompt only Thunderbird neighbours, and the held-out templates with none above the floor were
-    flagged 134 of 150 times (bench/thunderbird_loop.py). On the BGL and Spirit test templates the rule turns 1 and
-    2 flagged templates normal (one of them an anomaly).
+
+def labelled_template(template: str, dataset: str | None, found: Sequence[Neighbour]) -> int | None:
+    """The label (0 normal, 1 abnormal) of a shown neighbour of the template's own system whose text is the
+    template's (after strip): the index holds this very template, labelled by experts or an operator's review file
+    (issue 20: "label the templates that matter and expect the detector to learn them"). None when there is none."""
+    text = str(template).strip()
+    for n in found:
+        if n.label in (0, 1) and system_key(n.dataset) == system_key(dataset) and str(n.template).strip() == text:
+            return int(n.label)
+    return None
+
+
+def no_evidence_normal(template: str, own_abnormal: bool | None) -> bool:
+    """The verdict rule for an alert without evidence (issue 18 items 4 and 5, issue 20): a template the score
+    flagged is normal when its prompt showed no labelled abnormal neighbour of its own system (`own_abnormal`
+    False: `own_abnormal_shown`) and it holds no word of the keyword list (tasks.data.teachers.FAILURE_WORDS).
+    A system without labels (no neighbour of its own at all) is the case issue 18 item 5 asks a default for.
+    None (a version without an index, or a classifier that does not say) turns the rule off.
+
+    Why (measured 2026-12-06 on the default candidate): on Thunderbird_2k, never trained on and with no label in
+    the index, the score flagged 48% of the mined templates the experts do not call abnormal, the keyword list
+    20%, score and rule together 19%. After 50 labelled Thunderbird templates the rule in its first form (no
+    neighbour of its own system) no longer applied to 141 of 177 held-out templates, 44 of which the score
+    flagged, only 3 of them with an abnormal Thunderbird neighbour shown (bench/thunderbird_loop.py). On the
+    evaluate stage's BGL and Spirit test templates (v2 predictions, offline) requiring abnormal evidence turns
+    4 and 13 flagged templates normal, 0 and 3 of them anomalies: abnormal-class F1 0.672 -> 0.694 and
+    0.520 -> 0.523.
     """
-    return own_neighbour_shown is False and not keyword_hits(template)
+    return own_abnormal is False and not keyword_hits(template)
+
+
+@dataclass(frozen=True)
+class RuledVerdict:
+    """The verdict after the version's rules on top of the score: `verdict`, and which rule decided it, if any
+    (`labelled`: the index holds the template, labelled; `no_evidence`: flagged without evidence)."""
+
+    verdict: str | None
+    labelled: bool = False
+    no_evidence: bool = False
+
+
+def apply_verdict_rules(template: str, dataset: str | None, found: Sequence[Neighbour] | None,
+                        verdict: str | None) -> RuledVerdict:
+    """`verdict` (the score against the threshold; None when none was read) after the rules that read the shown
+    neighbours `found` (None: the version has no index, the rules are off): a labelled template takes its label
+    (`labelled_template`), whatever the score or the first stage said; else an abnormal verdict without
+    evidence is normal (`no_evidence_normal`)."""
+    if found is None:
+        return RuledVerdict(verdict)
+    label = labelled_template(template, dataset, found)
+    if label is not None:
+        return RuledVerdict(ABNORMAL if label else NORMAL, labelled=True)
+    if verdict == ABNORMAL and no_evidence_normal(template, own_abnormal_shown(found, dataset)):
+        return RuledVerdict(NORMAL, no_evidence=True)
+    return RuledVerdict(verdict)
 
 
 def shows_rationale(policy: str, verdict: str | None, has_threshold: bool) -> bool:

@@ -40,13 +40,14 @@ import pandas as pd
 
 from tasks.common.errors import InputError
 from tasks.common.prompt import ABNORMAL, LABELS, NORMAL, scored_verdict
+from tasks.common.retrieval import Neighbour
 from tasks.common.settings import DetectSettings
 from tasks.correct import Correction, match_corrections
 from tasks.detection.detector import Detector
 from tasks.detection.formats import FORMATS
 from tasks.detection.framing import LineFramer
 from tasks.detection.records import record_content
-from tasks.detection.verdicts import TemplateVerdict, no_neighbour_normal, shows_rationale
+from tasks.detection.verdicts import TemplateVerdict, apply_verdict_rules, shows_rationale
 from tasks.evaluation.rationales import grounded_rationale
 from tasks.evaluation.testdata import EvalSet, Key
 
@@ -88,8 +89,10 @@ def read_labelled_log(name: str, path: Path, fmt: str, max_lines: int | None = N
 class InProcessClassifier:
     """The candidate behind the detector's classifier interface: `engine` (tasks.evaluation.inference) answers as
     the endpoint does: a verdict score against `threshold` for every template, and a written rationale for the
-    ones `rationales` asks for (abnormal | all | none); `neighbours(items)` gives the labelled templates shown.
-    `threshold` None: the version has none, so the verdict is the answer word of a rationale for every template.
+    ones `rationales` asks for (abnormal | all | none); `neighbours(items)` gives the labelled templates shown, and
+    `found(items)` the same neighbours with their system, which the verdict rules read (tasks.detection.verdicts.
+    apply_verdict_rules; None: off). `threshold` None: the version has none, so the verdict is the answer word of
+    a rationale for every template.
 
     Every verdict it gives is kept in `answers`, so the evaluation scores exactly what detect was told.
     """
@@ -97,11 +100,11 @@ class InProcessClassifier:
     def __init__(self, engine: Any, adapter_dir: Path | None, version: str, *, threshold: float | None = 0.5,
                  neighbours: Callable[[Sequence[Key]], Any] = lambda items: None,
                  rationales: str = "abnormal",
-                 own_neighbour: Callable[[Sequence[Key]], Sequence[bool] | None] = lambda items: None) -> None:
+                 found: Callable[[Sequence[Key]], Sequence[Sequence[Neighbour]] | None] = lambda items: None) -> None:
         self.engine, self.adapter_dir, self.version = engine, adapter_dir, version
         self.threshold, self.neighbours, self.rationales = threshold, neighbours, rationales
-        # per item: was a labelled neighbour of its own system shown (None: no index, the no-neighbour rule is off)
-        self.own_neighbour = own_neighbour
+        # per item: the neighbours its prompt showed, with system and label (None: no index, the rules are off)
+        self.found = found
         self.answers: dict[Key, TemplateVerdict] = {}
         self.seconds = 0.0
 
@@ -114,11 +117,12 @@ class InProcessClassifier:
         scored = self.engine.score([t for _, t in items], [d for d, _ in items], self.adapter_dir, shown)
         threshold = self.threshold
         flagged = [threshold is not None and scored_verdict(s, threshold) == ABNORMAL for s in scored.scores]
-        # the endpoint client's rule: no labelled neighbour of its own system and no failure word, no alert
-        own = self.own_neighbour(items)
-        gated = [flag and no_neighbour_normal(template, None if own is None else bool(own[i]))
-                 for i, (flag, (_, template)) in enumerate(zip(flagged, items, strict=True))]
-        flagged = [flag and not gate for flag, gate in zip(flagged, gated, strict=True)]
+        # the endpoint client's rules: a labelled template takes its label, an alert without evidence is none
+        found = self.found(items) if threshold is not None else None
+        ruled = [apply_verdict_rules(template, dataset, None if found is None else found[i],
+                                     ABNORMAL if flag else NORMAL)
+                 for i, (flag, (dataset, template)) in enumerate(zip(flagged, items, strict=True))]
+        flagged = [r.verdict == ABNORMAL for r in ruled]
         explain = [i for i, abnormal in enumerate(flagged)
                    if shows_rationale(self.rationales, ABNORMAL if abnormal else NORMAL, threshold is not None)]
         written = {}
@@ -146,7 +150,8 @@ class InProcessClassifier:
                                        p.completion if p else "", self.version, each, score,
                                        p.verdict if p else None,
                                        rationale_source=guarded.source if guarded else None,
-                                       no_neighbour_rule=gated[i]))
+                                       no_evidence_rule=ruled[i].no_evidence,
+                                       labelled_template=ruled[i].labelled))
         for verdict in out:
             self.answers[(verdict.dataset, verdict.template)] = verdict
             if on_result is not None:

@@ -28,7 +28,7 @@ from tasks.common.errors import InputError
 from tasks.common.prompt import ABNORMAL, NORMAL, scored_verdict
 from tasks.common.retrieval import INDEX_FILE
 from tasks.common.settings import EvaluateSettings
-from tasks.detection.verdicts import no_neighbour_normal, own_system_shown
+from tasks.detection.verdicts import apply_verdict_rules
 from tasks.evaluation.rationales import grounded_rationale
 
 
@@ -170,11 +170,11 @@ class RationAnomalyModel(mlflow.pyfunc.PythonModel):
                 answers = [(p.verdict or NORMAL, None, p.valid) for p in run.predictions]
             else:  # the score decides; the rationale is written for that verdict (issue 19)
                 scored = self.engine.score(logs, datasets, self.adapter_dir, shown).scores
-                # no labelled neighbour of its own system and no failure word: no alert (as the endpoint's client)
-                own = ([own_system_shown(near, dataset) for near, dataset in zip(found, datasets, strict=True)]
-                       if found is not None and self.neighbours else [None] * len(logs))
-                answers = [(NORMAL if no_neighbour_normal(log, mine) else scored_verdict(s, self.threshold),
-                            s, s is not None) for s, log, mine in zip(scored, logs, own, strict=True)]
+                # a labelled template takes its label; an alert without evidence is none (as the endpoint's client)
+                near = found if found is not None and self.neighbours else [None] * len(logs)
+                answers = [(apply_verdict_rules(log, dataset, shown_here, scored_verdict(s, self.threshold)).verdict,
+                            s, s is not None)
+                           for s, log, dataset, shown_here in zip(scored, logs, datasets, near, strict=True)]
                 run = self.engine.classify(logs, datasets, adapter_dir=self.adapter_dir, neighbours=shown,
                                            verdicts=[explain_verdict(verdict, self.prompt_format)
                                                      for verdict, _, _ in answers])
