@@ -36,7 +36,10 @@ Simulates a new system with Spirit held out of training:
    seeing Spirit labels, so it does not move with k) — what an index-only release has without a validation fold
    of the new system. Beside it, `refit`: the threshold fitted on the k labelled templates themselves, each
    scored with the k-label index minus itself and its near-duplicates (index.near_duplicate_similarity, as
-   distill does), when they hold >= 2 anomalies (else the BGL threshold). Abnormal-class F1 with 95% stratified
+   distill does), when they hold >= 2 anomalies (else the BGL threshold). Both with the served verdict rules on
+   top (tasks.detection.verdicts.apply_verdict_rules on the neighbours the k-label index shows: an alert needs a
+   failure word or an abnormal Spirit neighbour), as every served path applies them; `score_only_f1` is the BGL
+   threshold without them. Abnormal-class F1 with 95% stratified
    bootstrap intervals (tasks.evaluation.intervals.f1_interval, evaluate.bootstrap), beside the in-domain
    candidate's Spirit F1 (the evaluate stage's `--metrics` file, methods.<candidate>.template_spirit, or
    `--in-domain-f1`) and the issue's target ratio 0.9.
@@ -156,8 +159,10 @@ def main() -> None:
     import numpy as np
 
     from tasks.common.config import resolve_path
+    from tasks.common.prompt import ABNORMAL, NORMAL
     from tasks.common.retrieval import system_key
     from tasks.common.settings import load_settings
+    from tasks.detection.verdicts import apply_verdict_rules
     from tasks.evaluate import bootstrap_settings
     from tasks.evaluation.calibration import apply_threshold, choose_threshold
     from tasks.evaluation.inference import open_engine
@@ -259,8 +264,14 @@ def main() -> None:
                            "rebuild_seconds": round(rebuild, 2), "rescoring_seconds": round(rescoring, 1),
                            "threshold": round(threshold, 4), "refit_threshold": round(refit, 4),
                            "refit_from": refit_note}
-                    for name, theta in (("", threshold), ("refit_", refit)):
+                    found = index.shown(new_test["template"].tolist(), new_test["dataset"].tolist())
+                    for name, theta in (("score_only_", threshold), ("", threshold), ("refit_", refit)):
                         predicted = apply_threshold(scores, theta)
+                        if name != "score_only_":  # the served verdict rules on top of the threshold
+                            predicted = np.asarray([
+                                apply_verdict_rules(t, d, near, ABNORMAL if flag else NORMAL).verdict == ABNORMAL
+                                for t, d, near, flag in zip(new_test["template"], new_test["dataset"], found,
+                                                            predicted, strict=True)], dtype=int)
                         tp = int((predicted & truth).sum())
                         row[f"{name}f1"] = round(2 * tp / max(1, int(predicted.sum()) + int(truth.sum())), 3)
                         row[f"{name}f1_ci"] = f1_interval(truth, predicted, boot)

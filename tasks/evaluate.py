@@ -18,6 +18,7 @@ reports/eval/ (eval.md, plots, predictions.jsonl, candidate_predictions.json, ca
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.common.config import repo_root
+from tasks.common.config import repo_root, resolve_path
 from tasks.common.contracts import CALIBRATION_FILE, CANDIDATE, LLM_BASELINES, RULE_METHODS, Metrics
 from tasks.common.files import atomic_dir, read_labelled_templates, write_json_atomic
 from tasks.common.prompt import ABNORMAL, NORMAL, parse_completion, scored_verdict
@@ -37,6 +38,7 @@ from tasks.common.settings import DetectSettings, EvaluateSettings, IndexSetting
 from tasks.detection.verdicts import TemplateVerdict, apply_verdict_rules, shows_rationale
 from tasks.evaluation.calibration import Calibration, choose_threshold, threshold_interval
 from tasks.evaluation.intervals import BootstrapSettings, paired_mean_f1_difference
+from tasks.evaluation.memo import AnswerMemo
 from tasks.evaluation.metrics import Evaluation, MethodResult, score
 from tasks.evaluation.rationales import CHECKS, faithfulness_report, grounded_rationale
 from tasks.evaluation.report import flat_metrics, main_sets, markdown_table, write_outputs
@@ -172,6 +174,14 @@ def llm_method(name: str, engine: Any, keys: Sequence[Key], adapter_dir: Path | 
                            verdicts=verdicts)
     verdicts = {(p.dataset, p.template): _llm_verdict(p) for p in run_.predictions}
     return MethodResult(name, verdicts, run_.seconds, run_.engine, True, run_.notes)
+
+
+def answer_memo(settings: EvaluateSettings, root: Path) -> AnswerMemo | None:
+    """The answer memo under `evaluate.answer_memo` (relative to `root`; None when null): answers to exact prompts
+    asked before by the same engine and weights are not asked again (tasks.evaluation.memo)."""
+    if settings.answer_memo is None:
+        return None
+    return AnswerMemo(resolve_path(settings.answer_memo, root), settings.answer_memo_gib)
 
 
 def model_paths(settings: EvaluateSettings, root: Path) -> dict[str, Path | None]:
@@ -387,7 +397,8 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
             return None
         return index.shown([t for _, t in batch], [d for d, _ in batch], k)
 
-    factory = engine_factory or open_engine
+    memo = answer_memo(settings, root) if engine_factory is None else None
+    factory = engine_factory or functools.partial(open_engine, memo=memo)
     engine = factory(root / settings.base_model_dir, settings.engine, batch_size=settings.batch_size,
                      max_new_tokens=settings.max_new_tokens, dtype=settings.dtype,
                      max_model_len=settings.max_model_len, kvcache_gib=settings.kvcache_space_gib,
@@ -451,7 +462,12 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
             results["zero_shot"] = llm_method("zero_shot", engine, sample_keys, None)
     finally:
         engine.close()
+        if memo is not None:
+            memo.close()
     engine_name, engine_notes = engine.name, list(engine.notes)
+    memo_note = engine.memo_note() if memo is not None else None
+    if memo_note:
+        engine_notes.append(memo_note)
 
     all_keys = list(dict.fromkeys([*keys, *(k for s in served for k in s.unique_keys())]))
     rules, classical_fits = rule_baselines(settings, methods, data, all_keys, index)

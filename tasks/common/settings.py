@@ -309,6 +309,9 @@ class EvaluateSettings(Section):
     kvcache_space_gib: int = Field(ge=1)
     torch_threads: Threads | None
     engine: Literal["auto", "vllm", "transformers"]
+    # answers to exact prompts asked before, kept on disk (tasks.evaluation.memo); None: every prompt is asked
+    answer_memo: str | None
+    answer_memo_gib: float = Field(gt=0)
     baselines: list[Literal["keywords", "tfidf_lr", "classical", "knn_1", "knn_vote", "zero_shot", "sft_only"]]
     tfidf: TfidfSettings
     classical: ClassicalSettings

@@ -22,10 +22,10 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tasks.common.config import resolve_threads
 from tasks.common.errors import InputError
@@ -40,10 +40,12 @@ from tasks.common.prompt import (
     verdict_score,
 )
 from tasks.common.tokenizers import special_tokens_of
+from tasks.evaluation.memo import AnswerMemo, weights_digest
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "vllm", "transformers")
+_T = TypeVar("_T")
 NeighbourLists = Sequence[Sequence[tuple[str, int]]] | None  # per template: (template, label) shown with it
 STOP = "</answer>"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -150,6 +152,7 @@ class Engine:
         self.dtype = dtype
         self.max_model_len = int(max_model_len)
         self.notes: list[str] = []  # what a reader of the results should know (e.g. an engine fallback)
+        self.memo: AnswerMemo | None = None  # answers to exact prompts asked before (tasks.evaluation.memo)
         self.load_seconds_total = 0.0  # model (re)loading, kept out of templates/s
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.base_model_dir))
         self.tokenizer.padding_side = "left"
@@ -204,7 +207,7 @@ class Engine:
         prompts = self.prompt_ids([templates[i] for i in asked], [datasets[i] for i in asked], shown, scoring=True)
         started = time.perf_counter()
         load_before = self.load_seconds_total
-        tops = self.next_token_logprobs(prompts, adapter) if prompts else []
+        tops = self._answers("logprobs", prompts, adapter, self.next_token_logprobs) if prompts else []
         seconds = time.perf_counter() - started - (self.load_seconds_total - load_before)
         scores: list[float | None] = [FIRST_STAGE_SCORE] * len(templates)
         for i, top in zip(asked, tops, strict=True):
@@ -225,12 +228,31 @@ class Engine:
         prompts = self.prompt_ids(templates, datasets, neighbours, verdicts=verdicts)
         started = time.perf_counter()
         load_before = self.load_seconds_total
-        completions = self.generate(prompts, adapter) if prompts else []
+        completions = self._answers("generate", prompts, adapter, self.generate) if prompts else []
         load = self.load_seconds_total - load_before
         seconds = time.perf_counter() - started - load
         predictions = [to_prediction(t, d, c) for t, d, c in zip(templates, datasets, completions, strict=True)]
         return InferenceRun(predictions, self.name, str(adapter) if adapter else "base", seconds, load,
                             list(self.notes))
+
+    def _answers(self, kind: str, prompts: list[list[int]], adapter: Path | None,
+                 ask: Callable[[list[list[int]], Path | None], list[_T]]) -> list[_T]:
+        """`ask(prompts, adapter)`, through the answer memo when the engine has one: only prompts it has not
+        answered before (same engine, weights, dtype, budget and prompt ids) reach the model."""
+        if self.memo is None:
+            return ask(prompts, adapter)
+        model = {"engine": self.name, "dtype": self.dtype, "base": weights_digest(self.base_model_dir),
+                 "adapter": weights_digest(adapter)}
+        if kind == "generate":
+            model["max_new_tokens"] = self.max_new_tokens
+        return self.memo.answers(kind, model, prompts, lambda missing: ask(missing, adapter))
+
+    def memo_note(self) -> str | None:
+        """What the memo answered this run, for the report's notes (None without a memo)."""
+        if self.memo is None:
+            return None
+        return (f"answer memo {self.memo.folder}: {self.memo.hits} answers to prompts asked before, "
+                f"{self.memo.misses} asked of the model (seconds and templates/s count only those)")
 
     def close(self) -> None:
         """Free the model memory."""
@@ -464,8 +486,9 @@ class VllmEngine(Engine):
 
 def open_engine(base_model_dir: str | Path, engine: str = "auto", *, batch_size: int = 16, max_new_tokens: int = 96,
                 dtype: str = "bfloat16", max_model_len: int = 1024, kvcache_gib: float = 1.0,
-                threads: int | str | None = None) -> Engine:
+                threads: int | str | None = None, memo: AnswerMemo | None = None) -> Engine:
     """The engine to classify with. `auto` takes vLLM when it is installed and starts, else transformers.
+    `memo`: answers to exact prompts asked before are taken from it (tasks.evaluation.memo).
 
     With `auto`, a vLLM that fails to start is reported in `engine.notes` (and the log) and transformers runs;
     with `vllm` named explicitly the failure propagates.
@@ -478,7 +501,9 @@ def open_engine(base_model_dir: str | Path, engine: str = "auto", *, batch_size:
     note = None
     if engine == "vllm" or (engine == "auto" and vllm_available()):
         try:
-            return VllmEngine(base_model_dir, kvcache_gib=kvcache_gib, **common)
+            started = VllmEngine(base_model_dir, kvcache_gib=kvcache_gib, **common)
+            started.memo = memo
+            return started
         except Exception as exc:
             if engine == "vllm":
                 raise
@@ -487,6 +512,7 @@ def open_engine(base_model_dir: str | Path, engine: str = "auto", *, batch_size:
     elif engine == "auto":
         note = "vLLM is not installed; transformers generate ran"
     result = TransformersEngine(base_model_dir, **common)
+    result.memo = memo
     if note:
         result.notes.append(note)
     return result
