@@ -78,7 +78,8 @@ def review_export(
 
     result = export_review(outputs, out, budget=budget, cache_file=cache, threshold=threshold, overwrite=force)
     typer.echo(f"{len(result.rows)} templates to label written to {out} (of {result.templates} read; left out: "
-               f"{result.first_stage} decided by the first stage, {result.no_value} confident normals with a "
+               f"{result.first_stage} decided by the first stage, {result.labelled} labelled already, "
+               f"{result.no_value} confident normals with a "
                f"labelled neighbour shown, {result.over_budget} past --budget). Fill in `label` on every row "
                "(normal or abnormal) or delete the row.")
 

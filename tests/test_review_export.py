@@ -65,9 +65,21 @@ def test_templates_are_ranked_by_the_documented_value_of_a_label(tmp_path: Path)
     assert ranked == [("kernel panic on <*>", 100, round(value(1, 0.2, 0, 100), 6)),   # 7.99
                       ("link flap on port <*>", 3, round(value(0, 0.9, 1, 3), 6)),    # 3.8
                       ("session opened for user <*>", 1000, round(value(0, 0.02, 0, 1000), 6))]  # 0.2
-    assert (result.templates, result.first_stage, result.no_value, result.over_budget) == (5, 1, 1, 0)
+    assert (result.templates, result.first_stage, result.labelled, result.no_value, result.over_budget) == (
+        5, 1, 0, 1, 0)
     # --threshold replaces the records' own: at 0.9 the alert sits on it (U 1)
     assert rank(found, threshold=0.9).rows[0][1] == pytest.approx(value(1, 1, 0, 100))
+
+
+def test_a_template_the_version_already_holds_labelled_is_not_asked_again(tmp_path: Path) -> None:
+    """After an index-only release, detect marks the templates the index holds labelled (`labelled_template`):
+    their verdict is the label, so another label is worth nothing, however alarming they look."""
+    labelled = template(6, "disk <*> failed", "abnormal", 0.95, shown=False, labelled_template=True)
+    found: dict[Any, Any] = {}
+    read_detect_output(write_output(tmp_path / "d.jsonl", [ALERT, labelled], {1: 10, 6: 900}), found)
+    result = rank(found)
+    assert [c.template for c, _ in result.rows] == ["kernel panic on <*>"]
+    assert (result.labelled, result.no_value) == (1, 0)
 
 
 def test_lines_of_several_outputs_add_up_and_a_renamed_template_id_counts_under_its_new_text(tmp_path: Path) -> None:
@@ -187,7 +199,8 @@ def test_the_verdict_cache_fills_what_an_older_output_lacks_and_is_left_unchange
 
 def test_detect_then_export_end_to_end(tmp_path: Path, chat_server: Any) -> None:
     """A real detect run (a real local OpenAI-compatible server, a real retrieval index) feeds the export: the
-    alert comes first, the first-stage register dump is left out."""
+    alert comes first; the first-stage register dump and the template the index already holds labelled (its
+    verdict is that label) are left out."""
     from test_detect import BGL, lines_file, run_detect
 
     from tasks.common.retrieval import INDEX_FILE, TemplateIndex
@@ -204,11 +217,11 @@ def test_detect_then_export_end_to_end(tmp_path: Path, chat_server: Any) -> None
     result = export_review([output], tmp_path / "erin.csv")
     ranked = [c.template for c, _ in result.rows]
     assert result.first_stage == 1 and not any("r00=" in t for t in ranked)
-    # the scores are 0.909 (alerts) and 0.091: U = 0.18 for all three; the alignment template had no labelled
-    # neighbour above the floor (K 1), the alerts had one
+    assert result.labelled == 1 and "instruction cache parity error corrected" not in ranked
+    # the scores are 0.909 (alerts) and 0.091: U = 0.18 for both; the alignment template had no labelled
+    # neighbour above the floor (K 1), the alert had one
     u = 1 - (0.9089 - 0.5) / 0.5
     assert [(t, round(v, 3)) for t, v in zip(ranked, (v for _, v in result.rows), strict=True)] == [
-        ("instruction cache parity error corrected", round(value(1, u, 0, 3), 3)),
         ("<*> double-hummer alignment exceptions", round(value(0, u, 1, 2), 3)),
         ("data TLB error interrupt", round(value(1, u, 0, 1), 3))]
 

@@ -27,7 +27,8 @@ and θ the version's threshold:
   alerts.
 
 Templates the verdict rule's first stage decided (no word of letters: normal without a model call) are left out:
-a label cannot change their verdict. Templates of value 0 are left out too. Ties go to more lines, then the text.
+a label cannot change their verdict. So are templates the version's index already holds labelled (detect's
+`labelled_template`: their verdict is that label). Templates of value 0 are left out too. Ties go to more lines, then the text.
 
 Output: the review file format the `correct` stage reads (tasks.data.review: `template,label,category,note`), with
 `label` (and `category`, `note`) empty for the person to fill, then `system` (the template's dataset as detect
@@ -77,6 +78,7 @@ class Candidate:
     example_line: int | None
     source: str  # the first detect output that holds it
     lines: int = 0
+    labelled: bool = False  # the version's index holds it, labelled, and its verdict is that label
 
     def terms(self, threshold: float | None = None) -> tuple[float, float, float]:
         """(A, U, K) of the module's formula; `threshold` replaces the record's when given."""
@@ -92,8 +94,8 @@ class Candidate:
         return alert, near, unknown
 
     def value(self, threshold: float | None = None) -> float:
-        """(A + U + K) · log2(1 + lines); 0 for a first-stage template."""
-        if self.first_stage:
+        """(A + U + K) · log2(1 + lines); 0 for a first-stage template and for one already labelled."""
+        if self.first_stage or self.labelled:
             return 0.0
         return sum(self.terms(threshold)) * math.log2(1 + self.lines)
 
@@ -105,6 +107,7 @@ class Export:
     rows: list[tuple[Candidate, float]]
     templates: int  # distinct (dataset, template) pairs read
     first_stage: int  # left out: the first stage decides them whatever the label
+    labelled: int  # left out: the version's index holds them labelled (detect's `labelled_template`)
     no_value: int  # left out: value 0 (a confident normal verdict with a labelled neighbour shown)
     over_budget: int  # valuable, past --budget
 
@@ -147,7 +150,8 @@ def read_detect_output(path: Path, found: dict[tuple[str, str], Candidate]) -> N
                         None if threshold is None else float(threshold), str(record.get("rationale") or ""),
                         _bool(record.get("neighbour_shown")), bool(record.get("first_stage")),
                         str(record.get("model_version") or ""), str(record.get("example") or ""),
-                        record.get("example_line"), str(path))
+                        record.get("example_line"), str(path),
+                        labelled=bool(record.get("labelled_template")))
             elif kind == "line":
                 key = current.get(record.get("template_id"))
                 if key is None:
@@ -201,9 +205,11 @@ def rank(found: dict[tuple[str, str], Candidate], budget: int | None = None,
     (None: all); `threshold` replaces the threshold the records carry."""
     valued = [(c, c.value(threshold)) for c in found.values()]
     first_stage = sum(c.first_stage for c in found.values())
+    labelled = sum(c.labelled and not c.first_stage for c in found.values())
     worth = sorted(((c, v) for c, v in valued if v > 0), key=lambda cv: (-cv[1], -cv[0].lines, cv[0].template))
     kept = worth if budget is None else worth[:budget]
-    return Export(kept, len(found), first_stage, len(valued) - first_stage - len(worth), len(worth) - len(kept))
+    return Export(kept, len(found), first_stage, labelled, len(valued) - first_stage - labelled - len(worth),
+                  len(worth) - len(kept))
 
 
 def review_csv(rows: Sequence[tuple[Candidate, float]], threshold: float | None = None) -> str:
@@ -243,7 +249,7 @@ def export_review(outputs: Sequence[Path], out: Path, *, budget: int | None = No
     result = rank(found, budget, threshold)
     if not result.rows:
         raise InputError(", ".join(map(str, outputs)), f"no template worth a label among {result.templates} "
-                         f"({result.first_stage} decided by the first stage, {result.no_value} confident normals "
-                         "with a labelled neighbour shown)")
+                         f"({result.first_stage} decided by the first stage, {result.labelled} labelled already, "
+                         f"{result.no_value} confident normals with a labelled neighbour shown)")
     write_text_atomic(out, review_csv(result.rows, threshold))
     return result
