@@ -13,7 +13,7 @@ Thunderbird is a system the model never saw and whose 2,000 lines carry no alert
    <root>/<evaluate.base_model_dir>; index <root>/<index.out_dir>/index.pkl) and its threshold
    (<root>/<evaluate.out_dir>/calibration.json), and the verdict rules as users get them
    (tasks.detection.verdicts.apply_verdict_rules: a labelled template takes its label; a flagged template whose
-   prompt showed no labelled abnormal neighbour of its own system and holds no word of the keyword list is
+   nearest shown labelled neighbour of its own system is not abnormal and holds no word of the keyword list is
    normal), `found` from the same index the prompts use, as the evaluate stage builds it (`index.shown`);
    `--no-rule` turns them off (the measurement before the rules existed). Engine: `--engine` (default
    transformers: the verdict is one forward pass and it needs no vLLM process on a shared machine; on the default

@@ -196,8 +196,8 @@ def test_the_rationale_shown_with_an_alert_is_written_for_the_scored_verdict() -
 
 def test_the_evaluations_served_path_applies_the_verdict_rules() -> None:
     """The same rules as the endpoint client (tasks.detection.verdicts.apply_verdict_rules): everything is scored
-    abnormal; a template shown no labelled abnormal neighbour of its own system stays an alert only with a failure
-    word; one shown such a neighbour keeps its alert; a template the index holds labelled normal is normal;
+    abnormal; a template whose nearest shown neighbour of its own system is not abnormal stays an alert only with
+    a failure word; one whose nearest is abnormal keeps its alert; a template the index holds labelled normal is normal;
     without an index (None) the rules are off."""
     from tasks.common.retrieval import Neighbour
 
@@ -207,18 +207,21 @@ def test_the_evaluations_served_path_applies_the_verdict_rules() -> None:
 
     items = [("thunderbird", "kernel: Linux version <*>"), ("thunderbird", "disk <*> failed"),
              ("bgl", "kernel: Linux version <*>"), ("bgl", "ciod: generated <*> core files"),
-             ("bgl", "ciod: LOGIN chdir failed")]
+             ("bgl", "ciod: LOGIN chdir failed"), ("bgl", "node card status <*>")]
     shown = [[Neighbour("kernel panic", "bgl", 1, 0.4)], [],
              [Neighbour("kernel panic", "bgl", 1, 0.4)], [Neighbour("ciod: generated <*> core files", "bgl", 0, 1.0)],
-             [Neighbour("ciod: LOGIN chdir failed", "bgl", 0, 1.0)]]
-    for found, expected in ((shown, ["normal", "abnormal", "abnormal", "normal", "normal"]),
-                            (None, ["abnormal"] * 5)):
+             [Neighbour("ciod: LOGIN chdir failed", "bgl", 0, 1.0)],
+             # an abnormal neighbour is shown, but the nearest one is normal: no evidence
+             [Neighbour("node card fault <*>", "bgl", 1, 0.5), Neighbour("node card status ok", "bgl", 0, 0.8)]]
+    for found, expected in ((shown, ["normal", "abnormal", "abnormal", "normal", "normal", "normal"]),
+                            (None, ["abnormal"] * 6)):
         answers = InProcessClassifier(ScoresEverythingAbnormal(), None, "candidate", threshold=0.5,
                                       rationales="none", found=lambda batch, found=found: found).classify(items)
         assert [a.verdict for a in answers] == expected, found
-        assert [a.no_evidence_rule for a in answers] == ([True, False, False, False, False] if found else [False] * 5)
-        assert [a.labelled_template for a in answers] == ([False, False, False, True, True] if found
-                                                          else [False] * 5)
+        assert [a.no_evidence_rule for a in answers] == ([True, False, False, False, False, True] if found
+                                                         else [False] * 6)
+        assert [a.labelled_template for a in answers] == ([False, False, False, True, True, False] if found
+                                                          else [False] * 6)
 
 
 def test_a_mined_template_takes_the_experts_label_by_the_correct_stages_matching() -> None:

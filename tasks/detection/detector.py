@@ -462,7 +462,7 @@ class Detector:
         `rationales_replaced`: the templates given a rationale, and those whose model rationale failed a check
         and was replaced by the evidence rationale (issue 19; tasks.evaluation.rationales.grounded_rationale).
         `templates_no_evidence_rule` / `lines_...`: those the score flagged but the no-evidence rule made normal (no
-        labelled abnormal neighbour of their system shown, no failure word; tasks.detection.verdicts.
+        failure word, and the nearest labelled neighbour of their system shown not abnormal; tasks.detection.verdicts.
         no_evidence_normal); `templates_labelled` / `lines_labelled`: those the index holds, labelled, whose verdict
         is that label (tasks.detection.verdicts.labelled_template).
         """
@@ -533,8 +533,9 @@ def print_summary(summary: dict[str, Any], console: Any = None, output: str | No
             f"{summary['templates_first_stage']} templates ({summary['lines_first_stage']} lines) hold no word of "
             "letters and are normal by the verdict rule's first stage, which needs no neighbour.\n"
             + (f"{summary['templates_no_evidence_rule']} templates ({summary['lines_no_evidence_rule']} "
-               "lines) scored above the threshold are normal: no labelled abnormal neighbour of their system was "
-               "shown and they hold no failure word.\n" if summary.get("templates_no_evidence_rule") else "")
+               "lines) scored above the threshold are normal: they hold no failure word and the nearest labelled "
+               "neighbour of their system shown is not abnormal.\n"
+               if summary.get("templates_no_evidence_rule") else "")
             + (f"{summary['templates_labelled']} templates ({summary['lines_labelled']} lines) are labelled in the "
                "version's index and take that label.\n" if summary.get("templates_labelled") else "")
             + f"label what is worth it: {EXPORT_COMMAND} {where} --out corrections/reviews/<your name>.csv"))

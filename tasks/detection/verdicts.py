@@ -34,9 +34,10 @@ class TemplateVerdict:
     of a system the index does not hold gets False even when neighbours of other systems were shown; issue 20
     item 4); None when the classifier does not say. `first_stage`: decided by the verdict rule's first stage
     (tasks.common.prompt.first_stage_normal: no word of letters, normal without a model call), which needs no
-    neighbour. `no_evidence_rule`: the score flagged it, but its prompt showed no labelled abnormal neighbour of its
-    own system and it holds no failure word, so it is normal (`no_evidence_normal`). `labelled_template`: the index
-    holds this very template of its system, labelled, and the verdict is that label (`labelled_template`).
+    neighbour. `no_evidence_rule`: the score flagged it, but it holds no failure word and the most similar
+    labelled neighbour of its own system its prompt showed is not abnormal, so it is normal (`no_evidence_normal`).
+    `labelled_template`: the index holds this very template of its system, labelled, and the verdict is that label
+    (`labelled_template`).
 
     `rationale_source`: who wrote `rationale` ('model', or 'evidence' when the model's rationale failed a check
     and the teacher's evidence rationale for the verdict replaced it: tasks.evaluation.rationales.
@@ -68,9 +69,11 @@ def own_system_shown(found: Sequence[Neighbour], dataset: str | None) -> bool:
     return any(system_key(n.dataset) == system_key(dataset) for n in found)
 
 
-def own_abnormal_shown(found: Sequence[Neighbour], dataset: str | None) -> bool:
-    """Whether the prompt showed a neighbour of the template's own system labelled abnormal."""
-    return any(n.label == 1 and system_key(n.dataset) == system_key(dataset) for n in found)
+def nearest_own_abnormal(found: Sequence[Neighbour], dataset: str | None) -> bool:
+    """Whether the most similar neighbour of the template's own system the prompt showed is labelled abnormal
+    (False when none of its own system was shown)."""
+    own = [n for n in found if system_key(n.dataset) == system_key(dataset)]
+    return bool(own) and max(own, key=lambda n: n.similarity).label == 1
 
 
 def labelled_template(template: str, dataset: str | None, found: Sequence[Neighbour]) -> int | None:
@@ -84,23 +87,24 @@ def labelled_template(template: str, dataset: str | None, found: Sequence[Neighb
     return None
 
 
-def no_evidence_normal(template: str, own_abnormal: bool | None) -> bool:
+def no_evidence_normal(template: str, nearest_abnormal: bool | None) -> bool:
     """The verdict rule for an alert without evidence (issue 18 items 4 and 5, issue 20): a template the score
-    flagged is normal when its prompt showed no labelled abnormal neighbour of its own system (`own_abnormal`
-    False: `own_abnormal_shown`) and it holds no word of the keyword list (tasks.data.teachers.FAILURE_WORDS).
-    A system without labels (no neighbour of its own at all) is the case issue 18 item 5 asks a default for.
-    None (a version without an index, or a classifier that does not say) turns the rule off.
+    flagged is normal when it holds no word of the keyword list (tasks.data.teachers.FAILURE_WORDS) and the most
+    similar labelled neighbour of its own system its prompt showed is not abnormal (`nearest_abnormal` False:
+    `nearest_own_abnormal`; also when none of its system was shown, the case issue 18 item 5 asks a default for: a
+    system without labels alerts on failure words only). None (a version without an index, or a classifier that
+    does not say) turns the rule off.
 
-    Why (measured 2026-12-06 on the default candidate): on Thunderbird_2k, never trained on and with no label in
-    the index, the score flagged 48% of the mined templates the experts do not call abnormal, the keyword list
-    20%, score and rule together 19%. After 50 labelled Thunderbird templates the rule in its first form (no
-    neighbour of its own system) no longer applied to 141 of 177 held-out templates, 44 of which the score
-    flagged, only 3 of them with an abnormal Thunderbird neighbour shown (bench/thunderbird_loop.py). On the
-    evaluate stage's BGL and Spirit test templates (v2 predictions, offline) requiring abnormal evidence turns
-    4 and 13 flagged templates normal, 0 and 3 of them anomalies: abnormal-class F1 0.672 -> 0.694 and
-    0.520 -> 0.523.
+    Why (measured 2026-12-06 on the default candidate, the answers from the evaluation's answer memo): on
+    Thunderbird_2k, never trained on and with no label in the index, the score flagged 48% of the mined templates
+    the experts do not call abnormal, the keyword list 20%, the two together 19%. After 50 labelled Thunderbird
+    templates, "no neighbour of its own system" no longer applied to 141 of 177 held-out templates, 44 of which
+    the score flagged, only 3 with an abnormal Thunderbird neighbour shown (bench/thunderbird_loop.py). On the
+    whole BGL and Spirit test split, abnormal-class F1 of the score alone, of "any abnormal neighbour of its
+    system shown" and of this rule: BGL 0.672 / 0.694 / 0.696, Spirit 0.515 / 0.514 / 0.541 (the candidate's
+    scores read back from the answer memo, no model call).
     """
-    return own_abnormal is False and not keyword_hits(template)
+    return nearest_abnormal is False and not keyword_hits(template)
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ def apply_verdict_rules(template: str, dataset: str | None, found: Sequence[Neig
     label = labelled_template(template, dataset, found)
     if label is not None:
         return RuledVerdict(ABNORMAL if label else NORMAL, labelled=True)
-    if verdict == ABNORMAL and no_evidence_normal(template, own_abnormal_shown(found, dataset)):
+    if verdict == ABNORMAL and no_evidence_normal(template, nearest_own_abnormal(found, dataset)):
         return RuledVerdict(NORMAL, no_evidence=True)
     return RuledVerdict(verdict)
 
