@@ -294,8 +294,8 @@ def scored_method(name: str, engine: Any, adapter: Path | None, keys: Sequence[K
         for key, r in zip(keys, ruled, strict=True):
             verdicts[key]["label"] = int(r.verdict == ABNORMAL)
         result.notes.append(f"verdict rules: {sum(r.labelled for r in ruled)} labelled templates took their label, "
-                            f"{sum(r.no_evidence for r in ruled)} alerts without evidence (no failure word, no "
-                            "abnormal neighbour of their system shown) are normal")
+                            f"{sum(r.no_evidence for r in ruled)} alerts without evidence (no failure word, and "
+                            "the nearest labelled neighbour of their system shown not abnormal) are normal")
     calls = len(keys) if run_.model_calls is None else run_.model_calls
     result.model_calls_per_template = calls / max(1, len(keys))
     if first_stage:
