@@ -243,8 +243,10 @@ class Engine:
             return ask(prompts, adapter)
         model = {"engine": self.name, "dtype": self.dtype, "base": weights_digest(self.base_model_dir),
                  "adapter": weights_digest(adapter)}
-        if kind == "generate":
-            model["max_new_tokens"] = self.max_new_tokens
+        if kind == "generate":  # the answer budget and where a completion is cut shape it
+            model.update(max_new_tokens=self.max_new_tokens, stop=STOP)
+        else:  # how many alternatives the verdict score reads
+            model["top_logprobs"] = TOP_LOGPROBS
         return self.memo.answers(kind, model, prompts, lambda missing: ask(missing, adapter))
 
     def memo_note(self) -> str | None:
