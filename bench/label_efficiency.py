@@ -38,7 +38,7 @@ Simulates a new system with Spirit held out of training:
    scored with the k-label index minus itself and its near-duplicates (index.near_duplicate_similarity, as
    distill does), when they hold >= 2 anomalies (else the BGL threshold). Both with the served verdict rules on
    top (tasks.detection.verdicts.apply_verdict_rules on the neighbours the k-label index shows: an alert needs a
-   failure word or an abnormal Spirit neighbour), as every served path applies them; `score_only_f1` is the BGL
+   failure word or an abnormal nearest Spirit neighbour), as every served path applies them; `score_only_f1` is the BGL
    threshold without them. Abnormal-class F1 with 95% stratified
    bootstrap intervals (tasks.evaluation.intervals.f1_interval, evaluate.bootstrap), beside the in-domain
    candidate's Spirit F1 (the evaluate stage's `--metrics` file, methods.<candidate>.template_spirit, or
