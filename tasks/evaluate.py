@@ -386,16 +386,22 @@ def evaluate_all(settings: EvaluateSettings, detect: DetectSettings, root: Path 
     index = load_index(retrieval, root)
     k = retrieval.k if retrieval is not None else 0
 
-    def with_neighbours(batch: Sequence[Key]) -> list[list[tuple[str, int]]] | None:
-        if index is None or k == 0:
-            return None
-        return index.prompt_neighbours([t for _, t in batch], [d for d, _ in batch], k)
+    shown_of: dict[Key, list[Neighbour]] = {}  # one index lookup per key, for the prompts and the verdict rules
 
     def found(batch: Sequence[Key]) -> list[list[Neighbour]] | None:
         """Per key: the neighbours its prompt shows, with system and label (the verdict rules; None: no index)."""
         if index is None or k == 0:
             return None
-        return index.shown([t for _, t in batch], [d for d, _ in batch], k)
+        missing = [key for key in dict.fromkeys(batch) if key not in shown_of]
+        if missing:
+            shown_of.update(zip(missing, index.shown([t for _, t in missing], [d for d, _ in missing], k),
+                                strict=True))
+        return [shown_of[key] for key in batch]
+
+    def with_neighbours(batch: Sequence[Key]) -> list[list[tuple[str, int]]] | None:
+        """Per key: the (template, label) pairs its prompt shows (index.prompt_neighbours of `found`)."""
+        near = found(batch)
+        return None if near is None else [[(n.template, n.label) for n in shown] for shown in near]
 
     memo = answer_memo(settings, root) if engine_factory is None else None
     factory = engine_factory or functools.partial(open_engine, memo=memo)
